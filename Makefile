@@ -1,0 +1,14 @@
+# The two commands of the README. Both set up the project first (idempotent).
+.PHONY: setup demo test bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	python -m pipeline.fit demo --run-dir runs/demo --overwrite true
+
+test: setup
+	python -m pytest -q -ra tests
+
+bench: setup
+	python benchmarks/quant_overhead.py

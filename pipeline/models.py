@@ -1,0 +1,289 @@
+"""Model loading: any diffusers text-to-image pipeline, the embedded default,
+a seeded tiny pipeline, the real CLIP BPE tokenizer built offline, and the
+published UNet configs of SD v1.4, BK-SDM-Tiny and SDXL-base for
+architecture tests on the meta device."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = REPO_ROOT / "checkpoints"
+EMBEDDED_DIR = CHECKPOINTS / "tiny-world"
+TINY_RANDOM = "tiny-random"
+EMBEDDED = "embedded"
+
+
+class ModelNotFoundError(ValueError):
+    """A --model value that names nothing loadable here."""
+
+
+# ---------------------------------------------------------------------------
+# Published UNet configs (diffusers `unet/config.json`, non-default keys).
+# ---------------------------------------------------------------------------
+SD14_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, act_fn="silu",
+)
+
+# nota-ai/bk-sdm-tiny: SD v1.4 without the mid block, the innermost stage and
+# one resnet/attention pair per stage (Kim et al., 2023).
+BKSDM_TINY_UNET_CONFIG = dict(
+    SD14_UNET_CONFIG,
+    layers_per_block=1,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    mid_block_type=None,
+)
+
+SDXL_BASE_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+)
+
+REFERENCE_UNET_CONFIGS = {
+    "sd-v1-4": SD14_UNET_CONFIG,
+    "bk-sdm-tiny": BKSDM_TINY_UNET_CONFIG,
+    "sdxl-base": SDXL_BASE_UNET_CONFIG,
+}
+# Parameter counts of the published checkpoints' UNets, for the config tests.
+REFERENCE_UNET_PARAMS = {"sd-v1-4": 859_520_964, "bk-sdm-tiny": 323_384_964, "sdxl-base": 2_567_463_684}
+
+
+def meta_unet(name: str):
+    """A published UNet architecture on the meta device (no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    if name not in REFERENCE_UNET_CONFIGS:
+        raise ModelNotFoundError(f"unknown reference UNet {name!r}; choose one of {sorted(REFERENCE_UNET_CONFIGS)}")
+    with torch.device("meta"):
+        return UNet2DConditionModel(**REFERENCE_UNET_CONFIGS[name])
+
+
+def unet_example_inputs(unet, batch: int = 2, resolution: int | None = None, device="meta", tokens: int = 77):
+    """Positional/keyword inputs of one UNet call (the CFG batch by default).
+
+    `resolution` is in pixels (the latent is 1/8 of it for SD-family VAEs)."""
+    cfg = unet.config
+    side = cfg.sample_size if resolution is None else resolution // 8
+    sample = torch.zeros(batch, cfg.in_channels, side, side, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    ctx = torch.zeros(batch, tokens, cfg.cross_attention_dim, device=device)
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, pooled, device=device),
+            "time_ids": torch.zeros(batch, 6, device=device),
+        }
+    return (sample, t, ctx), kwargs
+
+
+# ---------------------------------------------------------------------------
+# The real CLIP BPE tokenizer, built offline from open_clip's vocabulary.
+# ---------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_bpe_vocab_path() -> Path:
+    spec = importlib.util.find_spec("open_clip")  # locates the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the CLIP BPE vocabulary comes from open_clip's wheel: `pip install --no-deps open-clip-torch`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the open_clip install; reinstall open-clip-torch")
+    return path
+
+
+def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
+    """Write vocab.json / merges.txt identical to openai/clip-vit-large-patch14's."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(clip_bpe_vocab_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out_dir
+
+
+@lru_cache(maxsize=None)
+def clip_tokenizer(max_length: int = 77):
+    """CLIPTokenizer with the real BPE vocabulary (49408 tokens), offline."""
+    from transformers import CLIPTokenizer
+
+    cache = Path(os.environ.get("QLIP_CACHE", Path.home() / ".cache" / "qlip")) / "clip-tokenizer"
+    if not (cache / "merges.txt").is_file():
+        write_clip_tokenizer_files(cache)
+    return CLIPTokenizer(
+        str(cache / "vocab.json"), str(cache / "merges.txt"), model_max_length=max_length,
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+
+
+# ---------------------------------------------------------------------------
+# The seeded tiny pipeline (same classes as Stable Diffusion, random weights).
+# ---------------------------------------------------------------------------
+TINY_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=77, projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, norm_num_groups=16,
+    sample_size=32,
+)
+TINY_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+)
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+
+
+def tiny_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline of tiny, seeded random components."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------
+# Loading by name, local path or hub id.
+# ---------------------------------------------------------------------------
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def default_model() -> str:
+    """The embedded world when it ships, else the seeded tiny pipeline."""
+    return EMBEDDED if (EMBEDDED_DIR / "model_index.json").is_file() else TINY_RANDOM
+
+
+def check_pipeline_dir(path: Path) -> None:
+    """Refuse a pipeline folder with a missing or unreadable part, naming the file."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder: {index} is missing")
+    try:
+        parts = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelNotFoundError(f"{index} is corrupted ({e}); re-create or re-download the pipeline") from e
+    for name, spec in parts.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = path / name
+        if name in ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor"):
+            if not sub.is_dir():
+                raise ModelNotFoundError(f"{sub} is missing (named in {index})")
+            continue
+        cfg = sub / "config.json"
+        if not cfg.is_file():
+            raise ModelNotFoundError(f"{cfg} is missing (component {name!r} of {index})")
+        weights = list(sub.glob("*.safetensors")) + list(sub.glob("*.bin"))
+        if not weights:
+            raise ModelNotFoundError(f"no weights in {sub}: expected a *.safetensors file for {name!r}")
+        for w in weights:
+            if w.suffix == ".safetensors":
+                _check_safetensors(w)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Parse the header and check the file holds every byte it promises."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, MemoryError) as e:
+        raise ModelNotFoundError(f"{path} is corrupted: unreadable safetensors header ({e})") from e
+    if size < 8 + n + end:
+        raise ModelNotFoundError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
+
+
+def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_download: bool = False, seed: int = 0):
+    """Load a text-to-image pipeline from a name, a local folder or a hub id.
+
+    `model` is "embedded" (the shipped tiny world), "tiny-random" (seeded random
+    tiny pipeline), a local diffusers folder, or a hub id already in the local
+    Hugging Face cache (pass `allow_download=True` to fetch it)."""
+    from diffusers import DiffusionPipeline
+
+    model = model or default_model()
+    if model == TINY_RANDOM:
+        return tiny_pipeline(seed)
+    if model == EMBEDDED:
+        if not (EMBEDDED_DIR / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"the embedded model is not in {EMBEDDED_DIR}; run `python -m pipeline.fit pretrain` "
+                f"or use --model {TINY_RANDOM}"
+            )
+        model = str(EMBEDDED_DIR)
+    path = Path(model).expanduser()
+    if path.exists():
+        check_pipeline_dir(path)
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None)
+    elif _HUB_ID.match(model):
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                model, torch_dtype=dtype, local_files_only=not allow_download, safety_checker=None
+            )
+        except Exception as e:
+            raise ModelNotFoundError(
+                f"model {model!r} is not in the local Hugging Face cache and this run is offline. "
+                f"Download it where the hub is reachable (`huggingface-cli download {model} --local-dir DIR`) "
+                f"and pass --model DIR, or pass --allow-download. ({type(e).__name__})"
+            ) from e
+    else:
+        raise ModelNotFoundError(
+            f"unknown model {model!r}: pass {EMBEDDED!r}, {TINY_RANDOM!r}, a local diffusers folder, "
+            f"or a hub id such as nota-ai/bk-sdm-tiny"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

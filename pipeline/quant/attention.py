@@ -1,0 +1,83 @@
+"""Quantized attention: activation quantizers on q, k, v and the softmax output.
+
+The processor replaces diffusers' AttnProcessor on every `Attention` module.
+q, k and v follow the bit choice of the projection that produces them
+(to_q / to_k / to_v), so a policy over Conv2d/Linear layers covers the
+attention matmuls too; the softmax output has its own fixed bits (default 16).
+With `bos_aware`, the BOS token's K/V of cross-attention stay in full
+precision (MixDQ): CLIP's causal encoder makes that token's embedding the
+same for every prompt, and its outliers would otherwise set the ranges."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.quant.config import QuantConfig
+from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer
+
+
+class QuantAttnProcessor(nn.Module):
+    def __init__(self, config: QuantConfig, ctx: QuantContext):
+        super().__init__()
+        slots = config.bank_steps
+        self.q = ActQuantBank(config.a_bit_options, slots, config.act_samples)
+        self.k = ActQuantBank(config.a_bit_options, slots, config.act_samples)
+        self.v = ActQuantBank(config.a_bit_options, slots, config.act_samples)
+        self.softmax = ActQuantBank([config.softmax_bits], slots, config.act_samples)
+        self.bos_aware = config.bos_aware
+        self.time_aware = config.time_aware
+        self.ctx = ctx
+        self.enabled = True
+
+    def banks(self) -> list[ActQuantBank]:
+        return [self.q, self.k, self.v, self.softmax]
+
+    def _quant(self, bank: ActQuantBank, x: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        k = proj.bit_index() if isinstance(proj, QuantLayer) else bank.bit_options.index(max(bank.bit_options))
+        slot = min(self.ctx.step, bank.n_slots - 1) if self.time_aware else 0
+        return bank(x, k, slot)
+
+    def _project_kv(self, attn, proj: nn.Module, bank: ActQuantBank, enc: torch.Tensor, cross: bool) -> torch.Tensor:
+        if not (self.bos_aware and cross and isinstance(proj, QuantLayer)):
+            return self._quant(bank, proj(enc), proj)
+        bos = proj.fp_forward(enc[:, :1])  # full precision, prompt-independent
+        rest = self._quant(bank, proj(enc[:, 1:]), proj)
+        return torch.cat([bos, rest], dim=1)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        cross = encoder_hidden_states is not None
+        batch_size, sequence_length, _ = (encoder_hidden_states if cross else hidden_states).shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = self._quant(self.q, attn.to_q(hidden_states), attn.to_q)
+        if not cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = self._project_kv(attn, attn.to_k, self.k, encoder_hidden_states, cross)
+        value = self._project_kv(attn, attn.to_v, self.v, encoder_hidden_states, cross)
+
+        query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if self.enabled:
+            slot = min(self.ctx.step, self.softmax.n_slots - 1) if self.time_aware else 0
+            probs = self.softmax(probs, 0, slot)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

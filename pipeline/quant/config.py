@@ -1,0 +1,73 @@
+"""QuantConfig: everything that defines a quantized UNet, serializable to JSON."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from pipeline.quant.quantizer import check_bits
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a UNet.
+
+    w_bits: weight bits of every Conv2d/Linear (per output channel).
+    a_bits: the default activation bit option every layer starts at.
+    a_bit_options: the bank of activation quantizers each layer carries
+        (QLIP switches among them per layer and step); defaults to [a_bits].
+    n_steps: sampling steps a policy addresses (and time-aware banks hold).
+    time_aware: one activation quantizer per sampling step (PCR, TDQ-style).
+    softmax_bits: bits of the attention probabilities (Q-Diffusion's sm_abit).
+    split_shortcut: separate quantizers for the two halves of the decoder's
+        skip-concatenated input (Q-Diffusion).
+    bos_aware: keep the BOS token's K/V in full precision (MixDQ).
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    a_bit_options: list[int] = field(default_factory=list)
+    n_steps: int = 1
+    time_aware: bool = False
+    softmax_bits: int = 16
+    quant_attention: bool = True
+    split_shortcut: bool = True
+    bos_aware: bool = False
+    weight_init: str = "minmax"  # minmax | lp
+    act_init: str = "minmax"  # minmax | lp
+    lp_norm: float = 2.4
+    lp_candidates: int = 80
+    act_samples: int = 4096  # activation values kept per (layer, step) for the lp search
+    exclude: list[str] = field(default_factory=list)  # module names left in full precision
+
+    def __post_init__(self):
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        check_bits(self.softmax_bits, "softmax_bits")
+        opts = [int(b) for b in (self.a_bit_options or [self.a_bits])]
+        for b in opts:
+            check_bits(b, "a_bit_options entry")
+        if len(set(opts)) != len(opts):
+            raise ValueError(f"a_bit_options={opts} has duplicates")
+        if self.a_bits not in opts:
+            raise ValueError(f"a_bits={self.a_bits} is not one of a_bit_options={opts}; add it or change a_bits")
+        self.a_bit_options = sorted(opts)
+        if self.n_steps < 1:
+            raise ValueError(f"n_steps={self.n_steps} must be >= 1")
+        for name in ("weight_init", "act_init"):
+            if getattr(self, name) not in ("minmax", "lp"):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported: use 'minmax' or 'lp'")
+
+    @property
+    def bank_steps(self) -> int:
+        return self.n_steps if self.time_aware else 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown QuantConfig keys {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,194 @@
+"""Quantized Conv2d/Linear with a bank of activation quantizers.
+
+A bank holds one per-tensor activation quantizer per candidate bit option
+(and per sampling step when time-aware). The layer's bit policy picks, per
+call, which one runs; 32 bits is pass-through. The step comes from a
+QuantContext shared by all layers of one UNet (set by the UNet's pre-hook)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.quant.config import QuantConfig
+from pipeline.quant.quantizer import WeightQuantizer, fake_quantize, init_range, scale_zero_point
+
+
+@dataclass
+class QuantContext:
+    """Per-model runtime state: the current sampling-step index and schedule."""
+
+    step: int = 0
+    timesteps: list[int] = field(default_factory=list)
+
+
+class ActQuantBank(nn.Module):
+    """Per-tensor activation quantizers indexed by (bit option, step slot).
+
+    Calibration: `observing=True` records ranges (and a value sample for the
+    L_p search) per step slot and passes activations through unchanged;
+    `finalize()` then sets every (bit, slot) quantizer."""
+
+    def __init__(self, bit_options: list[int], n_slots: int = 1, samples: int = 4096):
+        super().__init__()
+        self.bit_options = list(bit_options)
+        self.n_slots = n_slots
+        self.samples = samples
+        k = len(self.bit_options)
+        self.scale = nn.Parameter(torch.ones(k, n_slots))  # learnable LSQ-style
+        self.register_buffer("zero_point", torch.zeros(k, n_slots))
+        self.register_buffer("calibrated", torch.zeros(k, n_slots, dtype=torch.bool))
+        self.observing = False
+        self._obs: dict[int, dict] = {}
+
+    def forward(self, x: torch.Tensor, k: int, slot: int) -> torch.Tensor:
+        bits = self.bit_options[k]
+        if self.observing:
+            self._observe(x, slot)
+            return x
+        if bits == 32:
+            return x
+        return fake_quantize(x, self.scale[k, slot], self.zero_point[k, slot], bits)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor, slot: int) -> None:
+        x = x.detach().float().reshape(-1)
+        o = self._obs.setdefault(slot, {"min": x.min(), "max": x.max(), "sample": []})
+        o["min"], o["max"] = torch.minimum(o["min"], x.min()), torch.maximum(o["max"], x.max())
+        if self.samples:
+            g = torch.Generator(device="cpu").manual_seed(len(o["sample"]))
+            idx = torch.randint(0, x.numel(), (min(self.samples, x.numel()),), generator=g).to(x.device)
+            o["sample"].append(x[idx])
+            if sum(s.numel() for s in o["sample"]) > 4 * self.samples:  # keep memory bounded
+                cat = torch.cat(o["sample"])
+                keep = torch.randperm(cat.numel(), generator=g)[: self.samples].to(cat.device)
+                o["sample"] = [cat[keep]]
+
+    @torch.no_grad()
+    def finalize(self, method: str = "minmax", p: float = 2.4, n_candidates: int = 80) -> None:
+        """Set every quantizer from the observations; slots never observed share
+        the statistics pooled over all observed slots."""
+        if not self._obs:
+            raise RuntimeError("finalize() without observations: run calibration data through the model first")
+        pooled = {
+            "min": torch.stack([o["min"] for o in self._obs.values()]).min(),
+            "max": torch.stack([o["max"] for o in self._obs.values()]).max(),
+            "sample": [s for o in self._obs.values() for s in o["sample"]],
+        }
+        for slot in range(self.n_slots):
+            o = self._obs.get(slot, pooled)
+            for k, bits in enumerate(self.bit_options):
+                if bits == 32:
+                    self.calibrated[k, slot] = True
+                    continue
+                if method == "lp" and o["sample"]:
+                    sample = torch.cat(o["sample"] + [o["min"].reshape(1), o["max"].reshape(1)])
+                    lo, hi = init_range(sample, bits, "lp", p=p, n_candidates=n_candidates)
+                else:
+                    lo, hi = o["min"], o["max"]
+                scale, zp = scale_zero_point(lo, hi, bits)
+                self.scale[k, slot] = scale
+                self.zero_point[k, slot] = zp
+                self.calibrated[k, slot] = True
+        self._obs = {}
+        self.observing = False
+
+    def extra_repr(self) -> str:
+        return f"bit_options={self.bit_options}, slots={self.n_slots}"
+
+
+class QuantLayer(nn.Module):
+    """Drop-in replacement of an nn.Conv2d or nn.Linear (same parameters,
+    same call) that fake-quantizes its weight and its input activation.
+
+    `split` > 0 marks a decoder layer whose input is cat([h, skip], dim=1):
+    channels [:split] and [split:] get separate activation banks."""
+
+    def __init__(self, module: nn.Module, config: QuantConfig, ctx: QuantContext, split: int = 0,
+                 init: bool = True):
+        super().__init__()
+        if isinstance(module, nn.Conv2d):
+            self.kind = "conv"
+            self.conv_kwargs = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                    groups=module.groups)
+            if module.padding_mode != "zeros":
+                raise ValueError(f"Conv2d padding_mode={module.padding_mode!r} is not supported")
+            self.in_features, self.out_features = module.in_channels, module.out_channels
+        elif isinstance(module, nn.Linear):
+            self.kind = "linear"
+            self.in_features, self.out_features = module.in_features, module.out_features
+        else:
+            raise TypeError(f"cannot quantize {type(module).__name__}: only nn.Conv2d and nn.Linear are supported")
+        self.weight = module.weight  # the same Parameter objects: no copy
+        self.bias = module.bias
+        self.ctx = ctx
+        self.split = split
+        self.w_quant = WeightQuantizer(config.w_bits, module.weight, config.weight_init, config.lp_norm,
+                                       config.lp_candidates, init=init)
+        self.act = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples)
+        self.act_skip = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples) if split else None
+        self.bit_options = list(config.a_bit_options)
+        self.time_aware = config.time_aware
+        self.policy = [self.bit_options.index(config.a_bits)] * config.n_steps  # bit-option index per step
+        self.quant_weight = config.w_bits < 32
+        self.quant_act = True
+        self._wq_cache = None
+
+    # -- the policy ---------------------------------------------------------
+    def bit_index(self) -> int:
+        step = self.ctx.step
+        if len(self.policy) == 1:
+            return self.policy[0]
+        if not 0 <= step < len(self.policy):
+            raise IndexError(f"step {step} is outside this layer's {len(self.policy)}-step bit policy")
+        return self.policy[step]
+
+    def act_bits(self) -> int:
+        return self.bit_options[self.bit_index()]
+
+    def slot(self) -> int:
+        return min(self.ctx.step, self.act.n_slots - 1) if self.time_aware else 0
+
+    # -- forward ------------------------------------------------------------
+    def quantized_weight(self) -> torch.Tensor:
+        if not self.quant_weight:
+            return self.weight
+        if torch.is_grad_enabled() and (self.weight.requires_grad or any(
+                p.requires_grad for p in self.w_quant.parameters())):
+            return self.w_quant(self.weight)
+        # Frozen weights: fake-quantize once, reuse until weight or quantizer change.
+        key = (self.weight.data_ptr(), self.weight._version, self.w_quant.version_key())
+        if self._wq_cache is None or self._wq_cache[0] != key:
+            with torch.no_grad():
+                self._wq_cache = (key, self.w_quant(self.weight))
+        return self._wq_cache[1]
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quant_act:
+            return x
+        k, slot = self.bit_index(), self.slot()
+        if self.act_skip is None:
+            return self.act(x, k, slot)
+        return torch.cat([self.act(x[:, : self.split], k, slot), self.act_skip(x[:, self.split:], k, slot)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        w = self.quantized_weight()
+        if self.kind == "conv":
+            return F.conv2d(x, w, self.bias, **self.conv_kwargs)
+        return F.linear(x, w, self.bias)
+
+    def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original full-precision layer (used for BOS-aware K/V)."""
+        if self.kind == "conv":
+            return F.conv2d(x, self.weight, self.bias, **self.conv_kwargs)
+        return F.linear(x, self.weight, self.bias)
+
+    def banks(self) -> list[ActQuantBank]:
+        return [b for b in (self.act, self.act_skip) if b is not None]
+
+    def extra_repr(self) -> str:
+        s = f"{self.kind}, {self.in_features}->{self.out_features}, w_bits={self.w_quant.n_bits}"
+        return s + (f", split={self.split}" if self.split else "")

@@ -1,0 +1,118 @@
+"""Bit policies: which activation bit option each quantized layer uses at each
+sampling step, plus the switches that put a quantized UNet in a mode."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.quant.attention import QuantAttnProcessor
+from pipeline.quant.layers import ActQuantBank, QuantLayer
+
+
+def quant_layers(unet: nn.Module) -> "OrderedDict[str, QuantLayer]":
+    """The quantized Conv2d/Linear layers, in module order (the policy's row order)."""
+    return OrderedDict((n, m) for n, m in unet.named_modules() if isinstance(m, QuantLayer))
+
+
+def act_banks(unet: nn.Module) -> "OrderedDict[str, ActQuantBank]":
+    return OrderedDict((n, m) for n, m in unet.named_modules() if isinstance(m, ActQuantBank))
+
+
+def _require_quantized(unet: nn.Module):
+    if getattr(unet, "quant_config", None) is None:
+        raise ValueError("this UNet is not quantized: call quantize_unet(unet, QuantConfig(...)) first")
+    return unet.quant_config
+
+
+def set_bit_policy(unet: nn.Module, policy) -> None:
+    """Set activation bits per layer and per step.
+
+    `policy` is one of:
+      - an int: every layer, every step;
+      - a mapping {layer name: int | list of n_steps ints}: only the named layers change;
+      - a [n_layers, n_steps] tensor/array/list of bits, rows in `quant_layers` order.
+    Every value must be one of the config's a_bit_options."""
+    cfg = _require_quantized(unet)
+    layers = quant_layers(unet)
+    T = cfg.n_steps
+
+    def rows(value, where: str) -> list[int]:
+        steps = [int(value)] * T if isinstance(value, (int,)) or (torch.is_tensor(value) and value.dim() == 0) \
+            else [int(v) for v in value]
+        if len(steps) != T:
+            raise ValueError(f"{where}: a per-step policy needs {T} entries (n_steps), got {len(steps)}")
+        for b in steps:
+            if b not in cfg.a_bit_options:
+                raise ValueError(f"{where}: {b} bits is not a calibrated option; choose from {cfg.a_bit_options}")
+        return steps
+
+    if isinstance(policy, int):
+        updates = {n: rows(policy, n) for n in layers}
+    elif isinstance(policy, Mapping):
+        unknown = [n for n in policy if n not in layers]
+        if unknown:
+            raise ValueError(f"policy names layers that are not quantized: {unknown[:5]}")
+        updates = {n: rows(v, n) for n, v in policy.items()}
+    else:
+        table = torch.as_tensor(policy)
+        if table.dim() != 2 or tuple(table.shape) != (len(layers), T):
+            raise ValueError(f"policy of shape {tuple(table.shape)} does not fit: expected "
+                             f"[{len(layers)} layers, {T} steps]")
+        updates = {n: rows(table[i].tolist(), n) for i, n in enumerate(layers)}
+    for name, steps in updates.items():
+        layer = layers[name]
+        layer.policy = [layer.bit_options.index(b) for b in steps]
+
+
+def get_bit_policy(unet: nn.Module) -> torch.Tensor:
+    """The [n_layers, n_steps] table of activation bits in force."""
+    cfg = _require_quantized(unet)
+    rows = []
+    for layer in quant_layers(unet).values():
+        idx = layer.policy if len(layer.policy) == cfg.n_steps else layer.policy * cfg.n_steps
+        rows.append([layer.bit_options[i] for i in idx])
+    return torch.tensor(rows, dtype=torch.int16)
+
+
+def set_schedule(unet: nn.Module, timesteps: Sequence) -> None:
+    """Register the sampler's timesteps so each UNet call knows its step index."""
+    cfg = _require_quantized(unet)
+    ts = [float(t) for t in timesteps]
+    if cfg.n_steps > 1 and len(ts) != cfg.n_steps:
+        raise ValueError(f"the schedule has {len(ts)} steps but the quantized UNet was configured for "
+                         f"n_steps={cfg.n_steps}; sample with {cfg.n_steps} steps")
+    unet.quant_context.timesteps = ts
+    unet.quant_context.step = 0
+
+
+def set_step(unet: nn.Module, step: int) -> None:
+    _require_quantized(unet)
+    unet.quant_context.timesteps = []  # explicit steps override the schedule hook
+    unet.quant_context.step = int(step)
+
+
+def set_quant_state(unet: nn.Module, weight: bool = True, act: bool = True) -> None:
+    """Switch weight and activation quantization on or off everywhere."""
+    for m in unet.modules():
+        if isinstance(m, QuantLayer):
+            m.quant_weight = weight and m.w_quant.n_bits < 32
+            m.quant_act = act
+        elif isinstance(m, QuantAttnProcessor):
+            m.enabled = act
+
+
+@contextmanager
+def observing(unet: nn.Module):
+    """Record activation statistics (full-precision forward) for calibration."""
+    banks = act_banks(unet)
+    for b in banks.values():
+        b.observing = True
+    try:
+        yield banks
+    finally:
+        for b in banks.values():
+            b.observing = False

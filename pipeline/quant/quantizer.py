@@ -1,0 +1,121 @@
+"""The one uniform affine quantizer: fake-quantize, range initialization, and
+a per-channel weight quantizer module. Activation banks (layers.py) reuse the
+same functions with per-tensor scales."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED_BITS = tuple(range(2, 17)) + (32,)  # 32 = pass-through (full precision)
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if int(bits) != bits or int(bits) not in SUPPORTED_BITS:
+        raise ValueError(f"{what}={bits!r} is not supported: use an integer in 2..16, or 32 for full precision")
+    return int(bits)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Asymmetric uniform quantization: to int, clamp to [0, 2^b - 1], back to float.
+
+    `scale`/`zero_point` broadcast against `x` (per-channel or per-tensor)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**n_bits - 1)
+    return (q - zero_point) * scale
+
+
+def scale_zero_point(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int):
+    """Scale and integer zero point of the range [x_min, x_max], widened to contain 0
+    so that 0 is exactly representable (zero padding, ReLU/SiLU zeros)."""
+    x_min = torch.clamp(x_min, max=0.0)
+    x_max = torch.clamp(x_max, min=0.0)
+    scale = torch.clamp((x_max - x_min) / (2**n_bits - 1), min=1e-8)  # a zero range still gives a valid scale
+    zero_point = torch.round(-x_min / scale)
+    return scale, zero_point
+
+
+def _reduce(x: torch.Tensor, ch_axis: int | None, fn) -> torch.Tensor:
+    if ch_axis is None:
+        return fn(x.reshape(-1), dim=0)
+    return fn(x.transpose(0, ch_axis).reshape(x.shape[ch_axis], -1), dim=1)
+
+
+def minmax_range(x: torch.Tensor, ch_axis: int | None = None):
+    return _reduce(x, ch_axis, lambda t, dim: t.amin(dim)), _reduce(x, ch_axis, lambda t, dim: t.amax(dim))
+
+
+def lp_search_range(x: torch.Tensor, n_bits: int, ch_axis: int | None = None, p: float = 2.4,
+                    n_candidates: int = 80, shrink: float = 0.01):
+    """Q-Diffusion's range search: shrink the min-max range by 1% steps and keep,
+    per channel (or per tensor), the candidate with the smallest L_p error."""
+    x_min, x_max = minmax_range(x, ch_axis)
+    shape = [1] * x.dim()
+    if ch_axis is not None:
+        shape[ch_axis] = -1
+    best_err = best_min = best_max = None
+    for i in range(n_candidates):
+        c_min, c_max = x_min * (1 - shrink * i), x_max * (1 - shrink * i)
+        scale, zp = scale_zero_point(c_min, c_max, n_bits)
+        err = (fake_quantize(x, scale.reshape(shape), zp.reshape(shape), n_bits) - x).abs().pow(p)
+        err = _reduce(err, ch_axis, lambda t, dim: t.mean(dim))
+        if best_err is None:
+            best_err, best_min, best_max = err, c_min, c_max
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_min = torch.where(better, c_min, best_min)
+            best_max = torch.where(better, c_max, best_max)
+    return best_min, best_max
+
+
+def init_range(x: torch.Tensor, n_bits: int, method: str, ch_axis: int | None = None, p: float = 2.4,
+               n_candidates: int = 80):
+    if method == "minmax":
+        return minmax_range(x, ch_axis)
+    if method == "lp":
+        return lp_search_range(x, n_bits, ch_axis, p=p, n_candidates=n_candidates)
+    raise ValueError(f"range init {method!r} is not supported: use 'minmax' or 'lp'")
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric weight quantizer, round-to-nearest.
+
+    Calibration methods that learn the rounding (AdaRound) subclass it and
+    override `forward`; scale and zero point stay buffers of this class."""
+
+    def __init__(self, n_bits: int, weight: torch.Tensor | None = None, method: str = "minmax", p: float = 2.4,
+                 n_candidates: int = 80, init: bool = True):
+        super().__init__()
+        self.n_bits = check_bits(n_bits, "w_bits")
+        self.method, self.p, self.n_candidates = method, p, n_candidates
+        n_out = 0 if weight is None else weight.shape[0]
+        shape = (n_out,) + (1,) * (0 if weight is None else weight.dim() - 1)
+        dev = None if weight is None else weight.device
+        self.register_buffer("scale", torch.ones(shape, device=dev))
+        self.register_buffer("zero_point", torch.zeros(shape, device=dev))
+        if weight is not None and init and self.n_bits < 32:
+            self.init_from(weight)
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        lo, hi = init_range(weight, self.n_bits, self.method, ch_axis=0, p=self.p, n_candidates=self.n_candidates)
+        scale, zp = scale_zero_point(lo, hi, self.n_bits)
+        self.scale = scale.reshape(self.scale.shape)
+        self.zero_point = zp.reshape(self.zero_point.shape)
+
+    def version_key(self) -> tuple:
+        """Changes whenever a tensor of this quantizer is replaced or modified in place."""
+        tensors = list(self._buffers.values()) + list(self._parameters.values())
+        return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.n_bits == 32:
+            return w
+        return fake_quantize(w, self.scale, self.zero_point, self.n_bits)
+
+    def extra_repr(self) -> str:
+        return f"w_bits={self.n_bits}, init={self.method}"

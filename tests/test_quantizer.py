@@ -1,0 +1,123 @@
+"""The quantizer against an independent integer reference (numpy)."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.quant.quantizer import (WeightQuantizer, fake_quantize, lp_search_range, scale_zero_point)
+from pipeline.quant.layers import ActQuantBank
+
+
+def int_reference(x: np.ndarray, lo: float, hi: float, bits: int):
+    """Quantize to int, clamp, dequantize: written from the definition, in float64.
+    Returns (dequantized, integer codes, scale, zero point)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmax = 2**bits - 1
+    scale = max((hi - lo) / qmax, 1e-8)
+    zp = np.round(-lo / scale)
+    q = np.clip(np.round(x / scale) + zp, 0, qmax).astype(np.int64)
+    return (q - zp) * scale, q, scale, zp
+
+
+def assert_matches_reference(got, x, lo, hi, bits, scale, zp):
+    want, codes, ref_scale, ref_zp = int_reference(x, lo, hi, bits)
+    assert abs(float(scale) - ref_scale) <= 1e-6 * ref_scale
+    assert float(zp) == ref_zp
+    got_codes = np.round(got / float(scale) + float(zp)).astype(np.int64)
+    assert got_codes.min() >= 0 and got_codes.max() <= 2**bits - 1
+    # float32 vs float64 division may flip an exact .5 tie: allow a handful of one-code flips
+    diff = np.abs(got_codes - codes)
+    assert diff.max() <= 1 and np.mean(diff == 0) >= 0.995
+    assert np.abs(got - want)[diff == 0].max(initial=0) <= 1e-5 * max(hi - lo, 1e-8) + 1e-7
+
+
+CASES = {
+    "gaussian": lambda g: torch.randn(4096, generator=g) * 3 + 0.5,
+    "constant": lambda g: torch.full((100,), 0.731),
+    "all_negative": lambda g: -torch.rand(1000, generator=g) * 5 - 1,
+    "zero_range": lambda g: torch.zeros(64),
+    "wide": lambda g: torch.randn(2048, generator=g) * 1e3,
+}
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_per_tensor_matches_integer_reference(bits, case):
+    x = CASES[case](torch.Generator().manual_seed(bits))
+    bank = ActQuantBank([bits])
+    bank.observing = True
+    bank(x, 0, 0)
+    bank.finalize("minmax")
+    got = bank(x, 0, 0).detach().double().numpy()
+    assert_matches_reference(got, x.double().numpy(), float(x.min()), float(x.max()), bits,
+                             bank.scale[0, 0].item(), bank.zero_point[0, 0].item())
+    assert len(np.unique(got)) <= 2**bits
+
+
+def test_distinct_levels_and_error_bound():
+    x = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 4, 8):
+        s, z = scale_zero_point(x.min(), x.max(), bits)
+        q = fake_quantize(x, s, z, bits)
+        assert len(torch.unique(q)) <= 2**bits
+        assert (q - x).abs().max() <= s / 2 + 1e-6  # inside the range: half a step at most
+
+
+def test_constant_and_zero_are_exact():
+    for c in (0.0, 2.5, -3.0):
+        x = torch.full((10,), c)
+        s, z = scale_zero_point(x.min(), x.max(), 8)
+        assert torch.equal(fake_quantize(x, s, z, 8), x) or torch.allclose(fake_quantize(x, s, z, 8), x, atol=1e-6)
+    x = torch.tensor([-1.0, 0.0, 3.0])
+    s, z = scale_zero_point(x.min(), x.max(), 4)
+    assert fake_quantize(x, s, z, 4)[1] == 0.0  # zero exactly representable
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_per_channel_weights_match_reference(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3, generator=g) * torch.logspace(-3, 1, 16).reshape(16, 1, 1, 1)
+    w[3] = 0.25  # a constant channel
+    w[5] = -torch.rand(8, 3, 3, generator=g)  # an all-negative channel
+    wq = WeightQuantizer(bits, w)
+    q = wq(w).detach().double().numpy()
+    for c in range(16):
+        assert_matches_reference(q[c], w[c].double().numpy(), float(w[c].min()), float(w[c].max()), bits,
+                                 wq.scale[c].item(), wq.zero_point[c].item())
+    # per-channel scales differ across channels (one per output channel)
+    assert WeightQuantizer(bits, w).scale.shape == (16, 1, 1, 1)
+
+
+def test_32_bits_is_pass_through():
+    w = torch.randn(4, 3)
+    assert WeightQuantizer(32, w)(w) is w
+    bank = ActQuantBank([8, 32])
+    x = torch.randn(100)
+    assert bank(x, 1, 0) is x
+
+
+def test_bad_bits_are_refused():
+    with pytest.raises(ValueError, match="w_bits=1"):
+        WeightQuantizer(1, torch.randn(2, 2))
+    with pytest.raises(ValueError, match="w_bits=20"):
+        WeightQuantizer(20, torch.randn(2, 2))
+
+
+def test_lp_search_beats_minmax_on_heavy_tails():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g), torch.tensor([40.0, -35.0])])
+    for bits in (4, 6):
+        s0, z0 = scale_zero_point(x.min(), x.max(), bits)
+        lo, hi = lp_search_range(x, bits)
+        s1, z1 = scale_zero_point(lo, hi, bits)
+        err0 = (fake_quantize(x, s0, z0, bits) - x).abs().pow(2.4).mean()
+        err1 = (fake_quantize(x, s1, z1, bits) - x).abs().pow(2.4).mean()
+        assert err1 < err0 * 0.8
+        assert hi < x.max()
+
+
+def test_straight_through_gradient():
+    x = torch.randn(50, requires_grad=True)
+    s, z = scale_zero_point(torch.tensor(-3.0), torch.tensor(3.0), 8)
+    fake_quantize(x, s, z, 8).sum().backward()
+    inside = (x.abs() < 2.9).float()
+    assert torch.allclose(x.grad * inside, inside)
