@@ -1,0 +1,200 @@
+"""quantize_unet on the real published architectures (meta device) and the tiny UNet."""
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models import meta_unet, unet_example_inputs
+from pipeline.quant import (QuantAttnProcessor, QuantConfig, QuantLayer, act_banks, get_bit_policy, observing,
+                            quant_layers, quantize_unet, set_bit_policy, set_quant_state, set_step,
+                            skip_concat_splits)
+
+
+@pytest.mark.parametrize("name", ["sd-v1-4", "bk-sdm-tiny", "sdxl-base"])
+def test_wraps_every_layer_of_published_unets(name):
+    from diffusers.models.attention_processor import Attention
+
+    unet = meta_unet(name)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in unet.modules())
+    n_attn = sum(isinstance(m, Attention) for m in unet.modules())
+    ids = {id(m.weight) for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    quantize_unet(unet, QuantConfig(w_bits=4, a_bits=8))
+    layers = quant_layers(unet)
+    assert len(layers) == n_layers  # none missed
+    assert sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in unet.modules()) == 0
+    assert not any(isinstance(c, QuantLayer) for m in layers.values() for c in m.children())  # none double-wrapped
+    assert {id(m.weight) for m in layers.values()} == ids  # same parameters, each wrapped once
+    procs = [m.processor for m in unet.modules() if isinstance(m, Attention)]
+    assert len(procs) == n_attn > 0 and all(isinstance(p, QuantAttnProcessor) for p in procs)
+    # the up path's skip-concatenation shortcuts get split quantizers at the right channel
+    splits = skip_concat_splits(unet)
+    assert splits and all(layers[n].act_skip is not None for n in splits)
+    for n, s in splits.items():
+        assert 0 < s < layers[n].in_features
+    # and the wrapped model still runs (shapes only, on meta)
+    args, kwargs = unet_example_inputs(unet, batch=1, resolution=256 if name != "sdxl-base" else 256)
+    with torch.no_grad():
+        out = unet(*args, **kwargs).sample
+    assert out.shape == args[0].shape
+
+
+def test_split_points_match_the_concatenation(tiny_pipe):
+    """Record the channels of hidden_states entering each up block and each
+    resnet, and compare with the static split points."""
+    unet = tiny_pipe.unet
+    seen, hidden = {}, {}
+
+    def record(store, key):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            store.setdefault(key, x.shape[1])
+        return hook
+
+    for i, block in enumerate(unet.up_blocks):
+        block.register_forward_pre_hook(record(hidden, i), with_kwargs=True)
+        for j, r in enumerate(block.resnets):
+            r.register_forward_pre_hook(record(seen, f"up_blocks.{i}.resnets.{j}.conv_shortcut"), with_kwargs=True)
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, 64))
+    splits = skip_concat_splits(unet)
+    assert splits
+    for k, s in splits.items():
+        i, j = int(k.split(".")[1]), int(k.split(".")[3])
+        if j == 0:
+            assert s == hidden[i]
+        assert 0 < s < seen[k]
+
+
+def _calibrated(pipe, w_bits, a_bits, seed=0, **cfg):
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(seed)
+    quantize_unet(unet, QuantConfig(w_bits=w_bits, a_bits=a_bits, **cfg))
+    with observing(unet), torch.no_grad():
+        for _ in range(4):
+            unet(torch.randn(4, 4, 16, 16, generator=g), torch.tensor([500] * 4), torch.randn(4, 77, 64, generator=g))
+    for b in act_banks(unet).values():
+        b.finalize()
+    return unet
+
+
+def _rel_err(unet, ref_in, ref_out):
+    with torch.no_grad():
+        out = unet(*ref_in).sample
+    return float((out - ref_out).norm() / ref_out.norm())
+
+
+@pytest.fixture(scope="module")
+def fp_reference():
+    from pipeline.models import tiny_pipeline
+
+    g = torch.Generator().manual_seed(123)
+    ins = (torch.randn(4, 4, 16, 16, generator=g), torch.tensor([500] * 4), torch.randn(4, 77, 64, generator=g))
+    with torch.no_grad():
+        out = tiny_pipeline(0).unet(*ins).sample
+    return ins, out
+
+
+def test_error_grows_as_bits_drop(fp_reference):
+    from pipeline.models import tiny_pipeline
+
+    ins, ref = fp_reference
+    w_err = [_rel_err(_calibrated(tiny_pipeline(0), w, 16), ins, ref) for w in (16, 8, 6, 4, 3)]
+    a_err = [_rel_err(_calibrated(tiny_pipeline(0), 16, a), ins, ref) for a in (16, 8, 6, 4)]
+    assert all(x < y for x, y in zip(w_err, w_err[1:])), w_err
+    assert all(x < y for x, y in zip(a_err, a_err[1:])), a_err
+    assert w_err[0] < 1e-2 and a_err[0] < 1e-2  # clipping of inputs outside the calibrated range only
+    w8a8 = _rel_err(_calibrated(tiny_pipeline(0), 8, 8), ins, ref)
+    assert w8a8 < 0.05, w8a8  # random weights and random inputs: see test_embedded for the trained model
+
+
+def test_bit_policy_changes_exactly_what_it_names(tiny_pipe):
+    unet = tiny_pipe.unet
+    quantize_unet(unet, QuantConfig(w_bits=8, a_bits=8, a_bit_options=[8, 16, 32], n_steps=5))
+    names = list(quant_layers(unet))
+    before = get_bit_policy(unet).clone()
+    assert before.shape == (len(names), 5) and (before == 8).all()
+    set_bit_policy(unet, {names[3]: [8, 16, 32, 16, 8], names[7]: 32})
+    after = get_bit_policy(unet)
+    changed = (after != before).nonzero().tolist()
+    assert changed == [[3, 1], [3, 2], [3, 3], [7, 0], [7, 1], [7, 2], [7, 3], [7, 4]]
+    # the layer really runs the chosen quantizer at each step
+    layer = quant_layers(unet)[names[3]]
+    for step, bits in enumerate([8, 16, 32, 16, 8]):
+        set_step(unet, step)
+        assert layer.act_bits() == bits
+    table = torch.full((len(names), 5), 16)
+    set_bit_policy(unet, table)
+    assert (get_bit_policy(unet) == 16).all()
+
+
+def test_bit_choice_reaches_the_forward(tiny_pipe, fp_reference):
+    unet = _calibrated(tiny_pipe, 32, 8, a_bit_options=[4, 8, 32], softmax_bits=32)
+    ins, ref = fp_reference
+    errs = {}
+    for b in (4, 8, 32):
+        set_bit_policy(unet, b)
+        errs[b] = _rel_err(unet, ins, ref)
+    assert errs[32] < 1e-6 < errs[8] < errs[4]
+
+
+def test_bad_policies_and_options_are_refused(tiny_pipe):
+    unet = tiny_pipe.unet
+    with pytest.raises(ValueError, match="a_bits=7 is not one of"):
+        QuantConfig(a_bits=7, a_bit_options=[8, 16])
+    with pytest.raises(ValueError, match="w_bits=1"):
+        QuantConfig(w_bits=1)
+    with pytest.raises(ValueError, match="a_bit_options entry=64"):
+        QuantConfig(a_bit_options=[8, 64])
+    with pytest.raises(TypeError, match="GroupNorm"):
+        quantize_unet(unet, QuantConfig(), only=["conv_norm_out"])
+    quantize_unet(unet, QuantConfig(a_bits=8, a_bit_options=[8, 16], n_steps=4))
+    with pytest.raises(ValueError, match=r"does not fit: expected \[\d+ layers, 4 steps\]"):
+        set_bit_policy(unet, torch.full((3, 4), 8))
+    with pytest.raises(ValueError, match="32 bits is not a calibrated option"):
+        set_bit_policy(unet, 32)
+    with pytest.raises(ValueError, match="needs 4 entries"):
+        set_bit_policy(unet, {"conv_in": [8, 16]})
+    with pytest.raises(ValueError, match="not quantized"):
+        set_bit_policy(unet, {"nope": 8})
+
+
+def test_time_aware_banks_use_the_step(tiny_pipe):
+    unet = tiny_pipe.unet
+    quantize_unet(unet, QuantConfig(w_bits=8, a_bits=8, n_steps=3, time_aware=True))
+    layer = quant_layers(unet)["conv_in"]
+    assert layer.act.scale.shape == (1, 3)
+    with observing(unet), torch.no_grad():
+        for step, amp in enumerate((1.0, 4.0, 16.0)):
+            set_step(unet, step)
+            unet(torch.randn(2, 4, 16, 16) * amp, 100, torch.randn(2, 77, 64))
+    for b in act_banks(unet).values():
+        b.finalize()
+    s = layer.act.scale[0].detach()
+    assert s[0] < s[1] < s[2]  # each step calibrated on its own data
+
+
+def test_bos_aware_keeps_bos_kv_in_full_precision(tiny_pipe):
+    from diffusers.models.attention_processor import Attention
+
+    unet = tiny_pipe.unet
+    attn = next(m for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2"))
+    enc = torch.randn(2, 77, 64)
+    enc[:, 0] *= 50  # the BOS outlier
+    keys = {}
+    for bos_aware in (False, True):
+        from pipeline.models import tiny_pipeline
+        u = tiny_pipeline(0).unet
+        quantize_unet(u, QuantConfig(w_bits=8, a_bits=4, bos_aware=bos_aware))
+        a = next(m for n, m in u.named_modules() if isinstance(m, Attention) and n.endswith("attn2"))
+        cap = {}
+
+        def record(module, inputs, output):
+            cap.setdefault("k_in", inputs[0].shape[1])
+
+        a.to_k.register_forward_hook(record)
+        with observing(u), torch.no_grad():
+            u(torch.randn(2, 4, 16, 16), 10, enc)
+        for b in act_banks(u).values():
+            b.finalize()
+        keys[bos_aware] = (cap["k_in"], a.to_k.act.scale.detach().clone())
+    assert keys[False][0] == 77 and keys[True][0] == 76  # the quantized path no longer sees BOS
+    assert keys[True][1].max() < keys[False][1].max() / 5  # so its input range is not blown up by the outlier
