@@ -1,0 +1,1 @@
+"""What observes without being the model: image grids, plots, metric loggers."""

@@ -23,7 +23,11 @@ def model_fingerprint(unet: nn.Module) -> dict:
     """What a quantized state must match: the UNet config and a weight checksum."""
     cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     h = hashlib.sha256()
+    quantizer_params = {id(p) for m in unet.modules() if isinstance(m, (WeightQuantizer, ActQuantBank))
+                        for p in m.parameters()}
     for name, p in unet.named_parameters():
+        if id(p) in quantizer_params:
+            continue
         if p.device.type == "meta":
             h.update(f"{name}{tuple(p.shape)}".encode())
             continue

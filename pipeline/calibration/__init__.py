@@ -1,0 +1,1 @@
+"""Calibration methods that fill a quantized UNet's quantizers."""
