@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # Import only the chosen stage: SD-sized stages should not pay for the others.
     chosen = next((a for a in argv if a in STAGES), None)
-    parser = build_parser(stages=None if chosen is None else {chosen})
+    parser = build_parser(stages=set() if chosen is None else {chosen})
     cfg = parser.parse_args(argv)
     stage = cfg.stage
     module = importlib.import_module(STAGES[stage][0])

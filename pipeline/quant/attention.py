@@ -72,7 +72,7 @@ class QuantAttnProcessor(nn.Module):
         probs = attn.get_attention_scores(query, key, attention_mask)
         if self.enabled:
             slot = min(self.ctx.step, self.softmax.n_slots - 1) if self.time_aware else 0
-            probs = self.softmax(probs, 0, slot)
+            probs = self.softmax(probs, 0, slot, inplace=True)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
 

@@ -42,15 +42,32 @@ class ActQuantBank(nn.Module):
         self.register_buffer("calibrated", torch.zeros(k, n_slots, dtype=torch.bool))
         self.observing = False
         self._obs: dict[int, dict] = {}
+        self._frozen: tuple | None = None  # (version key, python-float quantizers) for inference
 
-    def forward(self, x: torch.Tensor, k: int, slot: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k: int, slot: int, inplace: bool = False) -> torch.Tensor:
+        """Fake-quantize `x` with quantizer (bit option k, step slot); `inplace`
+        lets inference overwrite `x` (a temporary the caller owns)."""
         bits = self.bit_options[k]
         if self.observing:
             self._observe(x, slot)
             return x
         if bits == 32:
             return x
-        return fake_quantize(x, self.scale[k, slot], self.zero_point[k, slot], bits)
+        if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
+            return fake_quantize(x, self.scale[k, slot], self.zero_point[k, slot], bits)
+        # Inference fast path: the same arithmetic with python-float bounds
+        # (tensor-bounded clamps and per-call indexing dominate small layers).
+        s, lo, hi = self._inference_params()[k][slot]
+        q = x.div_(s) if inplace else torch.div(x, s)
+        return q.round_().clamp_(lo, hi).mul_(s)
+
+    def _inference_params(self):
+        key = (self.scale.data_ptr(), self.scale._version, self.zero_point.data_ptr(), self.zero_point._version)
+        if self._frozen is None or self._frozen[0] != key:
+            scale, zp = self.scale.detach().double().tolist(), self.zero_point.tolist()
+            params = [[(s, -z, 2**b - 1 - z) for s, z in zip(scale[k], zp[k])] for k, b in enumerate(self.bit_options)]
+            self._frozen = (key, params)
+        return self._frozen[1]
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, slot: int) -> None:

@@ -24,8 +24,14 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """Asymmetric uniform quantization: to int, clamp to [0, 2^b - 1], back to float.
 
     `scale`/`zero_point` broadcast against `x` (per-channel or per-tensor)."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**n_bits - 1)
-    return (q - zero_point) * scale
+    qmax = 2**n_bits - 1
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
+        return (q - zero_point) * scale
+    # Inference: the same arithmetic in place, one allocation. With an integer
+    # zero point, clamp(round(x/s) + z, 0, qmax) - z == clamp(round(x/s), -z, qmax - z).
+    q = torch.div(x, scale).round_()
+    return q.clamp_(-zero_point, qmax - zero_point).mul_(scale)
 
 
 def scale_zero_point(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int):

