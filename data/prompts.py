@@ -20,9 +20,9 @@ def load_prompts(source: str, limit: int | None = None, split: str = "train", se
     if source == "builtin":
         prompts = BUILTIN
     elif source == "world":
-        from data.world import world_captions  # the embedded world's renderer
+        from data.world import make_scene  # the embedded world's renderer (32x32: cheap)
 
-        prompts = world_captions(split=split, n=limit or 64, seed=seed)
+        prompts = [make_scene(seed, split, i).caption for i in range(limit or 64)]
     else:
         path = Path(source)
         if not path.is_file():

@@ -17,6 +17,7 @@ STAGES = {
     "pretrain": ("pipeline.stages.pretrain", "train the embedded tiny text-to-image world into checkpoints/"),
     "calibrate": ("pipeline.stages.calibrate", "calibrate a quantized UNet (naive | qdiff | ptqd, PCR options)"),
     "generate": ("pipeline.stages.generate", "generate images with the FP or a quantized UNet"),
+    "evaluate": ("pipeline.stages.evaluate", "QDiffBench: FID/sFID to FP, CLIP score, PSNR/SSIM, FAB, BitOPs, time"),
     "bitops": ("pipeline.stages.bitops", "print BitOPs / FAB / size of a model at given bits (meta device)"),
     "demo": ("pipeline.stages.demo", "the README main job: quantize the default model, sample, report"),
 }

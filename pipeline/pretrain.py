@@ -35,7 +35,7 @@ WORLD_TEXT_CONFIG = dict(
     max_position_embeddings=77, projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )
 WORLD_VISION_CONFIG = dict(
-    hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=32,
     patch_size=4, num_channels=3, projection_dim=64,
 )
 
@@ -62,9 +62,11 @@ def world_unet_config(resolution: int = 32) -> dict:
 WORLD_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 5.0}
 
 
-def tokenize(captions, device=None) -> torch.Tensor:
-    ids = clip_tokenizer()(list(captions), padding="max_length", max_length=77, truncation=True,
-                           return_tensors="pt").input_ids
+def tokenize(captions, device=None, pad_to_longest: bool = False) -> torch.Tensor:
+    """Token ids padded to 77 as the pipeline does (or to the longest caption: the causal
+    text tower gives the same outputs at the real positions, for less compute)."""
+    ids = clip_tokenizer()(list(captions), padding="longest" if pad_to_longest else "max_length", max_length=77,
+                           truncation=True, return_tensors="pt").input_ids
     return ids if device is None else ids.to(device)
 
 
@@ -104,7 +106,7 @@ class WorldCLIP(_Scheduled):
         self.clip = CLIPModel(config)
 
     def training_step(self, batch, _):
-        ids = tokenize(batch["caption"], self.device)
+        ids = tokenize(batch["caption"], self.device, pad_to_longest=True)
         out = self.clip(input_ids=ids, pixel_values=batch["image"], return_loss=True)
         acc = (out.logits_per_image.argmax(-1) == torch.arange(len(ids), device=self.device)).float().mean()
         self.log_dict({"clip/loss": out.loss, "clip/acc": acc}, prog_bar=True)
@@ -230,7 +232,8 @@ def _text_encoder_from_clip(clip) -> "torch.nn.Module":
     from transformers import CLIPTextConfig, CLIPTextModel
 
     te = CLIPTextModel(CLIPTextConfig(**clip.config.text_config.to_dict()))
-    te.text_model.load_state_dict(clip.text_model.state_dict())
+    inner = getattr(te, "text_model", te)  # transformers < 5 wraps the transformer in .text_model
+    inner.load_state_dict(clip.text_model.state_dict())
     return te.eval()
 
 
@@ -255,12 +258,13 @@ def save_world_pipeline(out: Path, clip, vae, unet, resolution: int, world_info:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # fp16 storage for the text encoder, loaded as fp32.
+    # The slow CLIPTokenizer needs only vocab.json + merges.txt; the 3.5 MB fast-tokenizer
+    # file would duplicate them.
+    (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    # fp16 storage for the text encoder (config dtype float32, so it loads as fp32).
     te_dir = tmp / "text_encoder"
-    for f in te_dir.glob("*.safetensors"):
-        f.unlink()
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in text_encoder.state_dict().items()},
-              str(te_dir / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(te_dir)
+    copy.deepcopy(text_encoder).to(torch.float16).save_pretrained(te_dir, safe_serialization=True)
     cfg = json.loads((te_dir / "config.json").read_text())
     cfg["dtype"] = "float32"
     cfg.pop("torch_dtype", None)
@@ -303,7 +307,8 @@ def load_world_clip(path: str | Path | None = None):
     info = json.loads(cfg_path.read_text())
     model = CLIPModel(CLIPConfig(**info["clip_config"]))
     state = {k: v.float() for k, v in load_file(str(w_path)).items()}
-    state.update({k: v.float() for k, v in load_file(str(te_path)).items()})
+    state.update({(k if k.startswith("text_model.") else "text_model." + k): v.float()
+                  for k, v in load_file(str(te_path)).items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
     if missing or unexpected:

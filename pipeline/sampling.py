@@ -45,3 +45,51 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, s
                           height=side, width=side, output_type="np", **kwargs).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
+
+
+def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional, unconditional) text embeddings, as the pipeline computes them."""
+    device = pipe.unet.device if pipe.unet.device.type != "meta" else "cpu"
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True, negative_prompt=None)
+    return cond, uncond
+
+
+def initial_latents(pipe, seeds: Sequence[int], resolution: int | None = None) -> torch.Tensor:
+    """The per-seed starting noise `generate` uses (drawn on the CPU)."""
+    unet = pipe.unet
+    side = (resolution or unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    shape = (unet.config.in_channels, side, side)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor, steps: int, guidance: float,
+            stop: int | None = None, on_unet_input: Callable | None = None, unet=None) -> torch.Tensor:
+    """The pipeline's classifier-free-guidance sampling loop, step by step.
+
+    Runs steps [0, stop) of a `steps`-step schedule and returns the latents
+    that enter step `stop` (or the final latents). `on_unet_input(i, x, t)` sees
+    each step's (scaled, conditional-half) UNet input before it runs; `unet`
+    overrides pipe.unet. SD 1.x/2.x-style UNets (no added conditioning)."""
+    unet = unet or pipe.unet
+    if getattr(unet.config, "addition_embed_type", None):
+        raise NotImplementedError("denoise() drives SD 1.x/2.x UNets; SDXL's added conditioning is not wired in")
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    if getattr(unet, "quant_config", None) is not None:
+        from pipeline.quant import set_schedule
+
+        set_schedule(unet, sched.timesteps)
+    device = cond.device
+    x = latents.to(device) * sched.init_noise_sigma
+    emb = torch.cat([uncond, cond])
+    stop = steps if stop is None else stop
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps[:stop]):
+            model_in = sched.scale_model_input(torch.cat([x, x]), t)
+            if on_unet_input is not None:
+                on_unet_input(i, model_in[: len(x)], t)
+            eps_u, eps_c = unet(model_in, t, encoder_hidden_states=emb).sample.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+            x = sched.step(eps, t, x).prev_sample
+    return x

@@ -33,6 +33,7 @@ class QuantConfig:
     split_shortcut: bool = True
     bos_aware: bool = False
     weight_init: str = "minmax"  # minmax | lp
+    weight_rounding: str = "nearest"  # nearest | adaround
     act_init: str = "minmax"  # minmax | lp
     lp_norm: float = 2.4
     lp_candidates: int = 80
@@ -53,6 +54,8 @@ class QuantConfig:
         self.a_bit_options = sorted(opts)
         if self.n_steps < 1:
             raise ValueError(f"n_steps={self.n_steps} must be >= 1")
+        if self.weight_rounding not in ("nearest", "adaround"):
+            raise ValueError(f"weight_rounding={self.weight_rounding!r}: use 'nearest' or 'adaround'")
         for name in ("weight_init", "act_init"):
             if getattr(self, name) not in ("minmax", "lp"):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported: use 'minmax' or 'lp'")

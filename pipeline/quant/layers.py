@@ -84,9 +84,10 @@ class ActQuantBank(nn.Module):
                 o["sample"] = [cat[keep]]
 
     @torch.no_grad()
-    def finalize(self, method: str = "minmax", p: float = 2.4, n_candidates: int = 80) -> None:
-        """Set every quantizer from the observations; slots never observed share
-        the statistics pooled over all observed slots."""
+    def finalize(self, method: str = "minmax", p: float = 2.4, n_candidates: int = 80,
+                 slots: list[int] | None = None) -> None:
+        """Set every quantizer (or those of `slots`) from the observations; slots
+        never observed share the statistics pooled over all observed slots."""
         if not self._obs:
             raise RuntimeError("finalize() without observations: run calibration data through the model first")
         pooled = {
@@ -94,7 +95,7 @@ class ActQuantBank(nn.Module):
             "max": torch.stack([o["max"] for o in self._obs.values()]).max(),
             "sample": [s for o in self._obs.values() for s in o["sample"]],
         }
-        for slot in range(self.n_slots):
+        for slot in range(self.n_slots) if slots is None else slots:
             o = self._obs.get(slot, pooled)
             for k, bits in enumerate(self.bit_options):
                 if bits == 32:
@@ -143,7 +144,7 @@ class QuantLayer(nn.Module):
         self.ctx = ctx
         self.split = split
         self.w_quant = WeightQuantizer(config.w_bits, module.weight, config.weight_init, config.lp_norm,
-                                       config.lp_candidates, init=init)
+                                       config.lp_candidates, init=init, rounding=config.weight_rounding)
         self.act = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples)
         self.act_skip = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples) if split else None
         self.bit_options = list(config.a_bit_options)

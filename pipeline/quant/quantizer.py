@@ -88,21 +88,29 @@ def init_range(x: torch.Tensor, n_bits: int, method: str, ch_axis: int | None = 
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel asymmetric weight quantizer, round-to-nearest.
+    """Per-output-channel asymmetric weight quantizer.
 
-    Calibration methods that learn the rounding (AdaRound) subclass it and
-    override `forward`; scale and zero point stay buffers of this class."""
+    Rounding is to nearest, or learned (AdaRound): `rounding="adaround"` adds
+    a `round_up` mask buffer (hard decisions, what a state stores), and
+    `start_learning_rounding` / `finish_learning_rounding` bracket the phase in
+    which a soft, learnable `alpha` replaces it."""
 
     def __init__(self, n_bits: int, weight: torch.Tensor | None = None, method: str = "minmax", p: float = 2.4,
-                 n_candidates: int = 80, init: bool = True):
+                 n_candidates: int = 80, init: bool = True, rounding: str = "nearest"):
         super().__init__()
         self.n_bits = check_bits(n_bits, "w_bits")
-        self.method, self.p, self.n_candidates = method, p, n_candidates
+        if rounding not in ("nearest", "adaround"):
+            raise ValueError(f"weight rounding {rounding!r} is not supported: use 'nearest' or 'adaround'")
+        self.method, self.p, self.n_candidates, self.rounding = method, p, n_candidates, rounding
         n_out = 0 if weight is None else weight.shape[0]
         shape = (n_out,) + (1,) * (0 if weight is None else weight.dim() - 1)
         dev = None if weight is None else weight.device
         self.register_buffer("scale", torch.ones(shape, device=dev))
         self.register_buffer("zero_point", torch.zeros(shape, device=dev))
+        if rounding == "adaround" and weight is not None:
+            # until learned, the mask reproduces round-to-nearest
+            self.register_buffer("round_up", torch.zeros(weight.shape, dtype=torch.bool, device=dev))
+        self.alpha: nn.Parameter | None = None
         if weight is not None and init and self.n_bits < 32:
             self.init_from(weight)
 
@@ -112,6 +120,23 @@ class WeightQuantizer(nn.Module):
         scale, zp = scale_zero_point(lo, hi, self.n_bits)
         self.scale = scale.reshape(self.scale.shape)
         self.zero_point = zp.reshape(self.zero_point.shape)
+        if self.rounding == "adaround":
+            ws = weight / self.scale
+            self.round_up = (ws.round() > ws.floor())  # nearest rounding as the starting point
+
+    # -- AdaRound -----------------------------------------------------------
+    def start_learning_rounding(self, weight: torch.Tensor) -> nn.Parameter:
+        from pipeline.quant.adaround import init_alpha
+
+        if self.rounding != "adaround":
+            raise ValueError("this weight quantizer rounds to nearest; build it with rounding='adaround'")
+        self.alpha = nn.Parameter(init_alpha(weight.detach(), self.scale))
+        return self.alpha
+
+    @torch.no_grad()
+    def finish_learning_rounding(self) -> None:
+        self.round_up = self.alpha >= 0  # h(alpha) >= 0.5
+        self.alpha = None
 
     def version_key(self) -> tuple:
         """Changes whenever a tensor of this quantizer is replaced or modified in place."""
@@ -121,7 +146,16 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.n_bits == 32:
             return w
-        return fake_quantize(w, self.scale, self.zero_point, self.n_bits)
+        if self.rounding == "nearest":
+            return fake_quantize(w, self.scale, self.zero_point, self.n_bits)
+        if self.alpha is not None:
+            from pipeline.quant.adaround import rectified_sigmoid
+
+            offset = rectified_sigmoid(self.alpha)
+        else:
+            offset = self.round_up.to(w.dtype)
+        q = torch.clamp(torch.floor(w.detach() / self.scale) + offset + self.zero_point, 0, 2**self.n_bits - 1)
+        return (q - self.zero_point) * self.scale
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.n_bits}, init={self.method}"
+        return f"w_bits={self.n_bits}, init={self.method}, rounding={self.rounding}"

@@ -22,7 +22,11 @@ def load_quantized_pipeline(model: str, quant_state: str | None, allow_download:
 
     pipe = load_pipeline(model, allow_download=allow_download)
     if quant_state:
-        load_quantized(pipe.unet, quant_state)
+        _, _, extra = load_quantized(pipe.unet, quant_state)
+        if "ptqd_k" in extra:  # PTQD states carry their noise correction
+            from pipeline.calibration.ptqd import apply_ptqd
+
+            apply_ptqd(pipe.unet, extra)
     return pipe
 
 

@@ -1,7 +1,7 @@
 """Stage `pretrain`: train the embedded tiny world (CLIP, VAE, UNet) and save it
 as a diffusers StableDiffusionPipeline folder (default checkpoints/tiny-world).
 
-    python -m pipeline.fit pretrain                      # the shipped model (~45 min on 2 CPU cores)
+    python -m pipeline.fit pretrain                      # the shipped model (~45 min on one CPU core of a busy 2-core machine)
     python -m pipeline.fit pretrain --out /tmp/w --clip-steps 20 --vae-steps 20 --unet-steps 20 --n-train 512
 
 Per-model step counts are the stage's own flags; `--trainer.max_steps N` caps
@@ -24,19 +24,20 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--out", type=str, default=str(EMBEDDED_DIR), help="pipeline folder to write")
     parser.add_argument("--resolution", type=int, default=32, help="world resolution (32 or 64)")
-    parser.add_argument("--n-train", type=int, default=30000, help="rendered training scenes")
+    parser.add_argument("--n-train", type=int, default=20000, help="rendered training scenes")
     parser.add_argument("--n-val", type=int, default=1024, help="rendered validation scenes")
-    parser.add_argument("--clip-steps", type=int, default=1500)
-    parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--unet-steps", type=int, default=3500)
-    parser.add_argument("--clip-batch-size", type=int, default=128)
+    parser.add_argument("--clip-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--clip-batch-size", type=int, default=64)
     parser.add_argument("--vae-batch-size", type=int, default=32)
-    parser.add_argument("--unet-batch-size", type=int, default=64)
+    parser.add_argument("--unet-batch-size", type=int, default=32)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="caption -> empty prompt rate (CFG)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is robust on a shared 2-core machine; 2 is faster on an idle one)")
 
 
 def _trainer(cfg, steps: int, log_dir: Path, name: str):
@@ -72,7 +73,7 @@ def run(cfg) -> dict:
     from pipeline import pretrain as P
     from pipeline.runs import prepare_artifact, versions, write_manifest
 
-    torch.set_num_threads(max(1, min(2, cfg.threads)))
+    torch.set_num_threads(max(1, cfg.threads))
     world.check_resolution(cfg.resolution)
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
@@ -101,7 +102,7 @@ def run(cfg) -> dict:
     with torch.no_grad():
         n = min(256, len(val))
         batch = [val[i] for i in range(n)]
-        o = clip(input_ids=P.tokenize([b["caption"] for b in batch]),
+        o = clip(input_ids=P.tokenize([b["caption"] for b in batch], pad_to_longest=True),
                  pixel_values=torch.stack([b["image"] for b in batch]), return_loss=True)
         metrics["clip_val_loss"] = float(o.loss)
         # retrieval among the val batch, counting any caption identical to the true one as correct

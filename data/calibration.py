@@ -1,0 +1,131 @@
+"""Calibration data (Q-Diffusion): UNet inputs recorded on sampling trajectories.
+
+At `cali_st` uniformly spaced steps of a `steps`-step schedule, record x_t for
+every calibration prompt, with its conditional and unconditional text
+embeddings (both CFG branches). Data lives in disk shards, one file per prompt
+batch for the embeddings and one per (batch, step) for x_t, so memory stays
+bounded for SD-sized models and an interrupted collection resumes at the
+first missing shard. `meta.json` ties the data to its model, resolution and
+schedule; loading it for anything else is refused with what differs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+META = "meta.json"
+
+
+def cali_step_indices(steps: int, cali_st: int) -> list[int]:
+    """`cali_st` uniformly spaced step indices of a `steps`-step schedule (first and last included)."""
+    if not 1 <= cali_st <= steps:
+        raise ValueError(f"cali_st={cali_st} must be between 1 and the number of steps ({steps})")
+    if cali_st == 1:
+        return [0]
+    return sorted({round(i * (steps - 1) / (cali_st - 1)) for i in range(cali_st)})
+
+
+def data_signature(pipe, steps: int, guidance: float, resolution: int) -> dict:
+    from pipeline.quant.state import model_fingerprint
+
+    pipe.scheduler.set_timesteps(steps)
+    fp = model_fingerprint(pipe.unet)
+    return {"weights_sha256": fp["weights_sha256"], "unet_class": type(pipe.unet).__name__,
+            "resolution": resolution, "steps": steps, "timesteps": [int(t) for t in pipe.scheduler.timesteps],
+            "scheduler": type(pipe.scheduler).__name__, "guidance": guidance}
+
+
+def check_signature(meta: dict, want: dict, path) -> None:
+    diff = [k for k in want if meta["signature"].get(k) != want[k]]
+    if diff:
+        detail = "; ".join(f"{k}: data {meta['signature'].get(k)!r} vs now {want[k]!r}" for k in diff[:4])
+        raise ValueError(f"calibration data in {path} belongs to another setting ({detail}); "
+                         f"collect it again into another folder")
+
+
+def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, cali_st: int = 5,
+            guidance: float = 5.0, batch_size: int = 8, seed: int = 0, resolution: int | None = None,
+            shard_ids: Sequence[int] | None = None) -> Path:
+    """Record calibration data for `prompts` into `out_dir` (resumable).
+
+    `shard_ids` restricts the work to some prompt batches (one DDP rank's share)."""
+    from pipeline.sampling import denoise, encode_prompts, initial_latents
+
+    if not prompts:
+        raise ValueError("no calibration prompts")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sig = data_signature(pipe, steps, guidance, resolution)
+    indices = cali_step_indices(steps, cali_st)
+    meta_path = out / META
+    n_shards = (len(prompts) + batch_size - 1) // batch_size
+    meta = {"signature": sig, "cali_steps": indices, "n_prompts": len(prompts), "batch_size": batch_size,
+            "n_shards": n_shards, "seed": seed, "prompts": list(prompts)}
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        check_signature(old, sig, out)
+        if old["prompts"] != meta["prompts"] or old["cali_steps"] != indices or old["batch_size"] != batch_size:
+            raise ValueError(f"{out} holds calibration data of other prompts or steps; use another folder")
+    else:
+        meta_path.write_text(json.dumps(meta, indent=1))
+    todo = [b for b in (range(n_shards) if shard_ids is None else shard_ids)
+            if not (out / f"x_{b:05d}_{indices[-1]:03d}.safetensors").is_file()]
+    for b in tqdm(todo, desc="calibration data", leave=False):
+        chunk = prompts[b * batch_size:(b + 1) * batch_size]
+        cond, uncond = encode_prompts(pipe, chunk)
+        save_file({"cond": cond.contiguous().cpu(), "uncond": uncond.contiguous().cpu()},
+                  str(out / f"emb_{b:05d}.safetensors"))
+        seeds = [seed * 1_000_003 + b * batch_size + j for j in range(len(chunk))]
+        records = {}
+
+        def record(i, x, t):
+            if i in indices:
+                records[i] = x.detach().cpu().contiguous()
+
+        denoise(pipe, cond, uncond, initial_latents(pipe, seeds, resolution), steps, guidance,
+                stop=indices[-1] + 1, on_unet_input=record)
+        for i in indices:  # the last index is written last: its presence marks a finished shard
+            save_file({"x": records[i]}, str(out / f"x_{b:05d}_{i:03d}.safetensors"))
+    return out
+
+
+class CalibrationData:
+    """Read access to a collected folder: samples per step, as UNet call inputs."""
+
+    def __init__(self, path: str | Path, pipe=None, steps: int | None = None, guidance: float | None = None,
+                 resolution: int | None = None):
+        self.path = Path(path)
+        if not (self.path / META).is_file():
+            raise FileNotFoundError(f"{self.path / META} is missing: collect calibration data first")
+        self.meta = json.loads((self.path / META).read_text())
+        if pipe is not None:
+            sig = self.meta["signature"]
+            want = data_signature(pipe, steps or sig["steps"], sig["guidance"] if guidance is None else guidance,
+                                  resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+            check_signature(self.meta, want, self.path)
+        self.steps = self.meta["cali_steps"]
+        self.timesteps = self.meta["signature"]["timesteps"]
+        missing = [b for b in range(self.meta["n_shards"])
+                   if not (self.path / f"x_{b:05d}_{self.steps[-1]:03d}.safetensors").is_file()]
+        if missing:
+            raise ValueError(f"calibration data in {self.path} is incomplete (shards {missing[:5]} missing); "
+                             f"run the collection again to resume it")
+
+    def batches(self, step_index: int | None = None):
+        """Yield (step index, x_t, t, cond, uncond) per shard and step."""
+        for b in range(self.meta["n_shards"]):
+            emb = load_file(str(self.path / f"emb_{b:05d}.safetensors"))
+            for i in self.steps if step_index is None else [step_index]:
+                x = load_file(str(self.path / f"x_{b:05d}_{i:03d}.safetensors"))["x"]
+                yield i, x, self.timesteps[i], emb["cond"], emb["uncond"]
+
+    def unet_calls(self, step_index: int | None = None, device="cpu"):
+        """Yield (step index, args) of CFG UNet calls: (cat([x, x]), t, cat([uncond, cond]))."""
+        for i, x, t, cond, uncond in self.batches(step_index):
+            yield i, (torch.cat([x, x]).to(device), torch.tensor(t, device=device),
+                      torch.cat([uncond, cond]).to(device))

@@ -1,0 +1,139 @@
+"""Q-Diffusion: BRECQ block reconstruction with AdaRound weights, then LSQ
+activation step sizes, unit by unit, resumable after an interruption.
+
+Progress lives in <partial>/progress.json plus one safetensors file of
+quantizer tensors per finished unit: a rerun loads those and continues with
+the first unfinished unit, recomputing nothing already done."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipeline.calibration.blocks import (BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers,
+                                         unit_quant_state)
+from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
+from pipeline.quant import set_quant_state
+
+
+def capture_unit_io(unet, unit, data, device="cpu") -> list[dict]:
+    """FP inputs and outputs of `unit` over every calibration UNet call."""
+    set_quant_state(unet, weight=False, act=False)
+    with BlockIO(unit) as io, torch.no_grad():
+        for step, args in data.unet_calls(device=device):
+            io.set_step(step)
+            unet.quant_context.timesteps = []
+            unet.quant_context.step = step
+            unet(*args)
+    return io.items
+
+
+def _split(items: list[dict], every: int = 5):
+    held = items[::every] if len(items) >= every else items[:1]
+    train = [it for i, it in enumerate(items) if i % every != 0] if len(items) >= every else items
+    return train, held
+
+
+def _load_unit(unet, path: Path) -> None:
+    modules = dict(unet.named_modules())
+    for key, value in load_file(str(path)).items():
+        mod_name, _, attr = key.rpartition(".")
+        module = modules[mod_name]
+        current = getattr(module, attr)
+        if isinstance(current, torch.nn.Parameter):
+            current.data = value.to(current.dtype)
+        else:
+            setattr(module, attr, value)
+
+
+def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, iters_a: int = 5000,
+                    w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
+                    is_rank_zero: bool = True, signature: dict | None = None) -> dict:
+    """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
+
+    `signature` (the run's settings) is stored with the progress; progress made
+    under another signature is refused rather than silently mixed in."""
+    cfg = unet.quant_config
+    if cfg.weight_rounding != "adaround":
+        raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
+    partial = Path(partial_dir)
+    (partial / "units").mkdir(parents=True, exist_ok=True)
+    progress_file = partial / "progress.json"
+    signature = json.loads(json.dumps({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a,
+                                       "w_lr": w_lr, "a_lr": a_lr, "seed": seed, **(signature or {})}))
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {
+        "signature": signature, "done": [], "metrics": {}}
+    if progress["signature"] != signature:
+        diff = sorted(k for k in signature if progress["signature"].get(k) != signature[k])
+        raise ValueError(f"{partial} holds reconstruction progress of other settings ({', '.join(diff)}); "
+                         f"pass --overwrite true to start over, or use another --run-dir")
+    units = reconstruction_units(unet)
+    ctx = unet.quant_context
+    device = next(unet.parameters()).device
+    act_options = [k for k, b in enumerate(cfg.a_bit_options) if b < 32]
+    for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
+        path = partial / "units" / f"{idx:04d}.safetensors"
+        if name in progress["done"] and path.is_file():
+            _load_unit(unet, path)
+            continue
+        t0 = time.time()
+        items = capture_unit_io(unet, unit, data, device)
+        train, held = _split(items)
+        layers = unit_layers(unit)
+        for p in unit.parameters():
+            p.requires_grad_(False)
+        metrics = {"items": len(items)}
+        # 1. weights (activations off inside the unit)
+        for l in layers:
+            l.quant_weight = l.w_quant.n_bits < 32
+        set_unit_act(unit, False)
+        if iters_w > 0 and cfg.w_bits < 32:
+            metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
+            for l in layers:
+                l.w_quant.start_learning_rounding(l.weight)
+            module = fit_unit(unit, ctx, train, [Phase("weight", iters_w)], w_lr, trainer_kwargs or {}, seed, name)
+            for l in layers:
+                l.w_quant.finish_learning_rounding()
+            metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
+            metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
+        # 2. activation ranges: observe the unit's inputs, L_p / min-max init per (bit, slot)
+        banks = unit_banks(unit)
+        set_unit_act(unit, True)
+        for b in banks:
+            b.observing = True
+        with torch.no_grad():
+            for it in items:
+                ctx.step = int(it["step"])
+                unit(*it["args"], **it["kwargs"])
+        for b in banks:
+            b.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates)
+        # 3. LSQ step sizes, one phase per (bit option, slot)
+        if iters_a > 0 and act_options and banks:
+            n_slots = max(b.n_slots for b in banks)
+            slots = list(range(n_slots)) if n_slots > 1 else [None]
+            per = max(1, iters_a // len(slots))
+            phases = [Phase("act", per, k=k, slot=s) for k in act_options for s in slots]
+            metrics["mse_act_init"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in act_options}
+            saved = [list(l.policy) for l in layers]
+            for b in banks:
+                b.scale.requires_grad_(True)
+            fit_unit(unit, ctx, train, phases, a_lr, trainer_kwargs or {}, seed + 1, name)
+            for b in banks:
+                b.scale.requires_grad_(False)
+            for l, pol in zip(layers, saved):
+                l.policy = pol
+            metrics["mse_act_lsq"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in act_options}
+        metrics["seconds"] = time.time() - t0
+        if is_rank_zero:
+            save_file(unit_quant_state(unit, name), str(path))
+            progress["done"].append(name)
+            progress["metrics"][name] = metrics
+            tmp = progress_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(progress, indent=1))
+            tmp.replace(progress_file)  # atomic: a kill never leaves a half-written progress file
+    set_quant_state(unet, weight=True, act=True)
+    return progress["metrics"]

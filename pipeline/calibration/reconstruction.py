@@ -1,0 +1,168 @@
+"""BRECQ block reconstruction as a LightningModule (Q-Diffusion's recipe).
+
+One unit (block or lone layer) at a time, against cached full-precision
+outputs for full-precision inputs:
+  1. weights: AdaRound, loss = sum_c (out_q - out_fp)^2 + 0.01 * rounding
+     regularizer, beta 20 -> 2 after a 20% warm-up, Adam;
+  2. activations: step sizes learned LSQ-style (Adam lr 4e-4, cosine), one
+     phase per (bit option, time slot) so each quantizer of the bank learns
+     from its own data with its own optimizer state.
+The data loader draws the cached items each iteration needs (a phase-aware
+sampler); the Trainer supplies devices and DDP."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.calibration.blocks import set_unit_act, unit_banks, unit_layers
+from pipeline.quant.adaround import BetaSchedule, rounding_regularizer
+
+
+def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over channels, averaged over the rest."""
+    return (out - target).pow(2).sum(1).mean()
+
+
+@dataclass
+class Phase:
+    kind: str  # "weight" | "act"
+    iters: int
+    k: int = 0  # bit-option index (act phases)
+    slot: int | None = None  # time slot (act phases of time-aware banks)
+
+
+class ItemDataset(Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class PhaseSampler(Sampler):
+    """Yields, per iteration, a random item suited to the current phase (its time slot).
+
+    Each DDP rank draws its own stream (seed + rank)."""
+
+    def __init__(self, items: list[dict], phases: list[Phase], slot_of, seed: int = 0, rank: int = 0):
+        self.items, self.phases, self.slot_of = items, phases, slot_of
+        self.seed, self.rank = seed, rank
+
+    def __len__(self):
+        return sum(p.iters for p in self.phases)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 7919 + self.rank)
+        for p in self.phases:
+            pool = [i for i, it in enumerate(self.items) if p.slot is None or self.slot_of(it["step"]) == p.slot]
+            pool = pool or list(range(len(self.items)))
+            for _ in range(p.iters):
+                yield rng.choice(pool)
+
+
+class UnitReconstruction(L.LightningModule):
+    """Reconstruct one unit through a list of phases (all "weight" or all "act")."""
+
+    def __init__(self, unit: nn.Module, ctx, phases: list[Phase], lr: float, reg_weight: float = 0.01,
+                 unit_name: str = "unit"):
+        super().__init__()
+        self.unit = unit
+        self.ctx = ctx
+        self.phases = phases
+        self.lr, self.reg_weight, self.unit_name = lr, reg_weight, unit_name
+        self.automatic_optimization = False
+        self.layers = unit_layers(unit)
+        self.banks = unit_banks(unit)
+        self._bounds = [0]
+        for p in phases:
+            self._bounds.append(self._bounds[-1] + p.iters)
+        self.losses: list[float] = []
+
+    def configure_optimizers(self):
+        """One Adam per phase: each (bit option, slot) keeps its own moment estimates."""
+        opts = []
+        for p in self.phases:
+            params = ([l.w_quant.alpha for l in self.layers if l.w_quant.alpha is not None] if p.kind == "weight"
+                      else [b.scale for b in self.banks])
+            opts.append(torch.optim.Adam(params, lr=self.lr))
+        return opts
+
+    def _phase(self, it: int) -> tuple[int, Phase, int]:
+        for j, p in enumerate(self.phases):
+            if it < self._bounds[j + 1]:
+                return j, p, it - self._bounds[j]
+        raise IndexError(it)
+
+    def training_step(self, item, batch_idx):
+        j, phase, it = self._phase(self.global_step)
+        opts = self.optimizers()
+        opt = opts[j] if isinstance(opts, list) else opts
+        self.ctx.step = int(item["step"])
+        if phase.kind == "act":
+            for layer in self.layers:
+                layer.policy = [phase.k] * len(layer.policy)
+            for g in opt.param_groups:  # cosine decay within the phase
+                g["lr"] = 0.5 * self.lr * (1 + math.cos(math.pi * it / max(1, phase.iters)))
+        out = self.unit(*item["args"], **item["kwargs"])
+        out = out[0] if isinstance(out, tuple) else out
+        loss = rec_loss(out, item["out"])
+        if phase.kind == "weight":
+            beta, active = BetaSchedule(phase.iters)(it)
+            if active:
+                reg = sum(rounding_regularizer(l.w_quant.alpha, beta) for l in self.layers
+                          if l.w_quant.alpha is not None)
+                loss = loss + self.reg_weight * reg
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite reconstruction loss in {self.unit_name} at step {self.global_step} "
+                                     f"({phase.kind} phase); lower the learning rate or check the data")
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+def held_out_mse(unit: nn.Module, ctx, items: list[dict], k: int | None = None) -> float:
+    """Mean reconstruction loss of the unit on `items` under its current state."""
+    layers = unit_layers(unit)
+    saved = [list(l.policy) for l in layers]
+    total = 0.0
+    with torch.no_grad():
+        for it in items:
+            ctx.step = int(it["step"])
+            if k is not None:
+                for l in layers:
+                    l.policy = [k] * len(l.policy)
+            out = unit(*it["args"], **it["kwargs"])
+            out = out[0] if isinstance(out, tuple) else out
+            total += float(rec_loss(out, it["out"]))
+    for l, p in zip(layers, saved):
+        l.policy = p
+    return total / max(1, len(items))
+
+
+def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_weight=0.01):
+    """Run the phases with a Lightning Trainer; returns the module (its losses)."""
+    module = UnitReconstruction(unit, ctx, phases, lr, reg_weight, unit_name)
+    total = sum(p.iters for p in phases)
+    if total == 0:
+        return module
+    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+              "enable_progress_bar": False, **trainer_kwargs, "max_steps": total, "max_epochs": 1,
+              "use_distributed_sampler": False, "num_sanity_val_steps": 0}
+    trainer = L.Trainer(**kwargs)
+    n_slots = max((b.n_slots for b in module.banks), default=1)
+    slot_of = (lambda step: min(step, n_slots - 1)) if n_slots > 1 else (lambda step: 0)
+    sampler = PhaseSampler(items, phases, slot_of, seed=seed, rank=trainer.global_rank)
+    loader = torch.utils.data.DataLoader(ItemDataset(items), batch_size=None, sampler=sampler)
+    trainer.fit(module, loader)
+    return module

@@ -1,0 +1,161 @@
+"""What is evaluated: the FP model and quantized "methods".
+
+An EvalMethod builds its pipeline and may set the UNet's bit policy before
+every prompt batch (`before_batch`): a static PTQ state keeps the policy it
+was calibrated with; a text-aware method (QLIP: T2Q -> Q2B) computes one from
+the batch's prompts. The evaluation reads the policy in force after
+`before_batch` for FAB and BitOPs, so a dynamic method is accounted per batch.
+
+A quantized state folder names its kind in quant_config.json
+(`extra.eval_method`, default "static"); a new kind plugs in with
+
+    @register_method("qlip")
+    class QLIPMethod(StaticQuantState):
+        def before_batch(self, pipe, prompts):
+            set_bit_policy(pipe.unet, self.q2b(prompts))
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+METHOD_KINDS: dict[str, type] = {}
+
+
+def register_method(kind: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        METHOD_KINDS[kind] = cls
+        cls.kind = kind
+        return cls
+    return deco
+
+
+def format_bits(w_bits: int, a_bit_options: Sequence[int]) -> str:
+    opts = sorted(set(int(b) for b in a_bit_options))
+    a = str(opts[0]) if len(opts) == 1 else "{" + ",".join(map(str, opts)) + "}"
+    return f"W{w_bits}A{a}"
+
+
+class EvalMethod:
+    """Base: full precision. Subclasses override `load` / `before_batch`."""
+
+    kind = "fp"
+    is_reference = True
+
+    def __init__(self, label: str = "FP32"):
+        self.label = label
+
+    def load(self, model: str, allow_download: bool = False):
+        from pipeline.models import load_pipeline
+
+        return load_pipeline(model, allow_download=allow_download)
+
+    def before_batch(self, pipe, prompts: Sequence[str]) -> None:
+        """Set the bit policy for this prompt batch (no-op for static methods)."""
+
+    def policy(self, pipe) -> torch.Tensor:
+        """[n_policy_layers, n_steps] activation bits in force now."""
+        return torch.full((len(self.policy_layers(pipe)), 1), 32, dtype=torch.int16)
+
+    def policy_layers(self, pipe) -> list[str]:
+        from torch import nn
+
+        return [n for n, m in pipe.unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def weight_bits(self, pipe) -> dict[str, int]:
+        return {}
+
+    def bit_options(self) -> str:
+        return "W32A32"
+
+    def describe(self) -> dict:
+        return {"label": self.label, "kind": self.kind, "bit_options": self.bit_options()}
+
+
+FullPrecision = register_method("fp")(EvalMethod)
+
+
+@register_method("static")
+class StaticQuantState(EvalMethod):
+    """A calibrate-stage output folder (quant_state.safetensors + quant_config.json)."""
+
+    is_reference = False
+
+    def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
+        from pipeline.quant.state import read_meta
+
+        self.path = Path(path)
+        self.meta = meta or read_meta(self.path)
+        cfg = self.meta["quant_config"]
+        self.w_bits, self.a_bit_options, self.n_steps = cfg["w_bits"], cfg["a_bit_options"], cfg["n_steps"]
+        super().__init__(label or self.meta.get("extra", {}).get("method", "quant"))
+
+    def check_model(self, unet) -> None:
+        """Raise ValueError when the state belongs to another model."""
+        from pipeline.quant.state import check_same_model
+
+        check_same_model(self.meta, unet, self.path)
+
+    def check_steps(self, steps: int) -> None:
+        if self.n_steps > 1 and self.n_steps != steps:
+            raise ValueError(f"quantized state {self.path} addresses {self.n_steps} sampling steps but --steps is "
+                             f"{steps}; evaluate with --steps {self.n_steps}")
+
+    def load(self, model: str, allow_download: bool = False):
+        from pipeline.quant import load_quantized
+
+        pipe = super().load(model, allow_download)
+        load_quantized(pipe.unet, self.path)
+        return pipe
+
+    def policy(self, pipe) -> torch.Tensor:
+        from pipeline.quant import get_bit_policy
+
+        return get_bit_policy(pipe.unet)
+
+    def policy_layers(self, pipe) -> list[str]:
+        from pipeline.quant import quant_layers
+
+        return list(quant_layers(pipe.unet))
+
+    def weight_bits(self, pipe) -> dict[str, int]:
+        from pipeline.quant import quant_layers
+
+        return {n: m.w_quant.n_bits for n, m in quant_layers(pipe.unet).items()}
+
+    def bit_options(self) -> str:
+        return format_bits(self.w_bits, self.a_bit_options)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "path": str(self.path), "quant_config": self.meta["quant_config"],
+                "extra": self.meta.get("extra", {})}
+
+
+def method_from_state(path: str | Path, label: str | None = None) -> EvalMethod:
+    """The EvalMethod for a quantized-state folder, by its recorded kind."""
+    from pipeline.quant.state import read_meta
+
+    meta = read_meta(path)
+    kind = meta.get("extra", {}).get("eval_method", "static")
+    if kind not in METHOD_KINDS or kind == "fp":
+        raise ValueError(f"quantized state {path} asks for evaluation method {kind!r}, which is not registered "
+                         f"(known: {sorted(k for k in METHOD_KINDS if k != 'fp')})")
+    return METHOD_KINDS[kind](path, label=label, meta=meta)
+
+
+def unique_labels(methods: Sequence[EvalMethod]) -> None:
+    """Make colliding labels unique: first by adding the bit options
+    ("naive" -> "naive W4A8"), then the state folder."""
+    for suffix in (lambda m: m.bit_options(), lambda m: f"({m.path.parent.name}/{m.path.name})"):
+        labels = [m.label for m in methods]
+        for m in methods:
+            if labels.count(m.label) > 1 and hasattr(m, "path"):
+                m.label = f"{m.label} {suffix(m)}"
+    labels = [m.label for m in methods]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ValueError(f"two evaluated methods share the label(s) {dupes}; pass --labels")
+    if "FP32" in labels:
+        raise ValueError("the label 'FP32' is reserved for the full-precision reference; pass other --labels")

@@ -1,0 +1,44 @@
+"""A folder of real images for "FID to real": listed recursively in sorted
+order, centre-cropped to a square and resized (bicubic) to the generated
+images' size, so real and generated images reach the Inception the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"real-image folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return files
+
+
+def load_square(path: Path, side: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        return np.asarray(im.resize((side, side), Image.BICUBIC), dtype=np.uint8)
+
+
+def real_features(files: list[Path], side: int, backbone, tap, batch: int = 16, device="cpu",
+                  progress: bool = True) -> torch.Tensor:
+    """Inception features [len(files), D] of the given real images."""
+    out = []
+    for i in tqdm(range(0, len(files), batch), desc="real images", disable=not progress, leave=False):
+        imgs = np.stack([load_square(f, side) for f in files[i:i + batch]])
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().to(device)
+        out.append(backbone.taps(x, [tap])[tap].cpu())
+    return torch.cat(out)

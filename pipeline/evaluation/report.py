@@ -1,0 +1,102 @@
+"""results.json, results.md (the paper's table layout plus a table of the extra
+metrics, per split) and one PNG grid per method (FP row above the method's
+row, per split, same prompts and seeds)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+MAIN_COLUMNS = [("Method", "method"), ("Bit options", "bit_options"), ("FAB", "fab"), ("BitOPs (T)", "bitops_T"),
+                ("FID", "fid_to_fp"), ("sFID", "sfid_to_fp"), ("CLIP score", "clip_score")]
+EXTRA_COLUMNS = [("Method", "method"), ("FAB (unweighted)", "fab_unweighted"), ("FID to real", "fid_to_real"),
+                 ("PSNR to FP (dB)", "psnr"), ("SSIM to FP", "ssim"), ("LPIPS to FP", "lpips"),
+                 ("Size (bytes)", "size_bytes"), ("Size (MiB)", "size_mib"), ("s / image (generate)", "seconds_per_image"),
+                 ("s / image (metrics)", "metric_seconds_per_image"), ("Images", "n_images")]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "method"
+
+
+def _fmt(key: str, v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool) or isinstance(v, str):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if key == "bitops_T":
+        return f"{v:.4g}"
+    if key in ("seconds_per_image", "metric_seconds_per_image"):
+        return f"{v:.3g}"
+    if key in ("fid_to_fp", "sfid_to_fp", "fid_to_real") and abs(v) < 1:
+        return f"{v:.3g}"  # near-identical sets: keep the digits that differ
+    if key == "ssim":
+        return f"{v:.4f}"
+    return f"{v:.2f}"
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]], headers: dict | None = None) -> list[str]:
+    headers = headers or {}
+    lines = ["| " + " | ".join(headers.get(k, h) for h, k in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        r = {**r, "size_mib": r["size_bytes"] / 2**20 if r.get("size_bytes") is not None else None}
+        lines.append("| " + " | ".join(_fmt(k, r.get(k)) for _, k in columns) + " |")
+    return lines
+
+
+def write_markdown(path: Path, results: dict) -> Path:
+    s = results["settings"]
+    fid_h = "FID" if s["fid_dims"] == 2048 else f"FID ({s['fid_dims']}-d)"
+    sfid_h = "sFID" if s["sfid_grid"] == 17 else f"sFID ({s['sfid_grid']}x{s['sfid_grid']})"
+    lines = [f"# QDiffBench: `{results['model']}`", "",
+             f"{s['steps']} sampling steps, guidance {s['guidance']}, {results['world_size']} process(es). "
+             f"FID and sFID are to the FP model's images for the same prompts and seeds (0 for FP by definition).",
+             "", f"- FID features: {results['feature_sets'].get('fid', 'off')}",
+             f"- sFID features: {results['feature_sets'].get('sfid', 'off')}",
+             f"- CLIP: {results['clip'] or 'n/a'}"]
+    lines += [f"- skipped: {reason}" for reason in results["skipped"].values()]
+    for split in results["splits"]:
+        rows = [r for r in results["rows"] if r["split"] == split["name"]]
+        lines += ["", f"## {split['name']}: {split['source']} ({split['n_prompts']} prompts x "
+                      f"{split['images_per_prompt']} = {split['n_images']} images)", ""]
+        lines += table(rows, MAIN_COLUMNS, {"fid_to_fp": fid_h, "sfid_to_fp": sfid_h})
+        lines += [""]
+        lines += table(rows, EXTRA_COLUMNS, {"fid_to_real": "FID to real" if s["fid_dims"] == 2048 else
+                                             f"FID to real ({s['fid_dims']}-d)"})
+    lines += ["", "## Grids (top: FP32, below: the method; per split)", ""]
+    lines += [f"- {label}: ![{label}]({name})" for label, name in results["grid_files"].items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_grids(out: Path, grids: dict, splits: list[str], reference: str) -> dict[str, str]:
+    """One PNG per non-reference method: for each split, the FP row then its row."""
+    from callbacks.images import save_grid
+
+    files = {}
+    fp = grids.get(reference, {})
+    for label, per_split in grids.items():
+        if label == reference:
+            continue
+        rows, labels = [], []
+        for split in splits:
+            if split in per_split and split in fp:
+                n = min(len(per_split[split]), len(fp[split]))
+                rows += [fp[split][:n], per_split[split][:n]]
+                labels += [f"{split[:6]} FP32", f"{split[:6]} quant"]
+        if not rows:
+            continue
+        n = min(len(r) for r in rows)
+        rows = [r[:n] for r in rows]
+        name = f"grid_{slug(label)}.png"
+        scale = 4 if rows[0].shape[1] <= 64 else (2 if rows[0].shape[1] <= 128 else 1)
+        save_grid(rows, out / name, labels=labels, scale=scale)
+        files[label] = name
+    return files
+
+
+def write_json(path: Path, results: dict) -> Path:
+    path.write_text(json.dumps(results, indent=1, allow_nan=False))
+    return path

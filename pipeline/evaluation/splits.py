@@ -1,0 +1,82 @@
+"""Prompt splits (QDiffBench: in-domain and prompt-generalization), their
+images (prompt x seed), and the fixed global batches every method shares.
+
+Image i of a split uses prompt i // images_per_prompt and seed `seed + i`,
+for the FP model and for every quantized model alike. Batches are cut once,
+globally; under DDP whole batches are dealt to processes
+(UnrepeatedDistributedSampler, no padding), so a batch holds the same images
+on one process or many and a per-batch bit policy is the same either way."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Split:
+    name: str
+    source: str  # "builtin", "world[:split]", or a .txt / .jsonl file
+    prompts: list[str]
+    images_per_prompt: int = 1
+    seed: int = 0
+    n_images: int = field(init=False)
+
+    def __post_init__(self):
+        if self.images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt={self.images_per_prompt} must be >= 1")
+        if not self.prompts:
+            raise ValueError(f"split {self.name!r} ({self.source}) has no prompts")
+        self.n_images = len(self.prompts) * self.images_per_prompt
+
+    def image(self, i: int) -> tuple[str, int]:
+        return self.prompts[i // self.images_per_prompt], self.seed + i
+
+
+def parse_source(spec: str, default_split: str = "val") -> tuple[str, str]:
+    """'world:test' -> ('world', 'test'); files and 'builtin' keep `default_split`."""
+    name, sep, split = spec.partition(":")
+    if sep and name in ("world", "builtin"):
+        return name, split or default_split
+    return spec, default_split
+
+
+def load_split(name: str, spec: str, n: int | None, images_per_prompt: int, seed: int) -> Split:
+    from data.prompts import load_prompts
+
+    source, split = parse_source(spec)
+    prompts = load_prompts(source, limit=n, split=split, seed=seed)
+    if n is not None and len(prompts) < n:
+        print(f"note: split {name!r} ({spec}) has only {len(prompts)} distinct prompts (asked for {n})")
+    return Split(name, spec, prompts, images_per_prompt, seed)
+
+
+def global_batches(splits: list[Split], batch_size: int) -> list[dict]:
+    """Every split's images cut into batches of `batch_size` (a batch never
+    mixes splits). Each batch: split, indices, prompts, seeds."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    batches = []
+    for s in splits:
+        for start in range(0, s.n_images, batch_size):
+            idx = list(range(start, min(start + batch_size, s.n_images)))
+            prompts, seeds = zip(*(s.image(i) for i in idx))
+            batches.append({"split": s.name, "indices": idx, "prompts": list(prompts), "seeds": list(seeds)})
+    return batches
+
+
+class BatchDataset(Dataset):
+    """Items are whole batches (use DataLoader(batch_size=None))."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
+def identity(x):
+    return x

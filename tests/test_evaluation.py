@@ -1,0 +1,373 @@
+"""QDiffBench evaluation: Frechet metrics against scipy, FID behaviour on real
+Inception features, FAB/BitOPs metrics against the accounting, the evaluate
+stage end to end, DDP = one process, and the clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pipeline.evaluation import (EvalSettings, FPReference, PromptMismatchError, Split, StaticQuantState,
+                                 method_from_state, register_method, run_evaluation, validate)
+from pipeline.metrics import FAB, BitOPs, FrechetDistance, TooFewImagesError
+from pipeline.metrics.frechet import PrecomputedFeatures
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean.real))
+
+
+def features_fid(real: torch.Tensor, fake: torch.Tensor) -> FrechetDistance:
+    m = FrechetDistance(feature=PrecomputedFeatures(real.shape[1]))
+    m.update(features=real, real=True)
+    m.update(features=fake, real=False)
+    return m
+
+
+def calibrated_state(path: Path, seed: int = 0, steps: int = 2, w_bits: int = 8, a_bits: int = 8,
+                     a_bit_options=None) -> Path:
+    """A min-max PTQ state of tiny-random (seed picks the weights), observed on
+    one random UNet call: enough for evaluation plumbing."""
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import QuantConfig, act_banks, observing, quantize_unet, save_quantized
+
+    unet = tiny_pipeline(seed).unet
+    quantize_unet(unet, QuantConfig(w_bits=w_bits, a_bits=a_bits, a_bit_options=a_bit_options or [], n_steps=steps))
+    g = torch.Generator().manual_seed(0)
+    with observing(unet), torch.no_grad():
+        unet(torch.randn(2, 4, 16, 16, generator=g), 500, torch.randn(2, 77, 64, generator=g))
+    for bank in act_banks(unet).values():
+        bank.finalize()
+    save_quantized(unet, path, extra={"method": "naive", "model": "tiny-random"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def w8a8_state(tmp_path_factory):
+    return calibrated_state(tmp_path_factory.mktemp("state") / "w8a8")
+
+
+def smooth_images(n: int, side: int = 32, seed: int = 0) -> torch.Tensor:
+    """Deterministic, varied, smooth uint8 images: random low-frequency colour fields."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    img = torch.nn.functional.interpolate(low, size=(side, side), mode="bicubic", align_corners=False)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------
+# Frechet distance: exactness, sync semantics, too few images
+# ---------------------------------------------------------------------------
+def test_fid_equals_scipy_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    a = torch.randn(400, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    b = 0.8 * a[:300] + 0.3 * torch.randn(300, d, generator=g, dtype=torch.float64) + 0.5
+    ours = float(features_fid(a, b).compute())
+    ref = scipy_fid(a.numpy(), b.numpy())
+    assert ours == pytest.approx(ref, rel=1e-6)
+    assert ours > 1.0
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(200, 16, generator=g, dtype=torch.float64) * 3
+    m = features_fid(a, a)
+    trace = float(torch.cov(a.T).trace())
+    assert abs(float(m.compute())) < 1e-9 * trace
+
+
+def test_fid_states_merge_like_one_process():
+    """dist_reduce_fx='sum' semantics: two shards merged == one pass."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(90, 8, generator=g), torch.randn(70, 8, generator=g) + 0.2
+    whole = features_fid(a, b)
+    shard1, shard2 = features_fid(a[:40], b[:30]), features_fid(a[40:], b[30:])
+    shard1.merge_state(shard2)
+    assert float(shard1.compute()) == pytest.approx(float(whole.compute()), rel=1e-10)
+
+
+def test_too_few_images_names_the_minimum():
+    m = features_fid(torch.randn(64, 64), torch.randn(100, 64))
+    with pytest.raises(TooFewImagesError, match=r"needs at least 65 images .* reference set.* has 64"):
+        m.compute()
+
+
+def test_stage_refuses_too_few_images_before_generating(tmp_path):
+    from pipeline.fit import main
+
+    args = ["evaluate", "--model", "tiny-random", "--n", "8", "--run-dir", str(tmp_path), "--steps", "2"]
+    with pytest.raises(TooFewImagesError, match=r"2048-dim features needs at least 2049 images.*has 8"):
+        main(args + ["--fid-dims", "2048"])
+    with pytest.raises(TooFewImagesError, match=r"64-dim features needs at least 65 images"):
+        main(args)  # auto picks the largest supported set; none fits 8 images
+    assert not (tmp_path / "evaluate").exists()
+
+
+# ---------------------------------------------------------------------------
+# the standard FID Inception
+# ---------------------------------------------------------------------------
+def test_inception_taps_match_the_scripted_network():
+    from pipeline.metrics.inception import InceptionBackbone, shared_backbone
+
+    backbone = shared_backbone()
+    x = smooth_images(1, side=299)
+    taps = backbone.taps(x, [64, 192, 2048, "spatial"])
+    assert {k: tuple(v.shape) for k, v in taps.items()} == {64: (1, 64), 192: (1, 192), 2048: (1, 2048),
+                                                            "spatial": (1, 2023)}
+    with torch.no_grad():
+        direct = backbone.net(InceptionBackbone.preprocess(x))  # the TorchScript's own forward
+    assert torch.allclose(taps[2048], direct, atol=1e-5)
+    pooled = backbone.taps(x, ["spatial"], spatial_grid=3)["spatial"]
+    assert pooled.shape == (1, 63)
+    with pytest.raises(ValueError, match="uint8"):
+        backbone.taps(x.float(), [64])
+
+
+@pytest.mark.slow
+def test_fid_is_zero_on_itself_and_grows_with_noise():
+    x = smooth_images(72, side=32)
+    m = FrechetDistance(64)
+    feats = m.inception(x)
+    assert float(features_fid(feats, feats).compute()) == pytest.approx(0.0, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    fids = []
+    for sigma in (4.0, 16.0, 48.0):
+        noisy = (x.float() + sigma * torch.randn(x.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+        m = FrechetDistance(64)
+        m.update(x, real=True)
+        m.update(noisy, real=False)
+        fids.append(float(m.compute()))
+    assert 0 < fids[0] < fids[1] < fids[2], fids
+
+
+# ---------------------------------------------------------------------------
+# FAB / BitOPs metrics
+# ---------------------------------------------------------------------------
+def test_fab_and_bitops_metrics_match_accounting_and_merge():
+    from pipeline.accounting import bitops, fab, layer_stats
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import QuantConfig, get_bit_policy, quant_layers, quantize_unet, set_bit_policy
+
+    unet = tiny_pipeline(0).unet
+    stats = layer_stats(unet)
+    quantize_unet(unet, QuantConfig(w_bits=4, a_bits=8, a_bit_options=[8, 16, 32], n_steps=3))
+    layers = list(quant_layers(unet))
+    w_bits = {n: 4 for n in layers}
+    set_bit_policy(unet, {layers[0]: [8, 16, 32], layers[3]: 16})
+    p1 = get_bit_policy(unet)
+    set_bit_policy(unet, 16)
+    p2 = get_bit_policy(unet)
+
+    f, b = FAB(stats, layers), BitOPs(stats, layers, w_bits)
+    f.update(p1, 3)
+    b.update(p1, 3)
+    a_bits = {n: p1[i].tolist() for i, n in enumerate(layers)}
+    assert float(f.compute()["fab"]) == pytest.approx(fab(stats, p1, layers)["fab"], rel=1e-12)
+    assert float(b.compute()) == pytest.approx(bitops(stats, w_bits, a_bits), rel=1e-12)
+
+    # a second batch with another policy, on "another process": image-weighted mean
+    f, b, f2, b2 = FAB(stats, layers), BitOPs(stats, layers, w_bits), FAB(stats, layers), BitOPs(stats, layers, w_bits)
+    f.update(p1, 3)
+    b.update(p1, 3)
+    f2.update(p2, 1)
+    b2.update(p2, 1)
+    f.merge_state(f2)
+    b.merge_state(b2)
+    want_fab = (3 * fab(stats, p1, layers)["fab"] + 16.0) / 4
+    assert float(f.compute()["fab"]) == pytest.approx(want_fab, rel=1e-12)
+    want_bitops = (3 * bitops(stats, w_bits, a_bits) + bitops(stats, w_bits, 16)) / 4
+    assert float(b.compute()) == pytest.approx(want_bitops, rel=1e-12)
+    with pytest.raises(ValueError, match="does not fit"):
+        f.update(torch.full((3, 3), 8), 1)
+
+
+# ---------------------------------------------------------------------------
+# clear errors: prompt mismatch, a state of another model
+# ---------------------------------------------------------------------------
+def test_mismatched_prompts_are_refused():
+    ref = FPReference()
+    imgs = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    ref.put("in_domain", [0, 1], ["a red circle", "a blue square"], [0, 1], imgs, {})
+    assert ref.get("in_domain", [1], ["a blue square"], [1]).images.shape == (1, 3, 8, 8)
+    with pytest.raises(PromptMismatchError, match=r"prompt 'two dogs' with seed 1.*'a blue square' with seed 1"):
+        ref.get("in_domain", [1], ["two dogs"], [1], label="naive W8A8")
+    with pytest.raises(PromptMismatchError, match="seed 7"):
+        ref.get("in_domain", [0], ["a red circle"], [7])
+    with pytest.raises(PromptMismatchError, match="image 5 .* no FP reference"):
+        ref.get("in_domain", [5], ["a red circle"], [5])
+
+
+def test_state_of_another_model_is_refused_before_generating(tmp_path):
+    other = calibrated_state(tmp_path / "seed1", seed=1)
+    split = Split("in_domain", "builtin", ["a red circle"] * 3)
+    settings = EvalSettings(steps=2, fid=False, sfid=False)
+    with pytest.raises(ValueError, match=r"seed1 cannot be evaluated on --model tiny-random.*other weights"):
+        validate("tiny-random", [method_from_state(other)], [split], settings)
+    with pytest.raises(ValueError, match="addresses 2 sampling steps but --steps is 5"):
+        validate("tiny-random", [method_from_state(other)], [split], EvalSettings(steps=5, fid=False, sfid=False))
+
+
+# ---------------------------------------------------------------------------
+# the stage end to end (no Inception: fast), and a dynamic method plugging in
+# ---------------------------------------------------------------------------
+def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_clip_dir):
+    from pipeline.fit import main
+
+    main(["evaluate", "--model", "tiny-random", "--quant-states", f"[{w8a8_state}]", "--n", "4", "--steps", "2",
+          "--batch-size", "2", "--fid", "false", "--sfid", "false", "--clip", str(tiny_clip_dir), "--generalization",
+          str(ROOT / "tests/assets/prompts.txt"), "--run-dir", str(tmp_path), "--trainer.accelerator", "cpu",
+          "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"])
+    out = tmp_path / "evaluate"
+    res = json.loads((out / "results.json").read_text())
+    rows = {(r["split"], r["method"]): r for r in res["rows"]}
+    assert set(rows) == {(s, m) for s in ("in_domain", "generalization") for m in ("FP32", "naive")}
+    fp, q = rows[("in_domain", "FP32")], rows[("in_domain", "naive")]
+    assert fp["fab"] == 32.0 and q["fab"] == 8.0 and q["bit_options"] == "W8A8"
+    assert q["bitops_T"] == pytest.approx(fp["bitops_T"] / 16, rel=1e-9)  # every Conv/Linear at W8A8
+    assert q["size_bytes"] < fp["size_bytes"] / 3
+    assert 20 < q["psnr"] < 100 and 0 < q["ssim"] <= 1 and q["n_images"] == 4
+    assert 0 <= q["clip_score"] <= 100 and 0 <= fp["clip_score"] <= 100
+    md = (out / "results.md").read_text()
+    assert "| Method | Bit options | FAB | BitOPs (T) | FID | sFID | CLIP score |" in md
+    assert (out / "grid_naive.png").is_file() and (out / "manifest.json").is_file()
+
+
+@register_method("test-dynamic")
+class PromptLengthBits(StaticQuantState):
+    """A toy text-aware method: 16-bit activations for batches with a long prompt."""
+
+    def before_batch(self, pipe, prompts):
+        from pipeline.quant import set_bit_policy
+
+        set_bit_policy(pipe.unet, 16 if max(len(p) for p in prompts) > 20 else 8)
+
+
+def test_a_per_batch_policy_method_plugs_in(tmp_path):
+    from pipeline.quant import load_quantized
+    from pipeline.models import tiny_pipeline
+
+    path = calibrated_state(tmp_path / "dyn", a_bit_options=[8, 16])
+    meta = json.loads((path / "quant_config.json").read_text())
+    meta["extra"]["eval_method"] = "test-dynamic"
+    (path / "quant_config.json").write_text(json.dumps(meta))
+    method = method_from_state(path)
+    assert isinstance(method, PromptLengthBits)
+    load_quantized(tiny_pipeline(0).unet, path)  # still an ordinary state
+    prompts = ["a red circle", "two dogs", "a striped purple circle at the top left", "a cat"]
+    split = Split("in_domain", "test", prompts)
+    settings = EvalSettings(steps=2, fid=False, sfid=False)
+    res = run_evaluation("tiny-random", [method], [split], settings, batch_size=2,
+                         trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    row = next(r for r in res["rows"] if r["method"] == "naive")
+    assert row["fab"] == pytest.approx((2 * 8 + 2 * 16) / 4)  # batch 1 short prompts, batch 2 a long one
+    assert row["bit_options"] == "W8A{8,16}"
+
+
+# ---------------------------------------------------------------------------
+# DDP: two processes give the numbers of one
+# ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    state = calibrated_state(tmp_path / "w4a8", w_bits=4, a_bits=8, steps=2)
+    results = {}
+    for devices in (1, 2):
+        cmd = [sys.executable, "-m", "pipeline.fit", "evaluate", "--model", "tiny-random", "--quant-states",
+               f"[{state}]", "--n", "13", "--images-per-prompt", "5", "--steps", "2", "--batch-size", "4",
+               "--fid-dims", "64", "--sfid", "false", "--run-dir", str(tmp_path / f"d{devices}"),
+               "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp",
+               "--trainer.enable_progress_bar", "false"]
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = json.loads((tmp_path / f"d{devices}" / "evaluate" / "results.json").read_text())
+    assert results[2]["world_size"] == 2 and results[1]["world_size"] == 1
+    timing = {"seconds_per_image", "metric_seconds_per_image", "generate_share"}
+    for one, two in zip(results[1]["rows"], results[2]["rows"]):
+        assert one["method"] == two["method"] and one["n_images"] == two["n_images"] == 65
+        for k, v in one.items():
+            if k in timing or v is None or isinstance(v, str):
+                continue
+            assert two[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (one["method"], k)
+    q = next(r for r in results[1]["rows"] if r["method"] == "naive")
+    assert q["fid_to_fp"] > 0 and q["psnr"] > 0
+
+
+# ---------------------------------------------------------------------------
+# CLIP score
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random transformers CLIPModel folder without processor files."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    CLIPModel(cfg).eval().save_pretrained(path)
+    return path
+
+
+def test_clip_score_equals_clip_cosine(tiny_clip_dir):
+    from pipeline.metrics.clip import clip_score_metric, load_clip
+
+    prompts = ["a red circle", "two green triangles", "a small yellow star"]
+    x = smooth_images(3, side=48, seed=3)
+    metric = clip_score_metric(tiny_clip_dir)
+    metric.update(x, prompts)
+    model, processor = load_clip(str(tiny_clip_dir))
+    inputs = processor(text=prompts, images=list(x), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.model(**inputs)
+    want = (100 * (out.image_embeds * out.text_embeds).sum(-1)).clamp(min=0).mean()
+    assert float(metric.compute()) == pytest.approx(float(want), rel=1e-4, abs=1e-4)
+
+
+def test_clip_option_errors(tmp_path):
+    from pipeline.metrics.clip import ClipUnavailable, resolve_clip
+
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        resolve_clip(str(tmp_path))
+    with pytest.raises(ClipUnavailable, match="disabled"):
+        resolve_clip("none")
+
+
+# ---------------------------------------------------------------------------
+# CLIP score on the embedded world
+# ---------------------------------------------------------------------------
+def test_clip_score_prefers_matched_captions():
+    from pipeline.metrics.clip import world_clip_path
+
+    clip = world_clip_path()
+    if not (clip / "config.json").is_file():
+        pytest.skip(f"{clip} is absent (the embedded world's CLIP)")
+    from pipeline.metrics.clip import clip_score_metric
+    from pipeline.models import EMBEDDED_DIR, load_pipeline
+    from pipeline.sampling import generate
+
+    if not (EMBEDDED_DIR / "model_index.json").is_file():
+        pytest.skip("the embedded world model is absent")
+    from data.prompts import load_prompts
+
+    prompts = load_prompts("world", limit=16, split="val", seed=0)
+    images = generate(load_pipeline("embedded"), prompts, list(range(len(prompts))), steps=20, progress=False)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    matched, shuffled = clip_score_metric(clip), clip_score_metric(clip)
+    matched.update(x, prompts)
+    shuffled.update(x, prompts[1:] + prompts[:1])
+    assert float(matched.compute()) > float(shuffled.compute())
