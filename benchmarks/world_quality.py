@@ -65,6 +65,7 @@ def parse_args(argv=None):
 def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 3) -> None:
     from PIL import Image
 
+    cols = min(cols, len(images))
     n = len(images) // cols * cols
     h, w = images.shape[1:3]
     grid = images[:n].reshape(n // cols, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(n // cols * h, cols * w, 3)

@@ -199,6 +199,7 @@ def test_damaged_checkpoint_names_the_file(tmp_path, damage):
         match = r"diffusion_pytorch_model\.safetensors is truncated"
     with pytest.raises(ModelNotFoundError, match=match):
         load_pipeline(str(copy))
+    shutil.copy(EMBEDDED_DIR / "unet" / "diffusion_pytorch_model.safetensors", victim)
     (copy / "text_encoder" / "config.json").unlink()
     with pytest.raises(ModelNotFoundError, match=r"text_encoder/config\.json is missing"):
         load_pipeline(str(copy))
@@ -219,7 +220,7 @@ def test_damaged_world_clip_names_the_file(tmp_path):
 def attribute_classifier():
     from pipeline.world_eval import train_attribute_classifier
 
-    return train_attribute_classifier(n_train=1500, steps=300, seed=5)
+    return train_attribute_classifier(n_train=1200, steps=250, seed=5)
 
 
 @needs_ckpt

@@ -50,6 +50,71 @@ def _load_unit(unet, path: Path) -> None:
             setattr(module, attr, value)
 
 
+def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
+                     a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0) -> dict:
+    """Weights (AdaRound), then activation ranges and step sizes, of one unit.
+
+    Step sizes are learned for the bit options below 16 (16-bit quantizers are
+    already near-lossless at their range init, and an absolute Adam step of
+    4e-4 would swamp their ~1e-5 scales); the fixed-bit softmax bank keeps its
+    range init for the same reason."""
+    cfg = unet.quant_config
+    ctx = unet.quant_context
+    device = next(unet.parameters()).device
+    t0 = time.time()
+    items = capture_unit_io(unet, unit, data, device)
+    train, held = _split(items)
+    layers = unit_layers(unit)
+    for p in unit.parameters():
+        p.requires_grad_(False)
+    metrics = {"items": len(items)}
+    # 1. weights (activations off inside the unit)
+    for l in layers:
+        l.quant_weight = l.w_quant.n_bits < 32
+    set_unit_act(unit, False)
+    if iters_w > 0 and cfg.w_bits < 32:
+        metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
+        for l in layers:
+            l.w_quant.start_learning_rounding(l.weight)
+        module = fit_unit(unit, ctx, train, [Phase("weight", iters_w)], w_lr, trainer_kwargs or {}, seed, name)
+        for l in layers:
+            l.w_quant.finish_learning_rounding()
+        metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
+        metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
+    # 2. activation ranges: observe the unit's inputs, L_p / min-max init per (bit, slot)
+    banks = unit_banks(unit)
+    set_unit_act(unit, True)
+    for b in banks:
+        b.observing = True
+    with torch.no_grad():
+        for it in items:
+            ctx.step = int(it["step"])
+            unit(*it["args"], **it["kwargs"])
+    for b in banks:
+        b.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates)
+    # 3. LSQ step sizes, one phase per (bit option, slot)
+    learn_options = [k for k, b in enumerate(cfg.a_bit_options) if b < 16]
+    learn_banks = [b for b in banks if b.bit_options == cfg.a_bit_options]  # not the fixed softmax bank
+    if iters_a > 0 and learn_options and learn_banks:
+        n_slots = max(b.n_slots for b in learn_banks)
+        slots = list(range(n_slots)) if n_slots > 1 else [None]
+        per = max(1, iters_a // len(slots))
+        phases = [Phase("act", per, k=k, slot=s) for k in learn_options for s in slots]
+        metrics["mse_act_init"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
+        saved = [list(l.policy) for l in layers]
+        for b in learn_banks:
+            b.scale.requires_grad_(True)
+        fit_unit(unit, ctx, train, phases, a_lr, trainer_kwargs or {}, seed + 1, name, banks=learn_banks)
+        for b in learn_banks:
+            b.scale.requires_grad_(False)
+            b.scale.data.clamp_(min=1e-8)
+        for l, pol in zip(layers, saved):
+            l.policy = pol
+        metrics["mse_act_lsq"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
+    metrics["seconds"] = time.time() - t0
+    return metrics
+
+
 def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, iters_a: int = 5000,
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None) -> dict:
@@ -72,62 +137,12 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
         raise ValueError(f"{partial} holds reconstruction progress of other settings ({', '.join(diff)}); "
                          f"pass --overwrite true to start over, or use another --run-dir")
     units = reconstruction_units(unet)
-    ctx = unet.quant_context
-    device = next(unet.parameters()).device
-    act_options = [k for k, b in enumerate(cfg.a_bit_options) if b < 32]
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
         if name in progress["done"] and path.is_file():
             _load_unit(unet, path)
             continue
-        t0 = time.time()
-        items = capture_unit_io(unet, unit, data, device)
-        train, held = _split(items)
-        layers = unit_layers(unit)
-        for p in unit.parameters():
-            p.requires_grad_(False)
-        metrics = {"items": len(items)}
-        # 1. weights (activations off inside the unit)
-        for l in layers:
-            l.quant_weight = l.w_quant.n_bits < 32
-        set_unit_act(unit, False)
-        if iters_w > 0 and cfg.w_bits < 32:
-            metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
-            for l in layers:
-                l.w_quant.start_learning_rounding(l.weight)
-            module = fit_unit(unit, ctx, train, [Phase("weight", iters_w)], w_lr, trainer_kwargs or {}, seed, name)
-            for l in layers:
-                l.w_quant.finish_learning_rounding()
-            metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
-            metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
-        # 2. activation ranges: observe the unit's inputs, L_p / min-max init per (bit, slot)
-        banks = unit_banks(unit)
-        set_unit_act(unit, True)
-        for b in banks:
-            b.observing = True
-        with torch.no_grad():
-            for it in items:
-                ctx.step = int(it["step"])
-                unit(*it["args"], **it["kwargs"])
-        for b in banks:
-            b.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates)
-        # 3. LSQ step sizes, one phase per (bit option, slot)
-        if iters_a > 0 and act_options and banks:
-            n_slots = max(b.n_slots for b in banks)
-            slots = list(range(n_slots)) if n_slots > 1 else [None]
-            per = max(1, iters_a // len(slots))
-            phases = [Phase("act", per, k=k, slot=s) for k in act_options for s in slots]
-            metrics["mse_act_init"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in act_options}
-            saved = [list(l.policy) for l in layers]
-            for b in banks:
-                b.scale.requires_grad_(True)
-            fit_unit(unit, ctx, train, phases, a_lr, trainer_kwargs or {}, seed + 1, name)
-            for b in banks:
-                b.scale.requires_grad_(False)
-            for l, pol in zip(layers, saved):
-                l.policy = pol
-            metrics["mse_act_lsq"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in act_options}
-        metrics["seconds"] = time.time() - t0
+        metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed)
         if is_rank_zero:
             save_file(unit_quant_state(unit, name), str(path))
             progress["done"].append(name)

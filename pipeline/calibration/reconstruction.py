@@ -73,7 +73,7 @@ class UnitReconstruction(L.LightningModule):
     """Reconstruct one unit through a list of phases (all "weight" or all "act")."""
 
     def __init__(self, unit: nn.Module, ctx, phases: list[Phase], lr: float, reg_weight: float = 0.01,
-                 unit_name: str = "unit"):
+                 unit_name: str = "unit", banks=None):
         super().__init__()
         self.unit = unit
         self.ctx = ctx
@@ -81,7 +81,7 @@ class UnitReconstruction(L.LightningModule):
         self.lr, self.reg_weight, self.unit_name = lr, reg_weight, unit_name
         self.automatic_optimization = False
         self.layers = unit_layers(unit)
-        self.banks = unit_banks(unit)
+        self.banks = unit_banks(unit) if banks is None else banks
         self._bounds = [0]
         for p in phases:
             self._bounds.append(self._bounds[-1] + p.iters)
@@ -150,9 +150,9 @@ def held_out_mse(unit: nn.Module, ctx, items: list[dict], k: int | None = None) 
     return total / max(1, len(items))
 
 
-def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_weight=0.01):
+def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_weight=0.01, banks=None):
     """Run the phases with a Lightning Trainer; returns the module (its losses)."""
-    module = UnitReconstruction(unit, ctx, phases, lr, reg_weight, unit_name)
+    module = UnitReconstruction(unit, ctx, phases, lr, reg_weight, unit_name, banks)
     total = sum(p.iters for p in phases)
     if total == 0:
         return module

@@ -16,6 +16,11 @@ from pipeline.quant.config import QuantConfig
 from pipeline.quant.quantizer import WeightQuantizer, fake_quantize, init_range, scale_zero_point
 
 
+def _version_of(t: torch.Tensor) -> tuple:
+    """Identity + in-place version of a tensor (inference tensors have no version counter)."""
+    return (t.data_ptr(), -1 if t.is_inference() else t._version)
+
+
 @dataclass
 class QuantContext:
     """Per-model runtime state: the current sampling-step index and schedule."""
@@ -62,7 +67,7 @@ class ActQuantBank(nn.Module):
         return q.round_().clamp_(lo, hi).mul_(s)
 
     def _inference_params(self):
-        key = (self.scale.data_ptr(), self.scale._version, self.zero_point.data_ptr(), self.zero_point._version)
+        key = (_version_of(self.scale), _version_of(self.zero_point))
         if self._frozen is None or self._frozen[0] != key:
             scale, zp = self.scale.detach().double().tolist(), self.zero_point.tolist()
             params = [[(s, -z, 2**b - 1 - z) for s, z in zip(scale[k], zp[k])] for k, b in enumerate(self.bit_options)]
@@ -177,7 +182,7 @@ class QuantLayer(nn.Module):
                 p.requires_grad for p in self.w_quant.parameters())):
             return self.w_quant(self.weight)
         # Frozen weights: fake-quantize once, reuse until weight or quantizer change.
-        key = (self.weight.data_ptr(), self.weight._version, self.w_quant.version_key())
+        key = (_version_of(self.weight), self.w_quant.version_key())
         if self._wq_cache is None or self._wq_cache[0] != key:
             with torch.no_grad():
                 self._wq_cache = (key, self.w_quant(self.weight))

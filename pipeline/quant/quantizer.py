@@ -141,7 +141,7 @@ class WeightQuantizer(nn.Module):
     def version_key(self) -> tuple:
         """Changes whenever a tensor of this quantizer is replaced or modified in place."""
         tensors = list(self._buffers.values()) + list(self._parameters.values())
-        return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors if t is not None)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.n_bits == 32:
