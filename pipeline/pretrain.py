@@ -258,9 +258,9 @@ def save_world_pipeline(out: Path, clip, vae, unet, resolution: int, world_info:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # The slow CLIPTokenizer needs only vocab.json + merges.txt; the 3.5 MB fast-tokenizer
-    # file would duplicate them.
-    (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    # transformers 5 saves only the 3.5 MB tokenizer.json; vocab.json + merges.txt of the real
+    # CLIP BPE (1.5 MB) load to the same tokenizer, so ship those instead.
+    write_tokenizer_files(tmp / "tokenizer")
     # fp16 storage for the text encoder (config dtype float32, so it loads as fp32).
     te_dir = tmp / "text_encoder"
     shutil.rmtree(te_dir)
@@ -283,6 +283,20 @@ def save_world_pipeline(out: Path, clip, vae, unet, resolution: int, world_info:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def write_tokenizer_files(tok_dir: Path) -> None:
+    """vocab.json + merges.txt (the real CLIP BPE) in place of tokenizer.json; checks the round trip."""
+    from transformers import CLIPTokenizer
+
+    from pipeline.models import write_clip_tokenizer_files
+
+    write_clip_tokenizer_files(tok_dir)
+    (Path(tok_dir) / "tokenizer.json").unlink(missing_ok=True)
+    probe = "a large striped red circle on the left on a gray background"
+    loaded = CLIPTokenizer.from_pretrained(str(tok_dir))
+    if loaded.vocab_size != 49408 or loaded(probe).input_ids != clip_tokenizer()(probe).input_ids:
+        raise RuntimeError(f"the tokenizer written to {tok_dir} does not reload as the CLIP BPE tokenizer")
 
 
 def folder_size(path: Path) -> int:

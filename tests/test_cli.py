@@ -73,3 +73,21 @@ def test_bitops_stage_prints_the_reference_table(capsys):
     rows = bitops.run(Cfg)
     assert abs(rows[0]["W8A8"] - 43.31) / 43.31 < 0.005
     assert "sd-v1-4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["naive", "qdiff"])
+def test_calibrate_under_ddp_with_two_cpu_processes(tmp_path, method):
+    """--trainer.strategy ddp with 2 CPU processes: same command, loadable state."""
+    cmd = [sys.executable, "-m", "pipeline.fit", "calibrate", "--method", method, "--model", "tiny-random",
+           "--prompts", "builtin", "--cali-n", "4", "--steps", "3", "--cali-st", "2", "--iters-w", "2",
+           "--iters-a", "1", "--run-dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Starting with 2 processes" in out.stdout + out.stderr
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import load_quantized
+
+    unet, meta, _ = load_quantized(tiny_pipeline(0).unet, tmp_path / "quant")
+    assert meta["extra"]["method"] == method

@@ -1,7 +1,7 @@
 """Stage `pretrain`: train the embedded tiny world (CLIP, VAE, UNet) and save it
 as a diffusers StableDiffusionPipeline folder (default checkpoints/tiny-world).
 
-    python -m pipeline.fit pretrain                      # the shipped model (~45 min on one CPU core of a busy 2-core machine)
+    python -m pipeline.fit pretrain                      # the shipped model (33 min on a busy 2-core machine)
     python -m pipeline.fit pretrain --out /tmp/w --clip-steps 20 --vae-steps 20 --unet-steps 20 --n-train 512
 
 Per-model step counts are the stage's own flags; `--trainer.max_steps N` caps
