@@ -91,19 +91,24 @@ def _unet_error(unet, data):
     return (num / den) ** 0.5
 
 
-def test_qdiff_lowers_whole_unet_error_against_naive(cali_dir, tmp_path):
-    data = CalibrationData(cali_dir)
-    naive = tiny_pipeline(0).unet
-    quantize_unet(naive, QuantConfig(w_bits=4, a_bits=8, n_steps=STEPS))
+def _naive(config, data):
+    """Min-max calibration of a fresh tiny UNet on the calibration data."""
     from pipeline.quant import observing
 
-    with observing(naive):
+    unet = quantize_unet(tiny_pipeline(0).unet, config)
+    with observing(unet):
         for step, args in data.unet_calls():
-            set_step(naive, step)
+            set_step(unet, step)
             with torch.no_grad():
-                naive(*args)
-    for b in act_banks(naive).values():
+                unet(*args)
+    for b in act_banks(unet).values():
         b.finalize()
+    return unet
+
+
+def test_qdiff_lowers_whole_unet_error_against_naive(cali_dir, tmp_path):
+    data = CalibrationData(cali_dir)
+    naive = _naive(QuantConfig(w_bits=4, a_bits=8, n_steps=STEPS), data)
     q = tiny_pipeline(0).unet
     quantize_unet(q, qcfg())
     calibrate_qdiff(q, data, tmp_path / "p", iters_w=30, iters_a=10, w_lr=1e-2)
@@ -172,17 +177,7 @@ def test_non_finite_loss_names_block_and_step(cali_dir, tmp_path):
 
 def test_ptqd_statistics_and_correction(cali_dir):
     data = CalibrationData(cali_dir)
-    u = tiny_pipeline(0).unet
-    quantize_unet(u, QuantConfig(w_bits=3, a_bits=6, n_steps=STEPS))
-    from pipeline.quant import observing
-
-    with observing(u):
-        for step, args in data.unet_calls():
-            set_step(u, step)
-            with torch.no_grad():
-                u(*args)
-    for b in act_banks(u).values():
-        b.finalize()
+    u = _naive(QuantConfig(w_bits=3, a_bits=6, n_steps=STEPS), data)
     stats = ptqd_statistics(u, data)
     assert stats["ptqd_k"].shape == (3,) and (stats["ptqd_k"] >= 0).all()
     assert stats["ptqd_bias"].shape == (3, 4)

@@ -72,7 +72,7 @@ class _ProjectedCLIP(nn.Module):
                                                          **kwargs))
 
 
-def _processor_for(path: Path, model):
+def _processor_for(path: Path, model, norm: dict | None = None):
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
     try:
@@ -80,10 +80,13 @@ def _processor_for(path: Path, model):
     except Exception:
         pass
     side = model.config.vision_config.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    try:
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                         **(norm or {}))
+    # transformers 5 "loads" a folder without tokenizer files as a 2-token tokenizer: check the files first
+    tokenizer = None
+    if (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception:
+    if tokenizer is None or len(tokenizer) < 1000:
         from pipeline.models import clip_tokenizer
 
         tokenizer = clip_tokenizer(model.config.text_config.max_position_embeddings)
@@ -93,14 +96,24 @@ def _processor_for(path: Path, model):
 @lru_cache(maxsize=4)
 def load_clip(path: str):
     """(model, processor) for CLIPScore's callable hook, loaded once per process."""
+    import json
+
     from transformers import CLIPModel
 
+    norm = None
     try:
-        model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+        info = json.loads((Path(path) / "config.json").read_text())
+        if "clip_config" in info:  # the embedded world's CLIP: its text tower is the pipeline's text encoder
+            from pipeline.pretrain import load_world_clip
+
+            model, info = load_world_clip(Path(path).parent)
+            norm = {"image_mean": info["image_mean"], "image_std": info["image_std"]}
+        else:
+            model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
     except Exception as e:
         raise ValueError(f"{path} is not a loadable transformers CLIPModel folder ({type(e).__name__}: {e})") from e
     model.requires_grad_(False)
-    return _ProjectedCLIP(model), _processor_for(Path(path), model)
+    return _ProjectedCLIP(model), _processor_for(Path(path), model, norm)
 
 
 def clip_score_metric(path: str | Path, **kwargs) -> CLIPScore:
