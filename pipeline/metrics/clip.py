@@ -86,7 +86,7 @@ def _processor_for(path: Path, model, norm: dict | None = None):
     tokenizer = None
     if (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tokenizer is None or len(tokenizer) < 1000:
+    if tokenizer is None:
         from pipeline.models import clip_tokenizer
 
         tokenizer = clip_tokenizer(model.config.text_config.max_position_embeddings)
@@ -117,7 +117,7 @@ def load_clip(path: str):
 
 
 def clip_score_metric(path: str | Path, **kwargs) -> CLIPScore:
-    """torchmetrics CLIPScore (100 * cosine, clipped at 0, mean over images)
+    """torchmetrics CLIPScore (mean over images of 100 * cosine, the mean clipped at 0)
     with the CLIP in `path`; update(uint8 images [N, 3, H, W], prompts)."""
     model, processor = load_clip(str(path))
     return CLIPScore(model_name_or_path=lambda: (model, processor), **kwargs)
