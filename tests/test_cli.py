@@ -64,7 +64,6 @@ def test_bad_input_is_named(tmp_path, flags, message):
 
 
 def test_bitops_stage_prints_the_reference_table(capsys):
-    rows = main(["bitops", "--reference", "[sd-v1-4]", "--bits", "[32/32, 8/8]"]) if False else None
     from pipeline.stages import bitops
 
     class Cfg:

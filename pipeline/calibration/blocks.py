@@ -43,17 +43,6 @@ def unit_banks(unit: nn.Module) -> list[ActQuantBank]:
     return [m for m in unit.modules() if isinstance(m, ActQuantBank)]
 
 
-def unit_quant_state(unit: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    from pipeline.quant.quantizer import WeightQuantizer
-
-    out = {}
-    for name, m in unit.named_modules():
-        if isinstance(m, (WeightQuantizer, ActQuantBank)):
-            for k, v in m.state_dict().items():
-                out[f"{prefix}.{name}.{k}".replace("..", ".")] = v.detach().cpu().contiguous()
-    return out
-
-
 class BlockIO:
     """Capture a unit's inputs (args and kwargs) and output during UNet calls."""
 

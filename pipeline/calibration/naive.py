@@ -4,7 +4,6 @@ sampling trajectories, round-to-nearest weights. A LightningModule so that
 from __future__ import annotations
 
 import lightning as L
-import torch
 import torch.distributed as dist
 
 from pipeline.quant import act_banks, observing

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.calibration.blocks import (BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers,
-                                         unit_quant_state)
+from pipeline.calibration.blocks import BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers
 from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
 from pipeline.quant import set_quant_state
+from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
 
 
 def capture_unit_io(unet, unit, data, device="cpu") -> list[dict]:
@@ -36,18 +36,6 @@ def _split(items: list[dict], every: int = 5):
     held = items[::every] if len(items) >= every else items[:1]
     train = [it for i, it in enumerate(items) if i % every != 0] if len(items) >= every else items
     return train, held
-
-
-def _load_unit(unet, path: Path) -> None:
-    modules = dict(unet.named_modules())
-    for key, value in load_file(str(path)).items():
-        mod_name, _, attr = key.rpartition(".")
-        module = modules[mod_name]
-        current = getattr(module, attr)
-        if isinstance(current, torch.nn.Parameter):
-            current.data = value.to(current.dtype)
-        else:
-            setattr(module, attr, value)
 
 
 def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
@@ -140,11 +128,11 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
         if name in progress["done"] and path.is_file():
-            _load_unit(unet, path)
+            assign_quantizer_tensors(unet, load_file(str(path)))
             continue
         metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed)
         if is_rank_zero:
-            save_file(unit_quant_state(unit, name), str(path))
+            save_file({k: v.cpu() for k, v in quantizer_state(unit, prefix=name).items()}, str(path))
             progress["done"].append(name)
             progress["metrics"][name] = metrics
             tmp = progress_file.with_suffix(".tmp")

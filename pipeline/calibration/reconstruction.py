@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.calibration.blocks import set_unit_act, unit_banks, unit_layers
+from pipeline.calibration.blocks import unit_banks, unit_layers
 from pipeline.quant.adaround import BetaSchedule, rounding_regularizer
 
 

@@ -38,13 +38,29 @@ def model_fingerprint(unet: nn.Module) -> dict:
     return {"unet_config": json.loads(json.dumps(cfg, default=list)), "weights_sha256": h.hexdigest()}
 
 
-def quantizer_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+def quantizer_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of every quantizer under `module`, keyed by their names in the UNet
+    (`prefix` = the module's own name when it is a submodule)."""
     state = {}
-    for name, m in unet.named_modules():
+    for name, m in module.named_modules(prefix=prefix):
         if isinstance(m, (WeightQuantizer, ActQuantBank)):
             for k, v in m.state_dict().items():
                 state[f"{name}.{k}"] = v.detach().contiguous()
     return state
+
+
+def assign_quantizer_tensors(unet: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved quantizer tensors back in place (parameters keep their identity)."""
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            mod_name, _, attr = key.rpartition(".")
+            module = modules[mod_name]
+            current = getattr(module, attr)
+            if isinstance(current, nn.Parameter):
+                current.data = value.to(current.dtype)
+            else:
+                setattr(module, attr, value)
 
 
 def save_quantized(unet: nn.Module, path: str | Path, extra: dict | None = None,
@@ -115,16 +131,7 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_model: bool = True)
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"{path / STATE_FILE} does not match the quantized model: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    modules = dict(unet.named_modules())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            mod_name, _, attr = key.rpartition(".")
-            module = modules[mod_name]
-            current = getattr(module, attr)
-            if isinstance(current, nn.Parameter):
-                current.data = value.to(current.dtype)
-            else:
-                setattr(module, attr, value)
+    assign_quantizer_tensors(unet, tensors)
     for name, layer in quant_layers(unet).items():
         layer.policy = list(meta["policy"][name])
     return unet, meta, extra
