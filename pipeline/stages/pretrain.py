@@ -1,7 +1,7 @@
 """Stage `pretrain`: train the embedded tiny world (CLIP, VAE, UNet) and save it
 as a diffusers StableDiffusionPipeline folder (default checkpoints/tiny-world).
 
-    python -m pipeline.fit pretrain                      # the shipped model (33 min on a busy 2-core machine)
+    python -m pipeline.fit pretrain                      # the shipped model (see docs/embedded_world.md for timings)
     python -m pipeline.fit pretrain --out /tmp/w --clip-steps 20 --vae-steps 20 --unet-steps 20 --n-train 512
 
 Per-model step counts are the stage's own flags; `--trainer.max_steps N` caps
@@ -27,20 +27,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-train", type=int, default=20000, help="rendered training scenes")
     parser.add_argument("--n-val", type=int, default=1024, help="rendered validation scenes")
     parser.add_argument("--clip-steps", type=int, default=400)
-    parser.add_argument("--vae-steps", type=int, default=400)
-    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--clip-batch-size", type=int, default=64)
     parser.add_argument("--vae-batch-size", type=int, default=32)
-    parser.add_argument("--unet-batch-size", type=int, default=32)
+    parser.add_argument("--unet-batch-size", type=int, default=64)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="caption -> empty prompt rate (CFG)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is robust on a shared 2-core machine; 2 is faster on an idle one)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (2 on an idle 2-core machine; 1 if other jobs share the cores)")
+    parser.add_argument("--monitor-every", type=int, default=500,
+                        help="judge shape/colour of 40 EMA generations every N UNet steps (0: never)")
 
 
-def _trainer(cfg, steps: int, log_dir: Path, name: str):
+def _trainer(cfg, steps: int, log_dir: Path, name: str, callbacks=()):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -53,7 +55,7 @@ def _trainer(cfg, steps: int, log_dir: Path, name: str):
     kw["enable_checkpointing"] = False
     kw.setdefault("enable_model_summary", False)
     return L.Trainer(max_steps=steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
-                     logger=CSVLogger(str(log_dir), name=name, version=""), **kw), steps
+                     logger=CSVLogger(str(log_dir), name=name, version=""), callbacks=list(callbacks), **kw), steps
 
 
 def _loader(ds, batch_size: int, seed: int, shuffle: bool = True):
@@ -136,13 +138,17 @@ def run(cfg) -> dict:
     # -- 3. UNet ------------------------------------------------------------
     t0 = time.time()
     L.seed_everything(cfg.seed + 2)
-    trainer, _ = _trainer(cfg, cfg.unet_steps, art, "unet")
+    from callbacks.world_quality import WorldQualityMonitor
+
+    monitor = WorldQualityMonitor(vae, every_n_steps=cfg.monitor_every)
+    trainer, _ = _trainer(cfg, cfg.unet_steps, art, "unet", callbacks=[monitor])
     unet_mod = P.WorldUNet(P._text_encoder_from_clip(clip), cfg.resolution, lr=cfg.unet_lr,
                            total_steps=cfg.unet_steps, cond_dropout=cfg.cond_dropout)
     trainer.fit(unet_mod, _loader(P.LatentDataset(latents * scaling, train.captions), cfg.unet_batch_size,
                                   cfg.seed + 2))
     metrics["unet_loss"] = _last(trainer, "unet/loss")
     metrics["unet_mse"] = _last(trainer, "unet/mse")
+    metrics["quality_during_training"] = monitor.history
     with torch.no_grad():  # held-out epsilon MSE of the EMA weights, fixed noise and timesteps
         g = torch.Generator().manual_seed(cfg.seed)
         vl = P.encode_latents(vae, val.images[:256]) * scaling
