@@ -223,11 +223,9 @@ def attribute_classifier():
     return train_attribute_classifier(n_train=1200, steps=250, seed=5)
 
 
-@needs_ckpt
-@pytest.mark.slow
-@pytest.mark.xfail(reason="the shipped checkpoint (1500 UNet steps) does not follow its captions yet: "
-                          "shape/colour at chance; see docs/embedded_world.md and issue 3", strict=False)
-def test_generations_show_the_asked_shape_and_colour(attribute_classifier):
+@pytest.fixture(scope="module")
+def judged_generations(attribute_classifier):
+    """16 single-object test scenes at richness 2, generated with the world's sampler and judged."""
     from pipeline.pretrain import WORLD_SAMPLING
     from pipeline.sampling import generate
     from pipeline.world_eval import classifier_accuracy, render_single_objects
@@ -236,10 +234,23 @@ def test_generations_show_the_asked_shape_and_colour(attribute_classifier):
     r_shape, r_colour = classifier_accuracy(attribute_classifier, renders, shapes, colours)
     assert r_shape >= 0.8 and r_colour >= 0.9  # the judge itself works on renders
     prompts = [world.recaption(s, 2) for s in scenes]
-    pipe = load_pipeline("embedded")
-    gens = generate(pipe, prompts, list(range(16)), steps=WORLD_SAMPLING["num_inference_steps"],
-                    guidance=WORLD_SAMPLING["guidance_scale"], batch_size=16, progress=False)
-    g_shape, g_colour = classifier_accuracy(attribute_classifier, gens, shapes, colours)
-    # chance: 1/5 for shape, 1/8 for colour
+    gens = generate(load_pipeline("embedded"), prompts, list(range(16)),
+                    steps=WORLD_SAMPLING["num_inference_steps"], guidance=WORLD_SAMPLING["guidance_scale"],
+                    batch_size=16, progress=False)
+    return classifier_accuracy(attribute_classifier, gens, shapes, colours)
+
+
+@needs_ckpt
+@pytest.mark.slow
+def test_generations_show_the_asked_colour(judged_generations):
+    _, g_colour = judged_generations
+    assert g_colour >= 0.6, f"colour accuracy {g_colour:.2f} on generations (chance 0.125)"
+
+
+@needs_ckpt
+@pytest.mark.slow
+@pytest.mark.xfail(reason="the shipped checkpoint (4000 UNet steps) follows colour but draws the asked shape only "
+                          "~35% of the time (chance 20%); see docs/embedded_world.md and issue 3", strict=False)
+def test_generations_show_the_asked_shape(judged_generations):
+    g_shape, _ = judged_generations
     assert g_shape >= 0.45, f"shape accuracy {g_shape:.2f} on generations (chance 0.20)"
-    assert g_colour >= 0.5, f"colour accuracy {g_colour:.2f} on generations (chance 0.125)"
