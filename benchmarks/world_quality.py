@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import world  # noqa: E402
 from pipeline import world_eval as E  # noqa: E402
+from pipeline.metrics.giqa import GMMGIQA  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
     all_gen = np.concatenate([f_gen[r] for r in world.RICHNESS_LEVELS])
     results["fid_gen_vs_render"] = E.fid_from_features(all_gen, f_render)
     results["fid_n"] = len(all_gen)
-    giqa = E.GMMGIQA(seed=args.seed).fit(f_ref)
+    giqa = GMMGIQA(seed=args.seed).fit(f_ref)
     results["giqa_renders"] = float(giqa.score(f_single).mean())
 
     quant_err = None

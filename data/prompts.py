@@ -1,41 +1,295 @@
-"""Prompt lists for calibration and generation: the embedded world's captions
-or a local text file (one prompt per line) / JSONL file ({"prompt": ...})."""
+"""Prompt splits: normalization, stable-hash splits and the LightningDataModule
+that caches them in the run directory (the sources are read by
+data/prompt_sources.py: builtin, world, coco, cc, parti, sd-prompts, txt/jsonl).
+
+Normalization strips and collapses whitespace, drops empty prompts and
+duplicates (first occurrence wins) and counts the prompts longer than the
+tokenizer's context (they will be truncated by the text encoder; counted and
+reported, not altered). Splits come from a stable hash of the prompt text
+(SHA-1, not Python's salted `hash`): a prompt lands in the same split on every
+machine, in every process, whatever the other prompts are, so adding prompts
+never moves old ones. `--limit` keeps the prompts first in a second, independent
+hash order: a fixed pseudo-random subset that does not bias the split sizes.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from data.prompt_sources import (BUILTIN, DEFAULT_WORLD_N, KINDS, PromptSourceError,  # noqa: F401 (re-exported)
+                                 parse_spec, read_source)
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-# A few captions in the embedded world's style, for smoke runs without it.
-BUILTIN = [
-    "a red circle", "a blue square on a white background", "two green triangles", "a small yellow star",
-    "a striped purple circle at the top left", "an orange square and a red triangle", "a large dotted blue star",
-    "a green circle and a yellow square on a black background", "three small red squares",
-    "a white triangle in the center", "a pink circle next to a blue triangle", "a big striped green square",
-    "a cyan star on a gray background", "two purple circles", "a dotted orange triangle", "a yellow square",
-]
+# ---------------------------------------------------------------------------
+# Normalization
+# ---------------------------------------------------------------------------
+@dataclass
+class PromptStats:
+    n_raw: int = 0
+    n_empty: int = 0
+    n_duplicates: int = 0
+    n_kept: int = 0
+    max_tokens: int | None = None  # the tokenizer's context (77 for CLIP), BOS/EOS included
+    n_truncated: int = 0
+    truncated_examples: list[str] = field(default_factory=list)
+
+
+def normalize(prompts: Sequence[str]) -> tuple[list[str], PromptStats]:
+    """Strip and collapse whitespace, drop empty prompts and duplicates (first kept)."""
+    stats = PromptStats(n_raw=len(prompts))
+    out: dict[str, None] = {}
+    for p in prompts:
+        p = re.sub(r"\s+", " ", str(p)).strip()
+        if not p:
+            stats.n_empty += 1
+        elif p in out:
+            stats.n_duplicates += 1
+        else:
+            out[p] = None
+    stats.n_kept = len(out)
+    return list(out), stats
+
+
+def count_truncated(prompts: Sequence[str], tokenizer, stats: PromptStats, examples: int = 5) -> PromptStats:
+    """How many prompts exceed the tokenizer's context (the text encoder cuts them there)."""
+    limit = int(tokenizer.model_max_length)
+    ids = tokenizer(list(prompts), truncation=False, verbose=False).input_ids if prompts else []
+    lengths = [len(i) for i in ids]
+    long = [p for p, n in zip(prompts, lengths) if n > limit]
+    stats.max_tokens, stats.n_truncated, stats.truncated_examples = limit, len(long), long[:examples]
+    return stats
+
+
+# ---------------------------------------------------------------------------
+# Stable hashing: splits, --limit, per-prompt seeds
+# ---------------------------------------------------------------------------
+def stable_unit(text: str, salt: str) -> float:
+    """A uniform number in [0, 1) from SHA-1(salt, text): identical on every machine and process."""
+    digest = hashlib.sha1(f"{salt}\0{text}".encode("utf-8")).hexdigest()
+    return int(digest[:15], 16) / 16 ** 15
+
+
+def prompt_seed(prompt: str, seed: int = 0) -> int:
+    """The fixed generation seed of a prompt (independent of its position, the split and sharding)."""
+    return int(stable_unit(prompt, f"seed{seed}") * 2 ** 31)
+
+
+def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    f = tuple(float(x) for x in fractions)
+    if len(f) != len(SPLITS) or any(x < 0 for x in f) or abs(sum(f) - 1) > 1e-6:
+        raise ValueError(f"split fractions {list(fractions)} must be {len(SPLITS)} non-negative numbers "
+                         f"(train, val, test) summing to 1, e.g. 0.8,0.1,0.1")
+    return f
+
+
+def assign_splits(prompts: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                  limit: int | None = None, salt: str = "qlip") -> dict[str, list[str]]:
+    """{train, val, test} prompt lists (each in input order) by a stable hash of the text."""
+    fractions = check_fractions(fractions)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit {limit} must be >= 1 (or left out for every prompt)")
+        keep = set(sorted(prompts, key=lambda p: stable_unit(p, salt + ":order"))[:limit])
+        prompts = [p for p in prompts if p in keep]
+    bounds = [sum(fractions[:i + 1]) for i in range(len(SPLITS))]
+    out = {s: [] for s in SPLITS}
+    for p in prompts:
+        u = stable_unit(p, salt + ":split")
+        out[SPLITS[next((i for i, b in enumerate(bounds) if u < b), len(SPLITS) - 1)]].append(p)
+    return out
 
 
 def load_prompts(source: str, limit: int | None = None, split: str = "train", seed: int = 0) -> list[str]:
-    if source == "builtin":
-        prompts = BUILTIN
-    elif source == "world":
-        from data.world import make_scene  # the embedded world's renderer (32x32: cheap)
+    """A quick prompt list (calibration, generation, demo): the first `limit` normalized prompts.
 
-        prompts = [make_scene(seed, split, i).caption for i in range(limit or 64)]
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist (use 'world', 'builtin' or a .txt/.jsonl file)")
-        if path.suffix == ".jsonl":
-            prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-        elif path.suffix == ".txt":
-            prompts = path.read_text().splitlines()
-        else:
-            raise ValueError(f"prompt file {path} has unknown format {path.suffix!r}: use .txt or .jsonl")
-    prompts = list(dict.fromkeys(p.strip() for p in prompts if p and p.strip()))
+    For 'world', `split` and `seed` pick the world's scenes; files are read in order."""
+    prompts, _ = normalize(read_source(source, n_world=limit or 64, world_split=split, seed=seed))
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
         raise ValueError(f"prompt source {source!r} gave no prompts after stripping and de-duplication")
     return prompts
+
+
+# ---------------------------------------------------------------------------
+# The DataModule: splits cached in the run directory
+# ---------------------------------------------------------------------------
+class EmptySplitError(ValueError):
+    pass
+
+
+class PromptList(Dataset):
+    def __init__(self, prompts: Sequence[str]):
+        self.prompts = list(prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.prompts[i]
+
+
+def _collate_prompts(batch: list[str]) -> list[str]:
+    return list(batch)
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Train / val / test prompt splits of one source, cached as
+    `<run_dir>/prompts/{train,val,test}.txt` + `meta.json`.
+
+    `prepare_data` (one process) reads, normalizes, counts truncations and
+    writes the cache, or checks that an existing cache was made with the same
+    settings (refusing otherwise unless `overwrite`); `setup` (every process)
+    reads it. Loaders yield lists of prompt strings."""
+
+    CACHE = "prompts"
+
+    def __init__(self, source: str = "world", run_dir: str | Path | None = None, limit: int | None = None,
+                 fractions: Sequence[float] = DEFAULT_FRACTIONS, batch_size: int = 8, seed: int = 0,
+                 tokenizer=None, overwrite: bool = False, salt: str = "qlip",
+                 predict_splits: Sequence[str] = ("train", "val"), shard_size: int = 32):
+        super().__init__()
+        self.source, self.limit, self.fractions = source, limit, check_fractions(fractions)
+        self.batch_size, self.seed, self.salt, self.overwrite = batch_size, seed, salt, overwrite
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.tokenizer = tokenizer
+        self.predict_splits, self.shard_size = list(predict_splits), shard_size
+        if shard_size < 1:
+            raise ValueError(f"--shard-size {shard_size} must be >= 1")
+        self.splits: dict[str, list[str]] | None = None
+        self.stats: PromptStats | None = None
+
+    # -- the cache ------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / self.CACHE
+
+    def settings(self) -> dict:
+        return {"source": self.source, "limit": self.limit, "fractions": list(self.fractions), "salt": self.salt,
+                "world_seed": self.seed}
+
+    def _build(self) -> tuple[dict[str, list[str]], PromptStats]:
+        n_world = self.limit or DEFAULT_WORLD_N
+        prompts, stats = normalize(read_source(self.source, n_world=n_world, seed=self.seed))
+        splits = assign_splits(prompts, self.fractions, self.limit, self.salt)
+        kept = [p for s in SPLITS for p in splits[s]]
+        if self.tokenizer is None:
+            from pipeline.models import clip_tokenizer
+
+            self.tokenizer = clip_tokenizer()
+        count_truncated(kept, self.tokenizer, stats)
+        stats.n_kept = len(kept)
+        if stats.n_truncated:
+            print(f"note: {stats.n_truncated} of {len(kept)} prompts of {self.source!r} exceed the tokenizer's "
+                  f"{stats.max_tokens} tokens and will be truncated, e.g. {stats.truncated_examples[0][:80]!r}")
+        return splits, stats
+
+    def prepare_data(self) -> None:
+        cache = self.cache_dir
+        if cache is None:
+            return
+        meta_path = cache / "meta.json"
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            diff = {k: (old["settings"].get(k), v) for k, v in self.settings().items() if old["settings"].get(k) != v}
+            if not diff:
+                return  # made with these settings: reuse (idempotent, also under DDP)
+            if not self.overwrite:
+                detail = "; ".join(f"{k}: cached {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                raise FileExistsError(f"prompt splits in {cache} were made with other settings ({detail}); pass "
+                                      f"--overwrite true to rebuild them, or choose another --run-dir")
+        splits, stats = self._build()
+        cache.mkdir(parents=True, exist_ok=True)
+        for s in SPLITS:
+            _write_atomic(cache / f"{s}.txt", "".join(p + "\n" for p in splits[s]))
+        _write_atomic(meta_path, json.dumps({"settings": self.settings(), "stats": asdict(stats),
+                                             "counts": {s: len(splits[s]) for s in SPLITS}}, indent=1))
+        self.splits, self.stats = splits, stats
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        cache = self.cache_dir
+        if cache is None:
+            self.splits, self.stats = self._build()
+            return
+        if not (cache / "meta.json").is_file():
+            raise FileNotFoundError(f"no prompt splits in {cache}: call prepare_data() first")
+        meta = json.loads((cache / "meta.json").read_text())
+        self.stats = PromptStats(**meta["stats"])
+        self.splits = {s: (cache / f"{s}.txt").read_text(encoding="utf-8").splitlines() for s in SPLITS}
+
+    # -- access -----------------------------------------------------------------
+    def split(self, name: str) -> list[str]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown prompt split {name!r}; choose from {list(SPLITS)}")
+        if self.splits is None:
+            self.setup()
+        prompts = self.splits[name]
+        if not prompts:
+            total = sum(len(v) for v in self.splits.values())
+            raise EmptySplitError(
+                f"prompt split {name!r} of {self.source!r} is empty after filtering ({total} prompts in all, "
+                f"fractions {'/'.join(f'{f:g}' for f in self.fractions)}, limit {self.limit}); use more prompts "
+                f"(a larger --limit or another source) or give {name!r} a larger fraction")
+        return prompts
+
+    def _loader(self, name: str) -> DataLoader:
+        return DataLoader(PromptList(self.split(name)), batch_size=self.batch_size, collate_fn=_collate_prompts)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- generation shards (the score stage's predict loop) ------------------------
+    def generation_shards(self) -> list[dict]:
+        """The `predict_splits` cut into shards of `shard_size` prompts, each with
+        its prompts' fixed seeds (`prompt_seed`): {kind, split, shard, indices, prompts, seeds}."""
+        shards = []
+        for name in self.predict_splits:
+            prompts = self.split(name)
+            for k, start in enumerate(range(0, len(prompts), self.shard_size)):
+                chunk = prompts[start:start + self.shard_size]
+                shards.append({"kind": "generate", "split": name, "shard": k,
+                               "indices": list(range(start, start + len(chunk))), "prompts": chunk,
+                               "seeds": [prompt_seed(p, self.seed) for p in chunk]})
+        return shards
+
+    def predict_dataloader(self) -> DataLoader:
+        return dealt_loader(PromptList(self.generation_shards()), self.trainer)
+
+
+def dealt_loader(dataset: Dataset, trainer=None) -> DataLoader:
+    """Items (whole shards) dealt to processes without padding: no shard is done twice."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_identity)
+
+
+def _identity(x):
+    return x
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers in other processes see the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -81,15 +81,26 @@ def bitops(stats, w_bits=32, a_bits=32) -> float:
     return float(sum(s.macs * wb[n] * ab[n] for n, s in stats.items()))
 
 
+def fab_weights(stats, layers: list[str]) -> torch.Tensor:
+    """FAB's layer weights: each layer's input-activation size (float64)."""
+    return torch.tensor([stats[n].in_numel for n in layers], dtype=torch.float64)
+
+
+def weighted_fab(bits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """FAB of bit tables [..., n_layers, n_steps]: hard bits or expected bits
+    (Q2B's relaxed decisions), batched over leading dims and differentiable."""
+    w = weights.to(bits.dtype)
+    return (bits.mean(dim=-1) * w).sum(dim=-1) / w.sum()
+
+
 def fab(stats, policy: torch.Tensor, layers: list[str]) -> dict:
     """FAB of a [n_layers, n_steps] bit table whose rows are `layers`:
     input-size-weighted and unweighted means over layers and steps."""
     policy = torch.as_tensor(policy, dtype=torch.float64)
     if policy.dim() != 2 or policy.shape[0] != len(layers):
         raise ValueError(f"policy of shape {tuple(policy.shape)} does not match {len(layers)} layers")
-    w = torch.tensor([stats[n].in_numel for n in layers], dtype=torch.float64)
-    per_layer = policy.mean(dim=1)
-    return {"fab": float((per_layer * w).sum() / w.sum()), "fab_unweighted": float(per_layer.mean())}
+    return {"fab": float(weighted_fab(policy, fab_weights(stats, layers))),
+            "fab_unweighted": float(policy.mean(dim=1).mean())}
 
 
 def model_size_bytes(unet: nn.Module) -> int:

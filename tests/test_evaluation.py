@@ -203,6 +203,23 @@ def test_fab_and_bitops_metrics_match_accounting_and_merge():
     with pytest.raises(ValueError, match="does not fit"):
         f.update(torch.full((3, 3), 8), 1)
 
+def test_fidelity_to_fp_takes_generated_arrays_like_the_metric():
+    """The shared helper (demo, calibration benchmark) = FidelityToFP on [N, 3, H, W] tensors."""
+    from pipeline.metrics import FidelityToFP
+    from pipeline.metrics.fidelity import fidelity_to_fp
+
+    g = np.random.default_rng(0)
+    fp = g.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)  # what pipeline.sampling.generate returns
+    q = np.clip(fp.astype(int) + g.integers(-20, 21, fp.shape), 0, 255).astype(np.uint8)
+    m = FidelityToFP()
+    m.update(torch.from_numpy(fp).permute(0, 3, 1, 2), torch.from_numpy(q).permute(0, 3, 1, 2))
+    want = {k: float(v) for k, v in m.compute().items()}
+    got = fidelity_to_fp(fp, q)
+    assert got == pytest.approx(want) and 20 < got["psnr"] < 40 and 0 < got["ssim"] < 1
+    same = fidelity_to_fp(fp, fp)
+    assert same["psnr"] > 60 and same["ssim"] == pytest.approx(1.0)
+
+
 
 # ---------------------------------------------------------------------------
 # clear errors: prompt mismatch, a state of another model

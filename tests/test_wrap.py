@@ -198,3 +198,35 @@ def test_bos_aware_keeps_bos_kv_in_full_precision(tiny_pipe):
         keys[bos_aware] = (cap["k_in"], a.to_k.act.scale.detach().clone())
     assert keys[False][0] == 77 and keys[True][0] == 76  # the quantized path no longer sees BOS
     assert keys[True][1].max() < keys[False][1].max() / 5  # so its input range is not blown up by the outlier
+
+
+def test_bit_mixture_is_the_per_sample_policy_with_gradients(tiny_pipe, fp_reference):
+    """One-hot mixture weights reproduce, sample by sample, the hard policy they
+    name (q/k/v follow their projection), and every option gets a gradient."""
+    from pipeline.quant import bit_mixture
+
+    unet = _calibrated(tiny_pipe, 8, 8, a_bit_options=[4, 8, 32])
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    (x, t, emb), _ = fp_reference
+    x, t, emb = x[:2], t[:2], emb[:2]
+    L = len(quant_layers(unet))
+    w = torch.zeros(L, 2, 2)
+    w[:, 0, 0] = 1  # sample 0 at 4 bits, sample 1 at 32 (options [4, 32] of the bank [4, 8, 32])
+    w[:, 1, 1] = 1
+    w.requires_grad_(True)
+    with bit_mixture(unet, w, [4, 32]):
+        mixed = unet(x, t, emb).sample
+    assert all(layer.mixture is None for layer in quant_layers(unet).values())  # cleared on exit
+    with torch.no_grad():
+        for i, bits in enumerate((4, 32)):
+            set_bit_policy(unet, bits)
+            alone = unet(x[i:i + 1], t[i:i + 1], emb[i:i + 1]).sample
+            assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5), bits
+    mixed.pow(2).mean().backward()
+    assert w.grad[:, :, 0].abs().sum() > 0 and w.grad[:, :, 1].abs().sum() > 0
+    with pytest.raises(ValueError, match="no calibrated quantizer"):
+        with bit_mixture(unet, w, [4, 16]):
+            pass
+    with pytest.raises(ValueError, match="samples was set"), bit_mixture(unet, w.detach(), [4, 32]):
+        unet(x[:1], t[:1], emb[:1])

@@ -9,10 +9,13 @@ the batch's prompts. The evaluation reads the policy in force after
 A quantized state folder names its kind in quant_config.json
 (`extra.eval_method`, default "static"); a new kind plugs in with
 
-    @register_method("qlip")
-    class QLIPMethod(StaticQuantState):
+    @register_method("my-kind")
+    class MyMethod(StaticQuantState):
         def before_batch(self, pipe, prompts):
-            set_bit_policy(pipe.unet, self.q2b(prompts))
+            set_bit_policy(pipe.unet, ...)
+
+A q2b-stage folder (q2b.json) evaluates as "qlip": its calibrated state with
+T2Q -> Q2B bits per batch (the max over the batch's prompts).
 """
 from __future__ import annotations
 
@@ -104,11 +107,9 @@ class StaticQuantState(EvalMethod):
                              f"{steps}; evaluate with --steps {self.n_steps}")
 
     def load(self, model: str, allow_download: bool = False):
-        from pipeline.quant import load_quantized
+        from pipeline.qlip import load_quantized_pipeline
 
-        pipe = super().load(model, allow_download)
-        load_quantized(pipe.unet, self.path)
-        return pipe
+        return load_quantized_pipeline(model, self.path, allow_download)  # PTQD states with their correction
 
     def policy(self, pipe) -> torch.Tensor:
         from pipeline.quant import get_bit_policy
@@ -126,6 +127,9 @@ class StaticQuantState(EvalMethod):
         return {n: m.w_quant.n_bits for n, m in quant_layers(pipe.unet).items()}
 
     def bit_options(self) -> str:
+        if type(self).before_batch is EvalMethod.before_batch:  # static: the stored policy is what runs
+            used = {self.a_bit_options[i] for steps in self.meta["policy"].values() for i in steps}
+            return format_bits(self.w_bits, used)  # W4A16, not the W4A{8,16,32} bank it was calibrated with
         return format_bits(self.w_bits, self.a_bit_options)
 
     def describe(self) -> dict:
@@ -133,10 +137,50 @@ class StaticQuantState(EvalMethod):
                 "extra": self.meta.get("extra", {})}
 
 
+@register_method("qlip")
+class QLIPMethod(StaticQuantState):
+    """A q2b-stage folder: its calibrated state, with each batch's bits chosen
+    by T2Q -> Q2B (docs/q2b.md). Label: "<base method>+QLIP"."""
+
+    def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
+        from pipeline.q2b import follow_link, load_q2b
+
+        self.q2b_path = Path(path)
+        self.q2b = load_q2b(self.q2b_path)
+        state = follow_link(self.q2b_path, self.q2b.meta["quant_state"])
+        super().__init__(state, label)
+        if label is None:
+            self.label = f"{self.meta.get('extra', {}).get('method', 'quant')}+QLIP"
+        qcfg = self.meta["quant_config"]
+        self.q2b.check_layout(self.meta["layers"], qcfg["n_steps"], qcfg["a_bit_options"], f"quantized state {state}")
+        self.qlip = None
+
+    def load(self, model: str, allow_download: bool = False):
+        from pipeline.qlip import QLIPPipeline
+
+        self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, allow_download=allow_download)
+        return self.qlip.pipe
+
+    def before_batch(self, pipe, prompts: Sequence[str]) -> None:
+        self.qlip.set_bits(prompts)
+
+    def bit_options(self) -> str:
+        return format_bits(self.w_bits, self.q2b.bit_options)
+
+    def describe(self) -> dict:
+        m = self.q2b.meta
+        return {**super().describe(), "q2b": str(self.q2b_path), "criterion": m.get("criterion"),
+                "t2q": m.get("t2q"), "target_fab": m.get("target_fab")}
+
+
 def method_from_state(path: str | Path, label: str | None = None) -> EvalMethod:
-    """The EvalMethod for a quantized-state folder, by its recorded kind."""
+    """The EvalMethod for a quantized-state folder, by its recorded kind (a
+    q2b-stage folder: QLIP)."""
+    from pipeline.q2b import META_FILE
     from pipeline.quant.state import read_meta
 
+    if (Path(path) / META_FILE).is_file():
+        return METHOD_KINDS["qlip"](path, label=label)
     meta = read_meta(path)
     kind = meta.get("extra", {}).get("eval_method", "static")
     if kind not in METHOD_KINDS or kind == "fp":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -78,3 +79,19 @@ class FidelityToFP(Metric):
         if self.lpips is not None:
             out["lpips"] = self.lpips_sum / n
         return out
+
+
+def as_nchw(images) -> torch.Tensor:
+    """uint8 images as a [N, 3, H, W] tensor; numpy [N, H, W, 3] (what `pipeline.sampling.generate`
+    returns) is transposed, tensors are passed through."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return images
+
+
+def fidelity_to_fp(fp, images, lpips: bool = False) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM (and LPIPS) of `images` to their FP twins `fp`, both uint8
+    [N, H, W, 3] arrays or [N, 3, H, W] tensors: the evaluation's FidelityToFP in one call."""
+    metric = FidelityToFP(lpips=lpips)
+    metric.update(as_nchw(fp), as_nchw(images))
+    return {k: float(v) for k, v in metric.compute().items()}

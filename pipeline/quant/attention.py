@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.quant.config import QuantConfig
-from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer
+from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer, mix_options
 
 
 class QuantAttnProcessor(nn.Module):
@@ -35,8 +35,10 @@ class QuantAttnProcessor(nn.Module):
     def _quant(self, bank: ActQuantBank, x: torch.Tensor, proj: nn.Module) -> torch.Tensor:
         if not self.enabled:
             return x
-        k = proj.bit_index() if isinstance(proj, QuantLayer) else bank.bit_options.index(max(bank.bit_options))
         slot = min(self.ctx.step, bank.n_slots - 1) if self.time_aware else 0
+        if getattr(proj, "mixture", None) is not None:  # Q2B training: follow the projection's relaxed choice
+            return mix_options(lambda k: bank(x, k, slot), *proj.mixture, like=x)
+        k = proj.bit_index() if isinstance(proj, QuantLayer) else bank.bit_options.index(max(bank.bit_options))
         return bank(x, k, slot)
 
     def _project_kv(self, attn, proj: nn.Module, bank: ActQuantBank, enc: torch.Tensor, cross: bool) -> torch.Tensor:

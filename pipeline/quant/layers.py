@@ -3,7 +3,9 @@
 A bank holds one per-tensor activation quantizer per candidate bit option
 (and per sampling step when time-aware). The layer's bit policy picks, per
 call, which one runs; 32 bits is pass-through. The step comes from a
-QuantContext shared by all layers of one UNet (set by the UNet's pre-hook)."""
+QuantContext shared by all layers of one UNet (set by the UNet's pre-hook).
+For Q2B training a layer may instead hold a per-sample mixture of options
+(`policy.bit_mixture`); inference never takes that path."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,6 +21,17 @@ from pipeline.quant.quantizer import WeightQuantizer, fake_quantize, init_range,
 def _version_of(t: torch.Tensor) -> tuple:
     """Identity + in-place version of a tensor (inference tensors have no version counter)."""
     return (t.data_ptr(), -1 if t.is_inference() else t._version)
+
+
+def mix_options(quantize, indices: list[int], weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[:, k] * quantize(indices[k]): a per-sample mixture of a bank's
+    bit options (Q2B training). With straight-through one-hot weights the forward
+    is exactly the chosen quantizer, and the weights still receive gradients."""
+    if weights.shape[0] != like.shape[0]:
+        raise ValueError(f"a bit mixture for {weights.shape[0]} samples was set, but this call has "
+                         f"{like.shape[0]}; set one weight row per sample of the UNet batch (both CFG halves)")
+    w = weights.to(like.dtype).reshape(weights.shape + (1,) * (like.dim() - 1))
+    return sum(w[:, j] * quantize(k) for j, k in enumerate(indices))
 
 
 @dataclass
@@ -58,10 +71,20 @@ class ActQuantBank(nn.Module):
             return x
         if bits == 32:
             return x
-        if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
+        if torch.is_grad_enabled() and self.scale.requires_grad:
             return fake_quantize(x, self.scale[k, slot], self.zero_point[k, slot], bits)
-        # Inference fast path: the same arithmetic with python-float bounds
-        # (tensor-bounded clamps and per-call indexing dominate small layers).
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Frozen quantizer, gradient wanted upstream (Q2B training): plain
+            # straight-through over the fast path, half the autograd work of
+            # fake_quantize (no clipping mask: nothing here learns a range).
+            with torch.no_grad():
+                q = self._fast(x, k, slot, inplace=False)
+            return x + (q - x).detach()
+        return self._fast(x, k, slot, inplace)
+
+    def _fast(self, x: torch.Tensor, k: int, slot: int, inplace: bool) -> torch.Tensor:
+        """Inference fast path: the same arithmetic with python-float bounds
+        (tensor-bounded clamps and per-call indexing dominate small layers)."""
         s, lo, hi = self._inference_params()[k][slot]
         q = x.div_(s) if inplace else torch.div(x, s)
         return q.round_().clamp_(lo, hi).mul_(s)
@@ -157,6 +180,7 @@ class QuantLayer(nn.Module):
         self.policy = [self.bit_options.index(config.a_bits)] * config.n_steps  # bit-option index per step
         self.quant_weight = config.w_bits < 32
         self.quant_act = True
+        self.mixture: tuple[list[int], torch.Tensor] | None = None  # set by policy.bit_mixture (Q2B training)
         self._wq_cache = None
 
     # -- the policy ---------------------------------------------------------
@@ -191,7 +215,11 @@ class QuantLayer(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_act:
             return x
-        k, slot = self.bit_index(), self.slot()
+        if self.mixture is not None:  # relaxed per-sample choice: the policy is not used
+            return mix_options(lambda k: self._quantize(x, k, self.slot()), *self.mixture, like=x)
+        return self._quantize(x, self.bit_index(), self.slot())
+
+    def _quantize(self, x: torch.Tensor, k: int, slot: int) -> torch.Tensor:
         if self.act_skip is None:
             return self.act(x, k, slot)
         return torch.cat([self.act(x[:, : self.split], k, slot), self.act_skip(x[:, self.split:], k, slot)], dim=1)

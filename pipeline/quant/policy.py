@@ -106,6 +106,33 @@ def set_quant_state(unet: nn.Module, weight: bool = True, act: bool = True) -> N
 
 
 @contextmanager
+def bit_mixture(unet: nn.Module, weights: torch.Tensor, options: Sequence[int]):
+    """Relaxed, per-sample bit choice (Q2B training), in force inside the context.
+
+    `weights` is [n_layers, batch, len(options)] (rows in `quant_layers` order,
+    one row per sample of the UNet call, i.e. both CFG halves): each layer's
+    input becomes sum_k weights[l, b, k] * Q_options[k](x_b), and q/k/v follow
+    their projection. Straight-through one-hot weights give exactly the hard
+    choice in the forward pass and gradients for every option in the backward."""
+    cfg = _require_quantized(unet)
+    layers = quant_layers(unet)
+    missing = [b for b in options if b not in cfg.a_bit_options]
+    if missing:
+        raise ValueError(f"bit options {missing} have no calibrated quantizer; the state has {cfg.a_bit_options}")
+    if weights.dim() != 3 or weights.shape[0] != len(layers) or weights.shape[2] != len(options):
+        raise ValueError(f"bit mixture of shape {tuple(weights.shape)} does not fit: expected "
+                         f"[{len(layers)} layers, batch, {len(options)} options]")
+    indices = [cfg.a_bit_options.index(b) for b in options]
+    try:
+        for i, layer in enumerate(layers.values()):
+            layer.mixture = (indices, weights[i])
+        yield
+    finally:
+        for layer in layers.values():
+            layer.mixture = None
+
+
+@contextmanager
 def observing(unet: nn.Module):
     """Record activation statistics (full-precision forward) for calibration."""
     banks = act_banks(unet)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-
 USES_TRAINER = True
 
 
@@ -21,11 +19,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def run(cfg):
     import lightning as L
 
@@ -33,6 +26,7 @@ def run(cfg):
     from data.prompts import load_prompts
     from pipeline.accounting import layer_stats, quantized_summary
     from pipeline.calibration.naive import calibrate_naive
+    from pipeline.metrics.fidelity import fidelity_to_fp
     from pipeline.models import EMBEDDED, TINY_RANDOM, load_pipeline
     from pipeline.quant import QuantConfig, save_quantized
     from pipeline.runs import prepare_artifact, write_manifest
@@ -62,7 +56,8 @@ def run(cfg):
         save_quantized(pipe.unet, out / f"naive_w{w}a{a}", extra={"method": "naive", "model": cfg.model})
         q = generate(pipe, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance)
         s = quantized_summary(pipe.unet, stats)
-        rows.append({"method": "naive", "W/A": f"{w}/{a}", **s, "PSNR_to_FP": psnr(q, fp), "seconds": time.time() - t0})
+        rows.append({"method": "naive", "W/A": f"{w}/{a}", **s, "PSNR_to_FP": fidelity_to_fp(fp, q)["psnr"],
+                     "seconds": time.time() - t0})
         images.append(q)
         labels.append(f"naive W{w}A{a}")
     grid = save_grid(images, out / "grid.png", labels=labels, scale=4 if fp.shape[1] <= 64 else 1)

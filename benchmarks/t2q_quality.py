@@ -1,0 +1,120 @@
+"""T2Q on the embedded world (the issue's acceptance figures, re-measurable on
+any checkpoint): validation MSE of T2Q vs a constant predictor and a linear
+regression on prompt length, Pearson and Spearman, and the richness table
+with the *measured* quality (GIQA of FP images of the same caption series)
+next to the predicted one.
+
+    python benchmarks/t2q_quality.py                              # 2000 world scenes (~1700 prompts)
+    python benchmarks/t2q_quality.py --limit 400 --n-reference 200 --measure-scenes 20   # a quick look
+
+Runs `pipeline.fit score` (resumable: an interrupted run continues; a finished
+scored set in --run-dir is reused unless --rescore) and `pipeline.fit t2q` in
+--run-dir (default runs/bench/t2q_world), prints a table and writes
+runs/bench/t2q_quality.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--run-dir", default=str(ROOT / "runs" / "bench" / "t2q_world"))
+    p.add_argument("--limit", type=int, default=2000, help="world scenes captioned (duplicates dropped)")
+    p.add_argument("--split-fractions", default="0.75,0.25,0", help="train,val,test")
+    p.add_argument("--n-reference", type=int, default=1000, help="world renders the GIQA GMM is fitted to")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--measure-scenes", type=int, default=40,
+                   help="scenes whose 5 richness captions are generated and GIQA-scored (0: skip)")
+    p.add_argument("--rescore", action="store_true", help="regenerate the scored set even if it is finished")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "t2q_quality.json"))
+    return p.parse_args(argv)
+
+
+def measured_richness(run_dir: Path, model: str, n_scenes: int, seed: int = 0) -> list[float]:
+    """Mean normalized GIQA of FP images per richness level (same scenes, seeds per caption)."""
+    import numpy as np
+
+    from data.prompts import prompt_seed
+    from pipeline.models import load_pipeline
+    from pipeline.richness import richness_series
+    from pipeline.sampling import generate
+    from pipeline.scoring import inception_features, scored_set_giqa
+    from pipeline.stages.score import sampling_defaults
+
+    giqa, normalize = scored_set_giqa(run_dir / "scored")
+    steps, guidance = sampling_defaults(model, None, None)
+    series = richness_series(n_scenes, seed)
+    flat = [c for s in series for c in s]
+    images = generate(load_pipeline(model), flat, [prompt_seed(c) for c in flat], steps=steps, guidance=guidance,
+                      batch_size=50)
+    q = normalize(giqa.score(inception_features(images))).reshape(n_scenes, -1)
+    return [float(v) for v in np.mean(q, axis=0)]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from pipeline.fit import main as fit
+
+    run = Path(args.run_dir)
+    quiet = ["--trainer.enable_progress_bar", "false"]
+    t0 = time.time()
+    if args.rescore and run.exists():
+        shutil.rmtree(run)
+    finished = run / "scored" / "manifest.json"
+    if finished.is_file():  # reuse a finished scored set only if it was made with these flags
+        made = json.loads(finished.read_text())["config"]
+        want = {"limit": args.limit, "n_reference": args.n_reference, "split_fractions": args.split_fractions}
+        if any(made.get(k) != v for k, v in want.items()):
+            raise SystemExit(f"{run / 'scored'} was scored with {({k: made.get(k) for k in want})}, not {want}: "
+                             f"pass those flags, --rescore, or another --run-dir")
+    else:
+        fit(["score", "--model", args.model, "--limit", str(args.limit), "--split-fractions", args.split_fractions,
+             "--n-reference", str(args.n_reference), "--run-dir", str(run), *quiet])
+    t_score = time.time() - t0
+    fit(["t2q", "--model", args.model, "--run-dir", str(run), "--epochs", str(args.epochs), "--overwrite", "true",
+         *quiet])
+    manifest = json.loads((run / "t2q" / "manifest.json").read_text())
+    m, scored = manifest["metrics"], json.loads((run / "scored" / "manifest.json").read_text())["metrics"]
+    levels = manifest["richness"]["levels"] if manifest.get("richness") else []
+    measured = measured_richness(run, args.model, args.measure_scenes) if args.measure_scenes and levels else None
+
+    val, base = m["val"], m["baselines"]
+    print(f"\nT2Q on the embedded world: {manifest['data']['n_train']} train / {manifest['data']['n_val']} val "
+          f"prompts, GIQA = {scored['giqa']['method'].upper()} on {scored['n_reference']} renders")
+    print(f"{'predictor':<34} {'val MSE':>8} {'Pearson':>8} {'Spearman':>8}")
+    print(f"{'T2Q':<34} {val['mse']:>8.4f} {val['pearson']:>8.3f} {val['spearman']:>8.3f}")
+    print(f"{'constant (train mean)':<34} {base['constant_mse']:>8.4f} {'-':>8} {'-':>8}")
+    print(f"{'linear regression on token length':<34} {base['length_mse']:>8.4f} {'-':>8} "
+          f"{base['length_spearman']:>8.3f}")
+    if levels:
+        print(f"\n{'richness':>8} {'T2Q q':>7}" + (f" {'measured q':>10}" if measured else ""))
+        for i, row in enumerate(levels):
+            print(f"{row['richness']:>8} {row['q_mean']:>7.3f}" + (f" {measured[i]:>10.3f}" if measured else ""))
+    results = {"val": val, "train": m["train"], "baselines": base, "data": manifest["data"],
+               "giqa": scored["giqa"], "n_reference": scored["n_reference"], "richness_predicted": levels,
+               "richness_measured": measured, "measure_scenes": args.measure_scenes,
+               "memory_bytes": m["memory_bytes"], "seconds": {"score": t_score, "total": time.time() - t0},
+               "config": vars(args)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Bit-allocation pictures like the QLIP paper's: a layer x step heatmap of the
+chosen bits, the layer-wise proportion of each bit option (supplementary
+Fig. S3; cross-attention layers in red, the others black), the FAB against
+batch size (Fig. S1), and a Lightning callback that draws the heatmap while
+Q2B trains."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+
+_SHORT = [("down_blocks.", "d"), ("up_blocks.", "u"), ("mid_block.", "m."), ("attentions.", "at"),
+          ("resnets.", "r"), ("transformer_blocks.", "tb"), ("downsamplers.", "ds"), ("upsamplers.", "us"),
+          ("time_embedding.", "temb.")]
+
+
+def short_name(layer: str) -> str:
+    for long, short in _SHORT:
+        layer = layer.replace(long, short)
+    return layer
+
+
+def is_cross_attention_block(layer: str) -> bool:
+    """Layers inside a Transformer2DModel (proj_in, attn1/attn2, ff, proj_out): Fig. S3's red."""
+    return ".attentions." in f".{layer}"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(bit_options: Sequence[int]):
+    plt = _plt()
+    cmap = plt.get_cmap("viridis", len(bit_options))
+    return [cmap(i) for i in range(len(bit_options))]
+
+
+def plot_bit_heatmaps(tables: Mapping[str, torch.Tensor], layers: Sequence[str], bit_options: Sequence[int],
+                      path: str | Path, title: str | None = None) -> Path:
+    """One panel per table ([n_layers, n_steps] bits), e.g. {"q = 0.2 (FAB 9.8)": table, ...}."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    plt = _plt()
+    opts = sorted(int(b) for b in bit_options)
+    cmap = ListedColormap(_colours(opts))
+    norm = BoundaryNorm(np.arange(len(opts) + 1) - 0.5, len(opts))
+    n = len(tables)
+    height = max(3.0, min(0.12 * len(layers), 30))
+    fig, axes = plt.subplots(1, n, figsize=(2.2 + 2.6 * n, height), squeeze=False, sharey=True)
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        idx = np.searchsorted(opts, torch.as_tensor(table).cpu().numpy())
+        im = ax.imshow(idx, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("sampling step")
+    every = max(1, len(layers) // 60)
+    axes[0][0].set_yticks(range(0, len(layers), every))
+    axes[0][0].set_yticklabels([short_name(l) for l in layers][::every], fontsize=5)
+    for tick, layer in zip(axes[0][0].get_yticklabels(), list(layers)[::every]):
+        tick.set_color("tab:red" if is_cross_attention_block(layer) else "black")
+    bar = fig.colorbar(im, ax=axes[0].tolist(), ticks=range(len(opts)), fraction=0.03)
+    bar.ax.set_yticklabels([f"{b} bit" for b in opts])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def bit_shares(tables: torch.Tensor, bit_options: Sequence[int]) -> torch.Tensor:
+    """[n_options, n_layers]: per layer, the fraction of (prompt, step) entries at each option."""
+    t = torch.as_tensor(tables)
+    t = t.reshape(-1, *t.shape[-2:])  # [N, L, T]
+    return torch.stack([(t == b).float().mean(dim=(0, 2)) for b in sorted(bit_options)])
+
+
+def plot_bit_shares(tables: torch.Tensor, layers: Sequence[str], bit_options: Sequence[int], path: str | Path,
+                    title: str | None = None) -> Path:
+    """Fig. S3: per layer, the proportion of each bit option over prompts and steps."""
+    plt = _plt()
+    opts = sorted(int(b) for b in bit_options)
+    shares = bit_shares(tables, opts).numpy()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.09 * len(layers) + 2), 3.6))
+    bottom = np.zeros(len(layers))
+    for share, b, c in zip(shares, opts, _colours(opts)):
+        ax.bar(range(len(layers)), share, bottom=bottom, color=c, width=0.9, label=f"{b} bit")
+        bottom += share
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([short_name(l) for l in layers], rotation=90, fontsize=4)
+    for tick, layer in zip(ax.get_xticklabels(), layers):
+        tick.set_color("tab:red" if is_cross_attention_block(layer) else "black")
+    ax.set_ylabel("proportion")
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.legend(fontsize=7, loc="upper right", ncols=len(opts))
+    ax.set_title(title or "bit proportion per layer (red: cross-attention blocks)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_fab_vs_batch_size(fab: Mapping[int, float], path: str | Path, baseline: float | None = None) -> Path:
+    """Fig. S1: mean FAB against batch size under the max-over-prompts rule."""
+    plt = _plt()
+    sizes = sorted(fab)
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    ax.plot(sizes, [fab[s] for s in sizes], "o-", label="QLIP")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", label="static")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels(map(str, sizes))
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("FAB")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+class BitAllocationCallback(L.Callback):
+    """While Q2B trains: every `every_n_epochs`, a heatmap of the decisions at
+    the low, median and high training quality (`q`) into `out_dir`."""
+
+    def __init__(self, q: torch.Tensor, out_dir: str | Path, every_n_epochs: int = 5):
+        self.q = torch.as_tensor(q, dtype=torch.float32)
+        self.out_dir, self.every = Path(out_dir), every_n_epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        if not trainer.is_global_zero or (epoch + 1) % self.every and epoch + 1 != trainer.max_epochs:
+            return
+        q2b = pl_module.q2b
+        qs = torch.quantile(self.q, torch.tensor([0.1, 0.5, 0.9])).to(q2b.gate_bias.device)
+        with torch.no_grad():
+            tables = {f"q={float(v):.3g}": q2b(v.reshape(1))[0].cpu() for v in qs}
+        plot_bit_heatmaps(tables, q2b.layers, q2b.bit_options, self.out_dir / f"bits_epoch{epoch:03d}.png",
+                          title=f"Q2B bits, epoch {epoch}")

@@ -1,0 +1,234 @@
+"""Q2B (QLIP): predicted quality q -> layer- and step-wise activation bits.
+
+The project's reading of supplementary Fig. S2 (DESIGN section 5). The K
+sorted bit options are split into a low side and a high side of ceil(K/2)
+options each (they share the middle option when K is odd):
+
+    {8, 16}            low {8}        high {16}         p_q alone
+    {8, 16, 32}        low {8, 16}    high {16, 32}     p_q + p_low[l,t] + p_high[l,t]
+    {6, 8, 16, 32}     low {6, 8}     high {16, 32}     p_q + p_low[l,t] + p_high[l,t]
+    {4, 6, 8, 16, 32}  low {4, 6, 8}  high {8, 16, 32}  two terms per side (p_low, p_mlow | p_mhigh, p_high)
+
+Per layer l, the quality gate p_q,l = sigmoid(a_l * z + b_l) picks the side,
+with z = (q - mu) / sigma standardized over the training prompts (the same
+family as sigmoid(a q + b), better conditioned when a T2Q's outputs cluster)
+and a_l = softplus(.) >= 0. Per (layer, step) logits pick the option within
+the side. Hard decisions: high side iff p_q >= 0.5, then the argmax within it.
+Every low-side option is <= every high-side option, so a layer's bits never
+decrease as q grows: text-awareness is structural, the thresholds are learned.
+
+Stored as q2b.safetensors (fp16 tables, the deployed form) + q2b.json."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.quant.quantizer import check_bits
+
+FORMAT = "qlip-q2b/1"
+WEIGHTS_FILE = "q2b.safetensors"
+META_FILE = "q2b.json"
+
+
+def check_target_fab(target: float, bit_options: Sequence[int]) -> float:
+    lo, hi = min(bit_options), max(bit_options)
+    if not lo <= target <= hi:
+        raise ValueError(f"target FAB {target} is outside [{lo}, {hi}], the range that bit options "
+                         f"{sorted(bit_options)} allow")
+    return float(target)
+
+
+class Q2BModule(nn.Module):
+    """`Q2BModule(q)` -> per-prompt bit tables [N, n_layers, n_steps] (hard decisions)."""
+
+    def __init__(self, layers: Sequence[str], n_steps: int, bit_options: Sequence[int], q_mean: float = 0.5,
+                 q_std: float = 0.25):
+        super().__init__()
+        opts = [check_bits(b, "Q2B bit option") for b in bit_options]
+        if len(set(opts)) != len(opts) or len(opts) < 2:
+            raise ValueError(f"Q2B needs at least two distinct bit options, got {list(bit_options)}")
+        if not layers or n_steps < 1:
+            raise ValueError(f"Q2B needs layers and steps (got {len(layers)} layers, {n_steps} steps)")
+        if not q_std > 0:
+            raise ValueError(f"q_std={q_std} must be > 0 (the training prompts' qualities do not vary)")
+        self.layers, self.n_steps, self.bit_options = list(layers), int(n_steps), sorted(opts)
+        K, L = len(opts), len(layers)
+        self.side = (K + 1) // 2  # options per side
+        self.gate_scale = nn.Parameter(torch.full((L,), math.log(math.e - 1)))  # softplus -> a_l = 1
+        self.gate_bias = nn.Parameter(torch.zeros(L))
+        # within-side logits; the side's lowest option has an implicit logit 0
+        self.low = nn.Parameter(torch.zeros(L, n_steps, self.side - 1))
+        self.high = nn.Parameter(torch.zeros(L, n_steps, self.side - 1))
+        self.register_buffer("q_mean", torch.tensor(float(q_mean)))
+        self.register_buffer("q_std", torch.tensor(float(q_std)))
+        self.register_buffer("options", torch.tensor(self.bit_options, dtype=torch.float32), persistent=False)
+
+    # -- the pieces ---------------------------------------------------------
+    def gate_logits(self, q: torch.Tensor) -> torch.Tensor:
+        """[N, L] logits of p_q (>= 0: high side)."""
+        q = torch.as_tensor(q, dtype=torch.float32, device=self.gate_bias.device).reshape(-1)
+        z = (q - self.q_mean) / self.q_std
+        return F.softplus(self.gate_scale) * z[:, None] + self.gate_bias
+
+    def side_logits(self, steps=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Within-side logits [L, S, side] of the low and the high side."""
+        pad = lambda t: F.pad(t[:, steps], (1, 0))  # noqa: E731
+        return pad(self.low), pad(self.high)
+
+    def _embed(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """Side distributions [..., side] -> distributions over all K options."""
+        shift = len(self.bit_options) - self.side
+        return F.pad(low, (0, shift)) + F.pad(high, (shift, 0))
+
+    # -- decisions ----------------------------------------------------------
+    def probs(self, q: torch.Tensor, steps=slice(None)) -> torch.Tensor:
+        """Expected decision: option probabilities [N, L, S, K]."""
+        p = torch.sigmoid(self.gate_logits(q))[:, :, None, None]
+        low, high = (t.softmax(-1) for t in self.side_logits(steps))
+        return self._embed((1 - p) * low, p * high)
+
+    def decide(self, q: torch.Tensor) -> torch.Tensor:
+        """Hard option indices [N, L, T]."""
+        high_side = self.gate_logits(q) >= 0
+        low, high = self.side_logits()
+        shift = len(self.bit_options) - self.side
+        return torch.where(high_side[:, :, None], high.argmax(-1) + shift, low.argmax(-1))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """Per-prompt bit tables [N, L, T] (int16 bit values)."""
+        return self.options[self.decide(q)].to(torch.int16)
+
+    def batch_policy(self, q: torch.Tensor) -> torch.Tensor:
+        """A batch's [L, T] table: per layer and step, the maximum over its prompts."""
+        return self(q).amax(dim=0)
+
+    def relaxed(self, q: torch.Tensor, steps=slice(None), tau: float = 1.0, noise: bool = True) -> torch.Tensor:
+        """Straight-through decision [N, L, S, K]: the hard one-hot in the forward
+        pass (a Gumbel sample of the two-level choice when `noise`, else the
+        deterministic decision), the tempered soft decision's gradient backward."""
+        gate = self.gate_logits(q)[:, :, None, None]
+        low, high = (t.expand(gate.shape[0], *t.shape) for t in self.side_logits(steps))
+        if noise:  # logistic noise on the binary gate = Gumbel noise on its two logits
+            u = torch.rand_like(gate).clamp(1e-6, 1 - 1e-6)
+            gate = gate + torch.log(u) - torch.log1p(-u)
+            low = low - torch.log(-torch.log(torch.rand_like(low).clamp(1e-6, 1 - 1e-6)))
+            high = high - torch.log(-torch.log(torch.rand_like(high).clamp(1e-6, 1 - 1e-6)))
+        p = torch.sigmoid(gate / tau)
+        soft = self._embed((1 - p) * (low / tau).softmax(-1), p * (high / tau).softmax(-1))
+        h = (gate >= 0).to(soft.dtype)
+        onehot = lambda t: F.one_hot(t.argmax(-1), t.shape[-1]).to(soft.dtype)  # noqa: E731
+        hard = self._embed((1 - h) * onehot(low), h * onehot(high))
+        return hard - soft.detach() + soft
+
+    # -- bookkeeping --------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Storage of the learned tables at their stored precision (fp16)."""
+        return sum(p.numel() for p in self.parameters()) * 2
+
+    def check_layout(self, layers: Sequence[str], n_steps: int, a_bit_options: Sequence[int],
+                     where: str = "the quantized UNet") -> None:
+        """Refuse a UNet (or state) whose layers, steps or bit options this Q2B does not fit."""
+        if list(layers) != self.layers:
+            missing = [n for n in self.layers if n not in layers]
+            extra = [n for n in layers if n not in self.layers]
+            detail = (f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra
+                      else "same layers, other order")
+            raise ValueError(f"this Q2B checkpoint was trained for another layer list than {where} ({detail})")
+        if int(n_steps) != self.n_steps:
+            raise ValueError(f"this Q2B checkpoint addresses {self.n_steps} sampling steps but {where} "
+                             f"was calibrated for {n_steps}")
+        lacking = [b for b in self.bit_options if b not in a_bit_options]
+        if lacking:
+            raise ValueError(f"{where} lacks the {lacking}-bit activation quantizers that Q2B may choose "
+                             f"(it has {sorted(a_bit_options)}); calibrate with --a-bit-options "
+                             f"{','.join(map(str, sorted(set(a_bit_options) | set(self.bit_options))))}")
+
+    def check_unet(self, unet: nn.Module) -> None:
+        """check_layout on a quantized UNet, plus: every bank holds calibrated
+        quantizers for every option Q2B may choose."""
+        from pipeline.quant.policy import act_banks, quant_layers
+
+        cfg = unet.quant_config
+        self.check_layout(list(quant_layers(unet)), cfg.n_steps, cfg.a_bit_options)
+        for name, bank in act_banks(unet).items():
+            for b in self.bit_options:
+                if b in bank.bit_options and not bool(bank.calibrated[bank.bit_options.index(b)].all()):
+                    raise ValueError(f"the calibrated state has no calibrated {b}-bit quantizer at {name}, "
+                                     f"an option Q2B may choose; calibrate it with that option")
+
+    def check_options(self, bit_options: Sequence[int]) -> None:
+        if sorted(int(b) for b in bit_options) != self.bit_options:
+            raise ValueError(f"this Q2B checkpoint was trained for bit options {self.bit_options}, "
+                             f"not {sorted(bit_options)}")
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}, steps={self.n_steps}, bit_options={self.bit_options}, side={self.side}"
+
+
+def relative_link(target: str | Path | None, q2b_dir: str | Path) -> str | None:
+    """How q2b.json records another artifact (the quantized state, the T2Q):
+    relative to the Q2B folder, so a run directory can move as a whole."""
+    import os
+
+    return None if target is None else os.path.relpath(Path(target).resolve(), Path(q2b_dir).resolve())
+
+
+def follow_link(q2b_dir: str | Path, recorded: str | None) -> str | None:
+    """The path of an artifact recorded by `relative_link`, usable from here."""
+    if recorded is None:
+        return None
+    return str(Path(recorded) if Path(recorded).is_absolute() else Path(q2b_dir) / recorded)
+
+
+def save_q2b(module: Q2BModule, path: str | Path, extra: dict | None = None) -> Path:
+    """Write q2b.safetensors (fp16 tables) + q2b.json into folder `path`. The
+    module's parameters are rounded to fp16 in place first, so the module in
+    memory decides exactly as the stored one will."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tensors = {k: v.half() if k in dict(module.named_parameters()) else v for k, v in tensors.items()}
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    meta = {"format": FORMAT, "bit_options": module.bit_options, "n_steps": module.n_steps, "layers": module.layers,
+            "memory_bytes": module.memory_bytes(), **(extra or {})}
+    (path / META_FILE).write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def read_q2b_meta(path: str | Path) -> dict:
+    path = Path(path)
+    for f in (path / META_FILE, path / WEIGHTS_FILE):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: {path} is not a Q2B checkpoint (run `pipeline.fit q2b`)")
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / META_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_q2b(path: str | Path, bit_options: Sequence[int] | None = None, device="cpu") -> Q2BModule:
+    """Load a Q2B checkpoint (`.meta` holds its JSON). `bit_options`, when given,
+    must be those it was trained for."""
+    meta = read_q2b_meta(path)
+    tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
+    module = Q2BModule(meta["layers"], meta["n_steps"], meta["bit_options"], float(tensors["q_mean"]),
+                       float(tensors["q_std"])).to(device)
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != have:
+        raise ValueError(f"{Path(path) / WEIGHTS_FILE} does not match its {META_FILE} (tensors {have} vs {want})")
+    module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    module.meta = meta
+    if bit_options is not None:
+        module.check_options(bit_options)
+    return module

@@ -1,0 +1,186 @@
+"""Training Q2B: relaxed decisions on the quality-weighted distortion, with the
+bit cost steered to a target FAB by a dual variable (T2Q and the UNet's
+quantizers frozen).
+
+Data: calibration data (data/calibration.py) at *every* sampling step, since
+each (layer, step) entry needs its own signal, with each prompt's quality q
+and FP guided noise prediction. One item = one prompt batch at one step (a
+UNet call runs one step).
+
+    loss = mean_i w(q_i) D_i / D_ref  +  lam * g  +  rho / 2 * g^2
+    D_i   = ||eps_q - eps_fp||^2 / ||eps_fp||^2 of prompt i's guided noise prediction
+    w(q)  = exp(kappa z(q)), normalized to mean 1 over the training prompts (increasing in q)
+    g     = (FAB_t - target) / (max option - min option), FAB_t the batch's FAB at this step
+    lam  <- lam + eta * (FAB - target) / range after every step, FAB = the batch's hard FAB
+
+Why these choices:
+- D_ref (distortion with every layer at the lowest option) makes the
+  distortion term O(1) on any model, so one dual step size fits all models.
+- lam may take either sign: the FAB is steered to the target from both sides
+  (an equality constraint). A budget (lam >= 0) was tried first: once a dual
+  overshoot drops the FAB below the target, lam sits at 0 and only the weak
+  distortion gradient climbs back, so short runs ended 2 bits under target.
+  Plain dual ascent (rho = 0) oscillated by +-8 bits: the dual variable
+  integrates the gap faster than Adam moves the tables. Read as a controller,
+  rho * g is the proportional term and lam the integral term; a dominant
+  proportional term (rho = 10, eta = 0.3) lands within ~0.5 bit of the target.
+- The cost term covers only the step being trained, so distortion and cost
+  gradients reach each (layer, step) entry equally often.
+- The forward pass uses the hard decision (straight-through), so the UNet sees
+  only deployable bit choices and the dual variable watches the hard FAB."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.accounting import weighted_fab
+from pipeline.q2b import Q2BModule
+from pipeline.quant import bit_mixture, get_bit_policy, set_bit_policy, set_quant_state, set_step
+
+
+def guided_eps(unet, x, t, cond, uncond, guidance: float) -> torch.Tensor:
+    eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def relative_error(eps: torch.Tensor, eps_fp: torch.Tensor) -> torch.Tensor:
+    """Per-sample ||eps - eps_fp||^2 / ||eps_fp||^2."""
+    return (eps - eps_fp).pow(2).flatten(1).sum(1) / eps_fp.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict]:
+    """One item per (prompt shard, step) of `data` (a CalibrationData), with the
+    FP guided noise prediction as target. Run it on the *FP* UNet (before the
+    quantized state and any PTQD correction are loaded)."""
+    meta = data.meta
+    guidance, bs = float(meta["signature"]["guidance"]), meta["batch_size"]
+    if len(quality) != meta["n_prompts"]:
+        raise ValueError(f"{len(quality)} quality values for {meta['n_prompts']} calibration prompts")
+    missing = sorted(set(range(meta["signature"]["steps"])) - set(data.steps))
+    if missing:
+        raise ValueError(f"Q2B needs calibration data at every step; {data.path} lacks steps {missing[:5]} "
+                         f"(collect it with cali_st = steps)")
+    items = []
+    for k, (step, x, t, cond, uncond) in enumerate(data.batches()):
+        b = k // len(data.steps)
+        x, cond, uncond = x.to(device), cond.to(device), uncond.to(device)
+        t = torch.tensor(t, device=device)
+        eps_fp = guided_eps(unet, x, t, cond, uncond, guidance)
+        items.append({"step": step, "x": x, "t": t, "cond": cond, "uncond": uncond,
+                      "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp})
+    return items
+
+
+@torch.no_grad()
+def reference_distortion(unet, items: list[dict], bits: int, guidance: float, n: int = 8) -> float:
+    """Mean D with every layer at `bits` (the lowest option) over up to `n` items spread over the steps."""
+    before = get_bit_policy(unet)
+    set_bit_policy(unet, bits)
+    set_quant_state(unet, True, True)
+    picks = items[:: max(1, len(items) // n)][:n]
+    d = []
+    for it in picks:
+        set_step(unet, it["step"])
+        d.append(relative_error(guided_eps(unet, it["x"], it["t"], it["cond"], it["uncond"], guidance), it["eps_fp"]))
+    set_bit_policy(unet, before)
+    return float(torch.cat(d).mean())
+
+
+class Q2BTraining(L.LightningModule):
+    """The UNet is frozen; only the Q2B tables and gates learn."""
+
+    def __init__(self, unet, q2b: Q2BModule, fab_weights: torch.Tensor, target_fab: float, guidance: float,
+                 d_ref: float, w_norm: float, kappa: float = 1.0, lr: float = 0.05, dual_lr: float = 0.3,
+                 rho: float = 10.0, tau: tuple[float, float] = (1.0, 0.2), noise: bool = True):
+        super().__init__()
+        self.unet, self.q2b = unet, q2b
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("fab_w", fab_weights.float())
+        self.target, self.guidance, self.d_ref, self.w_norm, self.kappa = target_fab, guidance, d_ref, w_norm, kappa
+        self.lr, self.dual_lr, self.rho, self.tau_range, self.noise = lr, dual_lr, rho, tau, noise
+        self.range = float(max(q2b.bit_options) - min(q2b.bit_options))
+        self.lam = 0.0
+        self.history: list[dict] = []
+        self._epoch: list[tuple] = []
+
+    def weight(self, q: torch.Tensor) -> torch.Tensor:
+        """w(q): increasing in q, mean 1 over the training prompts."""
+        return torch.exp(self.kappa * (q - self.q2b.q_mean) / self.q2b.q_std) / self.w_norm
+
+    def tau(self) -> float:
+        """Temperature, annealed geometrically over training."""
+        total = max(1, self.trainer.estimated_stepping_batches - 1)
+        frac = min(1.0, self.global_step / total)
+        return self.tau_range[0] * (self.tau_range[1] / self.tau_range[0]) ** frac
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.q2b.parameters(), lr=self.lr)
+
+    def training_step(self, batch, batch_idx):
+        step, q = int(batch["step"]), batch["q"]
+        tau = self.tau()
+        cols = slice(step, step + 1)
+        choice = self.q2b.relaxed(q, cols, tau, noise=self.noise)[:, :, 0]  # [n, L, K]
+        set_step(self.unet, step)
+        with bit_mixture(self.unet, torch.cat([choice, choice]).transpose(0, 1), self.q2b.bit_options):
+            eps = guided_eps(self.unet, batch["x"], batch["t"], batch["cond"], batch["uncond"], self.guidance)
+        d = relative_error(eps, batch["eps_fp"])
+        dist = (self.weight(q) * d).mean() / self.d_ref
+        bits = self.q2b.relaxed(q, cols, tau, noise=False) @ self.q2b.options  # [n, L, 1]
+        gap = (weighted_fab(bits, self.fab_w).mean() - self.target) / self.range
+        loss = dist + self.lam * gap + 0.5 * self.rho * gap ** 2
+        with torch.no_grad():  # dual ascent on the hard FAB of the batch's prompts (all steps)
+            fab = weighted_fab(self.q2b(q).float(), self.fab_w).mean()
+            fab = self.trainer.strategy.reduce(fab, reduce_op="mean")
+            self.lam = self.lam + self.dual_lr * float(fab - self.target) / self.range
+        self._epoch.append((float(d.detach().mean()), float(fab), float(dist.detach())))
+        self.log_dict({"distortion": d.mean(), "fab": fab, "lambda": self.lam, "tau": tau}, prog_bar=True,
+                      batch_size=len(q))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch:
+            d, fab, dist = (sum(v) / len(v) for v in zip(*self._epoch))
+            self.history.append({"epoch": self.current_epoch, "distortion": d, "weighted_distortion": dist,
+                                 "fab": fab, "lambda": self.lam, "tau": self.tau()})
+        self._epoch = []
+
+
+def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, target_fab: float,
+            guidance: float, epochs: int = 20, seed: int = 0, trainer_kwargs: dict | None = None,
+            callbacks: list | None = None, **hparams) -> Q2BTraining:
+    """Train `q2b` on `items` (training_items) against the quantized `unet`."""
+    from pipeline.q2b import check_target_fab
+
+    check_target_fab(target_fab, q2b.bit_options)
+    q2b.check_unet(unet)
+    d_ref = reference_distortion(unet, items, min(q2b.bit_options), guidance)
+    if not d_ref > 0:
+        raise ValueError(f"the quantized UNet at {min(q2b.bit_options)} bits matches FP exactly (D = {d_ref}); "
+                         f"there is nothing for Q2B to trade")
+    q_all = torch.cat([it["q"] for it in items]).cpu()
+    kappa = hparams.get("kappa", 1.0)
+    w_norm = float(torch.exp(kappa * (q_all - q2b.q_mean.cpu()) / q2b.q_std.cpu()).mean())
+    module = Q2BTraining(unet, q2b, fab_weights, target_fab, guidance, d_ref, w_norm, **hparams)
+    L.seed_everything(seed, verbose=False)
+    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False, "max_epochs": epochs,
+              "callbacks": callbacks or [], **(trainer_kwargs or {})}
+    trainer = L.Trainer(**kwargs)
+    loader = DataLoader(items, batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    trainer.fit(module, loader)
+    return module
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    from scipy.stats import spearmanr
+
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.numel() < 2 or a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)

@@ -1,0 +1,231 @@
+"""QLIP's T2Q: predict, from the prompt alone, the quality of the FP image.
+
+    pooled CLIP text embedding            (frozen text tower)
+    -> CLIP text projection (C x C)       (frozen) -> ReLU
+    -> Linear(C, 512) -> ReLU -> Linear(512, 1) -> sigmoid  =  q in [0, 1]
+
+trained with MSE against the GIQA score of the FP image normalized to [0, 1]
+over the training split (data/scored.py). The tower and the projection must
+come from one CLIP (a projection means nothing on another tower): on the
+embedded world the tower is the pipeline's text_encoder and the projection the
+world CLIP's `text_projection`; for real SD models, whose text encoder has no
+projection, both come from a CLIPTextModelWithProjection folder (`clip=`).
+
+    t2q = load_t2q("runs/x/t2q", model="embedded")
+    q = t2q.predict(["a red circle"])        # tensor [N] in [0, 1]
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTS, CONFIG = "t2q.safetensors", "t2q.json"
+FORMAT = "qlip-t2q/1"
+HIDDEN = 512
+
+
+class T2QCheckpointError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# The frozen text side
+# ---------------------------------------------------------------------------
+@dataclass
+class TextTower:
+    encoder: nn.Module  # a CLIPTextModel(-WithProjection): pooled output = final-LN EOS state
+    tokenizer: object
+    projection: nn.Linear  # C x P, no bias
+    source: dict  # how to load it again: {"model": ..., "clip": ...}
+
+
+def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTower:
+    """The frozen tower + projection T2Q reads: from `clip` (a local
+    CLIPTextModelWithProjection folder) when given, else from the embedded world."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError, clip_tokenizer
+
+    if clip:
+        path = Path(clip)
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"--clip {clip} is not a local CLIPTextModelWithProjection folder "
+                                     f"(config.json missing), e.g. a download of openai/clip-vit-large-patch14")
+        full = CLIPTextModelWithProjection.from_pretrained(str(path))
+        tok = CLIPTokenizer.from_pretrained(str(path)) if (path / "vocab.json").is_file() else clip_tokenizer()
+        tower = getattr(full, "text_model", full)  # the transformer alone: its pooler_output is the EOS state
+        return TextTower(tower, tok, full.text_projection, {"model": model, "clip": str(path)})
+    root = EMBEDDED_DIR if model == EMBEDDED else Path(model)
+    if not (root / "clip" / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {model!r} has no CLIP text projection ({root / 'clip'} is missing; SD text encoders have "
+            f"none): pass --clip PATH, a local CLIPTextModelWithProjection folder matching its text encoder")
+    from pipeline.pretrain import load_world_clip
+
+    world_clip, _ = load_world_clip(root)
+    encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"))
+    tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    return TextTower(encoder, tok, world_clip.text_projection, {"model": model, "clip": None})
+
+
+# ---------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------
+class T2QModule(L.LightningModule):
+    def __init__(self, tower: TextTower, hidden: int = HIDDEN, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 warmup_frac: float = 0.05):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tower"])
+        self.text_encoder, self.tokenizer, self.source = tower.encoder.eval(), tower.tokenizer, tower.source
+        self.text_encoder.requires_grad_(False)
+        c_in, c_proj = tower.projection.in_features, tower.projection.out_features
+        self.projection = nn.Linear(c_in, c_proj, bias=False)
+        self.projection.load_state_dict(tower.projection.state_dict())
+        self.projection.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(c_proj, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self._pooled: dict[str, torch.Tensor] = {}  # frozen tower: one pass per training prompt suffices
+        self._make_metrics()
+
+    def _make_metrics(self) -> None:
+        import warnings
+
+        from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
+
+        with warnings.catch_warnings():  # Spearman keeps every prediction: a few thousand floats here
+            warnings.filterwarnings("ignore", message=".*will save all targets and predictions.*")
+            self.val_metrics = MetricCollection({"mse": MeanSquaredError(), "pearson": PearsonCorrCoef(),
+                                                 "spearman": SpearmanCorrCoef()}, prefix="val/")
+
+    def train(self, mode: bool = True) -> "T2QModule":
+        super().train(mode)
+        self.text_encoder.eval()  # frozen parts never switch to training behaviour
+        return self
+
+    # -- text -> pooled embedding -----------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], cache: bool = True) -> torch.Tensor:
+        """Pooled CLIP text embeddings [N, C]; with `cache`, kept per prompt (training
+        revisits the same prompts every epoch; `predict` on arbitrary prompts does not)."""
+        store = self._pooled if cache else {}
+        todo = [p for p in dict.fromkeys(prompts) if p not in store]
+        for i in range(0, len(todo), 256):
+            chunk = todo[i:i + 256]
+            ids = self.tokenizer(chunk, padding="longest", truncation=True, max_length=self.tokenizer.model_max_length,
+                                 return_tensors="pt").input_ids.to(self.device)
+            pooled = self.text_encoder(input_ids=ids).pooler_output
+            store.update(zip(chunk, pooled.detach().float().cpu()))
+        return torch.stack([store[p] for p in prompts]).to(self.device)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(F.relu(self.projection(pooled)))).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Predicted quality [N] in [0, 1] of each prompt's FP image."""
+        was_training = self.training
+        self.eval()
+        q = self(self.encode(list(prompts), cache=False)).cpu()
+        self.train(was_training)
+        return q
+
+    def memory_bytes(self) -> int:
+        """Parameter bytes of the projection + the trained head (QLIP reports 1.5 MB)."""
+        return sum(p.numel() * p.element_size() for m in (self.projection, self.head) for p in m.parameters())
+
+    # -- training -----------------------------------------------------------------
+    def training_step(self, batch, _):
+        loss = F.mse_loss(self(self.encode(batch["prompt"])), batch["target"])
+        self.log("train/mse", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def validation_step(self, batch, _):
+        self.val_metrics.update(self(self.encode(batch["prompt"])), batch["target"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)  # compute() syncs across processes
+        self.val_metrics.reset()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.AdamW(self.head.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=h.lr, total_steps=total,
+                                                    pct_start=h.warmup_frac, anneal_strategy="cos")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ---------------------------------------------------------------------------
+# safetensors + JSON (no pickle)
+# ---------------------------------------------------------------------------
+def save_t2q(module: T2QModule, out_dir: str | Path, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"projection.{k}": v for k, v in module.projection.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in module.head.state_dict().items()})
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / WEIGHTS))
+    config = {"format": FORMAT, "text_tower": module.source, "embed_dim": module.projection.in_features,
+              "proj_dim": module.projection.out_features, "hidden": module.hparams.hidden,
+              "memory_bytes": module.memory_bytes(), **(extra or {})}
+    (out / CONFIG).write_text(json.dumps(config, indent=1))
+    return out
+
+
+def load_t2q(path: str | Path, model: str | None = None, clip: str | None = None) -> T2QModule:
+    """A trained T2Q (eval mode) with the frozen text tower it needs.
+
+    `model` / `clip` default to what it was trained with. A tower whose CLIP
+    projection differs from the saved one (another or a retrained model) is
+    refused: the head's inputs would mean something else."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    for f in (WEIGHTS, CONFIG):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"{d / f} is missing: {d} is not a T2Q folder (train one with "
+                                    f"`python -m pipeline.fit t2q`)")
+    config = json.loads((d / CONFIG).read_text())
+    if config.get("format") != FORMAT:
+        raise T2QCheckpointError(f"{d / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
+    src = config["text_tower"]
+    tower = load_text_tower(model or src["model"], clip if clip is not None else src.get("clip"))
+    state = load_file(str(d / WEIGHTS))
+    saved = state["projection.weight"]
+    if saved.shape != tower.projection.weight.shape or not torch.allclose(saved, tower.projection.weight.float(),
+                                                                           atol=1e-5):
+        raise T2QCheckpointError(
+            f"the T2Q in {d} was trained on another text encoder than {tower.source} (its CLIP projection "
+            f"differs, e.g. the model was retrained); retrain it with `python -m pipeline.fit t2q`")
+    module = T2QModule(tower, hidden=config["hidden"])
+    module.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+    return module.eval()
+
+
+# ---------------------------------------------------------------------------
+# Baselines T2Q must beat
+# ---------------------------------------------------------------------------
+def token_lengths(prompts: Sequence[str], tokenizer) -> list[int]:
+    """Tokens per prompt, BOS/EOS excluded, untruncated (the paper's prompt-length criterion)."""
+    return [len(ids) - 2 for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
+
+
+def baselines(train_prompts, train_y, val_prompts, val_y, tokenizer) -> dict:
+    """Validation MSE of a constant (the train mean) and of a linear regression on token length."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    ty, vy = np.asarray(train_y, dtype=np.float64), np.asarray(val_y, dtype=np.float64)
+    tl, vl = np.asarray(token_lengths(train_prompts, tokenizer)), np.asarray(token_lengths(val_prompts, tokenizer))
+    slope, intercept = np.polyfit(tl, ty, 1) if np.ptp(tl) > 0 else (0.0, ty.mean())
+    pred = slope * vl + intercept
+    rho = spearmanr(vl, vy).statistic if np.ptp(vl) > 0 else float("nan")
+    return {"constant_mse": float(((vy - ty.mean()) ** 2).mean()), "length_mse": float(((vy - pred) ** 2).mean()),
+            "length_spearman": float(rho)}
