@@ -344,7 +344,9 @@ def main() -> None:
     ap.add_argument("--relax-end", default="x0")
     ap.add_argument("--n-images", type=int, default=80, help="eval images (FID needs > --fid-dims)")
     ap.add_argument("--fid-dims", type=int, default=64, help="Inception pool tap: 64 | 192 | 768 | 2048")
-    ap.add_argument("--timing-iters", type=int, default=40, help="AdaRound iterations per timed run")
+    ap.add_argument("--timing-iters", type=int, default=None,
+                    help="AdaRound iterations per timed run (default --iters-w: the Trainer set-up is amortized "
+                         "as in a real run)")
     ap.add_argument("--timing-rounds", type=int, default=5)
     ap.add_argument("--work", default=None, help="calibration data + progress (resumable); "
                     "default runs/bench/calibration_<model>_work")
@@ -374,7 +376,8 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=1))  # what is done survives a kill
         print(table(f"{a.model}, W{w}A{abits}: {a.steps} steps, {a.iters_w} AdaRound + {a.iters_a} LSQ iterations, "
                     f"{a.n_images} images", rows, a), flush=True)
-    timing = report["iteration"] = iteration_times(b, settings[0][0], a.timing_iters, a.timing_rounds)
+    timing = report["iteration"] = iteration_times(b, settings[0][0], a.timing_iters or a.iters_w,
+                                                         a.timing_rounds)
     print(f"\nAdaRound iteration on {timing['block']} ({timing['rounds']} alternated rounds of "
           f"{timing['iters_per_run']} iterations, medians): Lightning {timing['lightning_median_s'] * 1e3:.1f} ms vs "
           f"plain {timing['plain_median_s'] * 1e3:.1f} ms, ratio {timing['ratio_of_medians']:.2f} "

@@ -7,8 +7,6 @@ shares), bits.safetensors (each batch's [layers, steps] bit table),
 bits_heatmap.png and bit_shares.png."""
 from __future__ import annotations
 
-from pipeline.qlip import load_quantized_pipeline  # noqa: F401  (the loader generation uses; kept importable here)
-
 USES_TRAINER = False
 
 
@@ -30,14 +28,13 @@ def run(cfg):
 
     from callbacks.images import save_grid
     from data.prompts import load_prompts
+    from pipeline.qlip import QLIPPipeline, load_quantized_pipeline
     from pipeline.runs import prepare_artifact, write_manifest
     from pipeline.sampling import generate
 
     prompts = load_prompts(cfg.prompts, limit=cfg.n, split="val", seed=cfg.seed)
     qlip = None
     if cfg.q2b:
-        from pipeline.qlip import QLIPPipeline
-
         qlip = QLIPPipeline.from_pretrained(cfg.q2b, model=cfg.model, quant_state=cfg.quant_state, t2q=cfg.t2q,
                                             allow_download=cfg.allow_download)
         pipe = qlip.pipe
