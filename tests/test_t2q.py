@@ -185,6 +185,8 @@ def test_score_stage_writes_a_resumable_scored_set(tmp_path, monkeypatch):
         return real_generate(*a, **k)
 
     monkeypatch.setattr(pipeline.sampling, "generate", counting)
+    real_finish = stage.finish
+
     def crash(*a, **k):
         raise RuntimeError("killed")
 
@@ -198,7 +200,7 @@ def test_score_stage_writes_a_resumable_scored_set(tmp_path, monkeypatch):
     assert len(list((tmp_path / "scored" / "shards").glob("reference_*.safetensors"))) == 2  # 16 / 8
     shards[-1].unlink()  # as if killed during the last shard
     calls.clear()
-    monkeypatch.setattr(stage, "finish", stage.finish.__wrapped__ if hasattr(stage.finish, "__wrapped__") else real_finish)
+    monkeypatch.setattr(stage, "finish", real_finish)
     main(args)  # resumes: only the missing shard is generated again
     assert len(calls) == 1
     out = tmp_path / "scored"
