@@ -54,7 +54,7 @@ class WorldQualityMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every <= 0 or step % self.every != 0 and step != trainer.max_steps:
+        if self.every <= 0 or not (step % self.every == 0 or step == trainer.max_steps):
             return
         metrics = self.measure(pl_module)
         self.history.append({"step": step, **metrics})
