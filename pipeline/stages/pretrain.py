@@ -33,6 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vae-batch-size", type=int, default=32)
     parser.add_argument("--unet-batch-size", type=int, default=64)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--clip-hard-negatives", type=bool, default=False,
+                        help="also contrast each image with its caption's shapes swapped (off for the shipped model)")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="caption -> empty prompt rate (CFG)")
@@ -97,7 +99,8 @@ def run(cfg) -> dict:
     t0 = time.time()
     L.seed_everything(cfg.seed)
     trainer, steps = _trainer(cfg, cfg.clip_steps, art, "clip")
-    clip_mod = P.WorldCLIP(cfg.resolution, lr=cfg.clip_lr, total_steps=cfg.clip_steps)
+    clip_mod = P.WorldCLIP(cfg.resolution, lr=cfg.clip_lr, total_steps=cfg.clip_steps,
+                           hard_negatives=cfg.clip_hard_negatives, seed=cfg.seed)
     trainer.fit(clip_mod, _loader(train, cfg.clip_batch_size, cfg.seed))
     clip = clip_mod.clip.eval()
     metrics.update(clip_loss=_last(trainer, "clip/loss"), clip_train_acc=_last(trainer, "clip/acc"))
@@ -111,6 +114,10 @@ def run(cfg) -> dict:
         caps = [b["caption"] for b in batch]
         pick = o.logits_per_image.argmax(-1).tolist()
         metrics["clip_val_i2t_acc"] = sum(caps[p] == caps[i] for i, p in enumerate(pick)) / n
+    from pipeline.world_eval import clip_zero_shot
+
+    zero_shot = clip_zero_shot(clip, seed=cfg.seed, resolution=cfg.resolution)
+    metrics.update(clip_zero_shot_shape=zero_shot["shape"], clip_zero_shot_colour=zero_shot["colour"])
     timings["clip_s"] = time.time() - t0
     print(f"[pretrain] CLIP done in {timings['clip_s']:.0f}s: {metrics}", flush=True)
 
