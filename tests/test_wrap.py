@@ -5,7 +5,7 @@ from torch import nn
 
 from pipeline.models import meta_unet, unet_example_inputs
 from pipeline.quant import (QuantAttnProcessor, QuantConfig, QuantLayer, act_banks, get_bit_policy, observing,
-                            quant_layers, quantize_unet, set_bit_policy, set_quant_state, set_step,
+                            quant_layers, quantize_unet, set_bit_policy, set_step,
                             skip_concat_splits)
 
 
@@ -136,6 +136,22 @@ def test_bit_choice_reaches_the_forward(tiny_pipe, fp_reference):
     assert errs[32] < 1e-6 < errs[8] < errs[4]
 
 
+def test_fused_and_explicit_attention_agree(fp_reference):
+    """Softmax at 32 bits runs the fused kernel, at 16 the explicit matrix: the same attention up to
+    16-bit rounding of the probabilities, and both beside diffusers' own FP processor."""
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant.attention import QuantAttnProcessor
+
+    ins, ref = fp_reference
+    errs = {}
+    for sm in (32, 16):
+        unet = _calibrated(tiny_pipeline(0), 32, 32, softmax_bits=sm)
+        procs = [m for m in unet.modules() if isinstance(m, QuantAttnProcessor)]
+        assert procs and all(p.softmax_quantized() == (sm < 32) for p in procs)
+        errs[sm] = _rel_err(unet, ins, ref)
+    assert errs[32] < 1e-6 and 0 < errs[16] < 1e-3, errs
+
+
 def test_bad_policies_and_options_are_refused(tiny_pipe):
     unet = tiny_pipe.unet
     with pytest.raises(ValueError, match="a_bits=7 is not one of"):
@@ -175,8 +191,6 @@ def test_time_aware_banks_use_the_step(tiny_pipe):
 def test_bos_aware_keeps_bos_kv_in_full_precision(tiny_pipe):
     from diffusers.models.attention_processor import Attention
 
-    unet = tiny_pipe.unet
-    attn = next(m for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2"))
     enc = torch.randn(2, 77, 64)
     enc[:, 0] *= 50  # the BOS outlier
     keys = {}

@@ -30,7 +30,7 @@ def min_images(dims: int) -> int:
 def low_rank_hint(n: int) -> str:
     fid = [d for d in POOL_DIMS if n >= min_images(d)]
     grids = [g for g in range(SPATIAL_SIDE, 1, -1) if n >= min_images(feature_dims("spatial", g))]
-    parts = [f"FID: --fid-dims {fid[-1]}" if fid else f"FID: no option, the smallest (64 dims) needs 65 images"]
+    parts = [f"FID: --fid-dims {fid[-1]}" if fid else "FID: no option, the smallest (64 dims) needs 65 images"]
     parts.append(f"sFID: --sfid-grid {grids[0]}" if grids else "sFID: none (the smallest grid 2x2 needs 29 images)")
     return "; ".join(parts)
 
@@ -62,12 +62,14 @@ class FrechetDistance(FrechetInceptionDistance):
     the standard 2023-dim set)."""
 
     def __init__(self, tap: int | str = 2048, spatial_grid: int = SPATIAL_SIDE, name: str | None = None,
-                 feature: torch.nn.Module | None = None, **kwargs):
+                 feature: torch.nn.Module | None = None, full_rank_only: bool = True, **kwargs):
         if feature is None:
             feature = InceptionFeatures(tap, spatial_grid)
         super().__init__(feature=feature, reset_real_features=True, normalize=False, **kwargs)
         self.num_features = int(feature.num_features)
         self.name = name or ("sFID" if tap == "spatial" else "FID")
+        # False: allow n <= dims (rank-deficient covariances), as a benchmark that fixes the image count may ask
+        self.full_rank_only = full_rank_only
 
     def update(self, imgs: torch.Tensor | None = None, real: bool = False, *,
                features: torch.Tensor | None = None) -> None:
@@ -97,7 +99,17 @@ class FrechetDistance(FrechetInceptionDistance):
     def compute(self) -> torch.Tensor:
         n_real, n_fake = int(self.real_features_num_samples), int(self.fake_features_num_samples)
         for n, which in ((n_real, "the reference set"), (n_fake, "the evaluated set")):
-            check_enough_images(n, self.num_features, self.name, which)
+            if self.full_rank_only or n < 2:
+                check_enough_images(n, self.num_features, self.name, which)
         mu1, s1 = self.statistics(real=True)
         mu2, s2 = self.statistics(real=False)
         return _compute_fid(mu1, s1, mu2, s2)
+
+
+def frechet_from_features(reference, evaluated, full_rank_only: bool = True) -> float:
+    """Frechet distance between two feature sets [N, D] (arrays or tensors), through FrechetDistance."""
+    reference, evaluated = torch.as_tensor(reference), torch.as_tensor(evaluated)
+    metric = FrechetDistance(feature=PrecomputedFeatures(reference.shape[1]), full_rank_only=full_rank_only)
+    metric.update(features=reference, real=True)
+    metric.update(features=evaluated, real=False)
+    return float(metric.compute())

@@ -10,6 +10,7 @@ same for every prompt, and its outliers would otherwise set the ranges."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.quant.config import QuantConfig
@@ -28,6 +29,11 @@ class QuantAttnProcessor(nn.Module):
         self.time_aware = config.time_aware
         self.ctx = ctx
         self.enabled = True
+
+    def softmax_quantized(self) -> bool:
+        """Whether the softmax output is fake-quantized (or observed): only then is the attention
+        matrix materialized; otherwise the fused kernel computes the same attention."""
+        return self.enabled and (self.softmax.observing or self.softmax.bit_options[0] < 32)
 
     def banks(self) -> list[ActQuantBank]:
         return [self.q, self.k, self.v, self.softmax]
@@ -70,12 +76,19 @@ class QuantAttnProcessor(nn.Module):
         key = self._project_kv(attn, attn.to_k, self.k, encoder_hidden_states, cross)
         value = self._project_kv(attn, attn.to_v, self.v, encoder_hidden_states, cross)
 
-        query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        if self.enabled:
+        if self.softmax_quantized():
+            query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
+            probs = attn.get_attention_scores(query, key, attention_mask)
             slot = min(self.ctx.step, self.softmax.n_slots - 1) if self.time_aware else 0
             probs = self.softmax(probs, 0, slot, inplace=True)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        else:  # nothing touches the probabilities: the fused kernel, as diffusers' AttnProcessor2_0
+            query, key, value = (attn.head_to_batch_dim(t, out_dim=4) for t in (query, key, value))
+            if attention_mask is not None:
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=attn.scale)
+            hidden_states = hidden_states.transpose(1, 2).flatten(2)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
 
         if input_ndim == 4:
