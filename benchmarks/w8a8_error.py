@@ -4,7 +4,10 @@ Calibrates naive min-max ranges on random inputs, as tests/test_wrap.py does,
 then reports the UNet output's relative error against FP for W8A8 and its
 neighbours, and which single layer at 8-bit activations (all others at 16)
 costs the most. Prints a table and writes JSON.
-Usage: python benchmarks/w8a8_error.py [--out runs/bench/w8a8_error.json]"""
+With --embedded it also measures the trained embedded world UNet: naive
+min-max calibration on 16 world train prompts (10 DDIM steps), noise-prediction
+error on held-out calibration calls (8 test prompts, 5 steps, both CFG halves).
+Usage: python benchmarks/w8a8_error.py [--embedded] [--out runs/bench/w8a8_error.json]"""
 from __future__ import annotations
 
 import argparse
@@ -41,9 +44,40 @@ def rel_error(unet, inputs, ref) -> float:
         return float((unet(*inputs).sample - ref).norm() / ref.norm())
 
 
+def embedded_errors(work: Path, steps: int = 10) -> dict[str, float]:
+    """Naive W8A8 / W16A8 / W8A16 on the embedded world: eps error on held-out FP calibration calls."""
+    from data.calibration import CalibrationData, collect
+    from data.prompts import load_prompts
+    from pipeline.calibration.naive import calibrate_naive
+    from pipeline.models import load_pipeline
+    from pipeline.quant import set_step
+
+    fp = load_pipeline("embedded")
+    if not (work / "meta.json").is_file():
+        collect(fp, load_prompts("world", limit=8, split="test"), work, steps=steps, cali_st=5, guidance=5.0, seed=1)
+    held = CalibrationData(work)
+    with torch.no_grad():
+        ref = [fp.unet(*args).sample for _, args in held.unet_calls()]
+    prompts = load_prompts("world", limit=16, split="train")
+    rows = {}
+    for w, a in ((8, 8), (16, 8), (8, 16)):
+        pipe = load_pipeline("embedded")
+        calibrate_naive(pipe, QuantConfig(w_bits=w, a_bits=a, n_steps=steps), prompts, steps, 5.0,
+                        trainer_kwargs={"enable_progress_bar": False})
+        num = den = 0.0
+        with torch.no_grad():
+            for (step, args), r in zip(held.unet_calls(), ref):
+                set_step(pipe.unet, step)
+                num += float((pipe.unet(*args).sample - r).pow(2).sum())
+                den += float(r.pow(2).sum())
+        rows[f"W{w}A{a}"] = (num / den) ** 0.5
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/bench/w8a8_error.json")
+    ap.add_argument("--embedded", action="store_true", help="also measure the trained embedded world UNet")
     args = ap.parse_args()
     inputs = random_inputs(123)
     with torch.no_grad():
@@ -69,9 +103,15 @@ def main() -> None:
     print(f"\nW16A16 (range clipping only): {all16:.4f}; one layer at A8, the rest at A16:")
     for name, err in worst:
         print(f"  {err:.4f}  {name}")
+    embedded = None
+    if args.embedded:
+        embedded = embedded_errors(Path(args.out).parent / "w8a8_error_embedded_held")
+        print("\nembedded world UNet, naive, eps error on held-out calls: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in embedded.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": rows, "w16a16": all16, "one_layer_at_a8": per_layer}, indent=1))
+    out.write_text(json.dumps({"settings": rows, "w16a16": all16, "one_layer_at_a8": per_layer,
+                               "embedded": embedded}, indent=1))
     print(f"wrote {out}")
 
 
