@@ -40,6 +40,7 @@ from data import world  # noqa: E402
 from pipeline import world_eval as E  # noqa: E402
 from pipeline.metrics.frechet import frechet_from_features  # noqa: E402
 from pipeline.metrics.giqa import GMMGIQA  # noqa: E402
+from pipeline.scoring import inception_features  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -95,7 +96,7 @@ def cached_classifier(args, cache: Path):
 def cached_features(images: np.ndarray, path: Path, desc: str) -> np.ndarray:
     if path.is_file():
         return np.load(path)
-    f = E.inception_features(images, desc=desc)
+    f = inception_features(images, desc=desc).double().numpy()
     np.save(path, f)
     return f
 
@@ -155,7 +156,8 @@ def main(argv=None) -> dict:
     timings["generate_s_per_image"] = timings["generate_s"] / (5 * per)
     save_grid(rows_of(renders[:32]), Path(args.img_dir) / "world_renders.png", scale=3)
 
-    f_gen = {r: E.inception_features(gens[r], desc=f"inception (richness {r})") for r in world.RICHNESS_LEVELS}
+    f_gen = {r: inception_features(gens[r], desc=f"inception (richness {r})").double().numpy()
+             for r in world.RICHNESS_LEVELS}
     all_gen = np.concatenate([f_gen[r] for r in world.RICHNESS_LEVELS])
     results["fid_gen_vs_render"] = frechet_from_features(f_render, all_gen, full_rank_only=False)
     results["fid_n"] = len(all_gen)

@@ -22,9 +22,11 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.world import swap_shapes
 from pipeline.models import SD_SCHEDULER_CONFIG, clip_tokenizer
 
 # ---------------------------------------------------------------------------
@@ -110,10 +112,6 @@ class WorldCLIP(_Scheduled):
         self.clip = CLIPModel(config)
 
     def training_step(self, batch, _):
-        import numpy as np
-
-        from data.world import swap_shapes
-
         captions = list(batch["caption"])
         n = len(captions)
         if self.hparams.hard_negatives:  # seeded per step, so a rerun draws the same negatives

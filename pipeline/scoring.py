@@ -82,14 +82,17 @@ def read_shards(out_dir: str | Path, names: list[str]) -> torch.Tensor:
     return torch.cat([load_file(str(d / f"{n}.safetensors"))["features"] for n in names])
 
 
-def inception_features(images: np.ndarray, backbone=None, batch: int = 32) -> torch.Tensor:
-    """Pool features [N, 2048] (CPU float32) of uint8 images [N, H, W, 3]."""
+def inception_features(images: np.ndarray, backbone=None, batch: int = 32, desc: str | None = None) -> torch.Tensor:
+    """Pool features [N, 2048] (CPU float32) of uint8 images [N, H, W, 3]; `desc` shows a progress bar."""
+    from tqdm.auto import tqdm
+
     from pipeline.metrics.inception import shared_backbone
 
     backbone = backbone or shared_backbone()
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     device = next(backbone.parameters(), torch.empty(0)).device
-    return torch.cat([backbone(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    starts = tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=desc is None)
+    return torch.cat([backbone(x[i:i + batch].to(device)).float().cpu() for i in starts])
 
 
 def scored_set_giqa(scored_dir: str | Path):

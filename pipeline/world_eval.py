@@ -1,6 +1,6 @@
-"""Measuring the embedded world: an attribute classifier trained on renders,
-Inception features as the evaluation computes them. FID is
-pipeline/metrics/frechet.py, GMM-GIQA pipeline/metrics/giqa.py.
+"""Measuring the embedded world: an attribute classifier trained on renders and
+the world CLIP's zero-shot accuracy. Inception features are pipeline/scoring.py's,
+FID pipeline/metrics/frechet.py, GMM-GIQA pipeline/metrics/giqa.py.
 
 The classifier never sees a generated image: it learns shape and colour of
 single-object renders (with blur / noise / colour jitter so that it tolerates
@@ -131,23 +131,6 @@ def clip_zero_shot(clip, n: int = 200, seed: int = 0, resolution: int = 32) -> d
     ps = torch.einsum("nd,nsd->ns", img, shape_txt[torch.from_numpy(colours)]).argmax(-1).numpy()
     pc = torch.einsum("nd,ncd->nc", img, colour_txt[torch.from_numpy(shapes)]).argmax(-1).numpy()
     return {"shape": float((ps == shapes).mean()), "colour": float((pc == colours).mean())}
-
-
-# ---------------------------------------------------------------------------
-# The standard FID Inception, as the evaluation runs it (pipeline/metrics/inception.py)
-# ---------------------------------------------------------------------------
-def inception_features(images_uint8: np.ndarray, batch: int = 50, desc: str | None = None) -> np.ndarray:
-    """2048-d pool features of uint8 [N, H, W, 3] images, float64 [N, 2048]."""
-    from tqdm.auto import tqdm
-
-    from pipeline.metrics.inception import InceptionFeatures
-
-    inception = InceptionFeatures(2048)
-    out = []
-    for i in tqdm(range(0, len(images_uint8), batch), desc=desc or "inception", leave=False, disable=desc is None):
-        x = torch.from_numpy(np.ascontiguousarray(images_uint8[i : i + batch])).permute(0, 3, 1, 2)
-        out.append(inception(x).double().numpy())
-    return np.concatenate(out)
 
 
 def timed(fn, *args, **kw):

@@ -134,7 +134,7 @@ def write_report(root: Path, out: Path, cfg, methods: dict) -> str:
              "## Bits QLIP chose", "", "![bits](bits_heatmap.png)", "", "![shares](bit_shares.png)"]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"evaluate": ev["rows"] if "rows" in ev else ev,
+    (out / "results.json").write_text(json.dumps({"evaluate": ev["rows"],
                                                   "qlip": q2b, "methods": {k: str(v) for k, v in methods.items()}},
                                                  indent=1, default=str))
     return text
