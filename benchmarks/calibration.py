@@ -220,12 +220,12 @@ def ptqd_row(b: Bench, qdiff_pipe, qdiff: dict) -> dict:
 
 
 def progressive_row(b: Bench, w_bits: int, a_bits: int, weights: dict) -> dict:
-    """Time-aware activation quantizers set step by step on quantized trajectories (PCR). In the
-    calibrate stage progressive calibration follows qdiff and re-sets every activation quantizer, so
-    the row's state is the shared AdaRound weights + progressive ranges (no LSQ)."""
+    """Time-aware activation quantizers set step by step on quantized trajectories (PCR): the shared
+    AdaRound weights, then per step range init + LSQ step sizes (--iters-a spread over the steps), as
+    the calibrate stage's --progressive does."""
     pipe = with_weights(b, weights, b.qconfig(w_bits, a_bits, time_aware=True))
     t0 = time.time()
-    calibrate_progressive(pipe, b.prompts, b.a.steps, b.a.guidance)
+    calibrate_progressive(pipe, b.prompts, b.a.steps, b.a.guidance, iters_a=b.a.iters_a, trainer_kwargs=NO_PROGRESS)
     seconds = time.time() - t0
     return {**measure(pipe, b), "progressive_s": seconds,
             "calibration_s": sum(weights["seconds"].values()) + seconds}

@@ -1,6 +1,5 @@
 """Calibration: data collection, AdaRound/BRECQ reconstruction, resume, PTQD, PCR."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -212,3 +211,56 @@ def test_progressive_calibrates_each_step_on_quantized_trajectories():
     assert all(b.calibrated.all() for b in banks.values())
     conv_in = quant_layers(pipe.unet)["conv_in"].act.scale.detach()[0]
     assert len(set(conv_in.tolist())) == 4  # one quantizer per step, each from its own data
+
+
+@pytest.mark.slow
+def test_progressive_learns_step_sizes_per_step_and_resumes(tmp_path, monkeypatch):
+    """Q-Diffusion + PCR: each step's slot gets range init + LSQ on its own quantized-trajectory
+    inputs (the learned step sizes are kept, not reset to min-max); an interrupted run continues with
+    the first unfinished step and ends where an uninterrupted run ends."""
+    from pipeline.calibration import pcr
+
+    prompts = load_prompts("builtin", 4)
+
+    def fresh():
+        pipe = tiny_pipeline(0)
+        quantize_unet(pipe.unet, QuantConfig(w_bits=8, a_bits=6, n_steps=3, time_aware=True))
+        return pipe
+
+    ranges_only = fresh()
+    calibrate_progressive(ranges_only, prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "full")
+    learned = fresh()
+    learned_slots = []
+    real_learn = pcr.learn_activations
+    monkeypatch.setattr(pcr, "learn_activations",
+                        lambda *a, slots, **k: learned_slots.append(tuple(slots)) or real_learn(*a, slots=slots, **k))
+    calibrate_progressive(learned, prompts, 3, 5.0, batch_size=2, iters_a=6, a_lr=1e-3)
+    assert sorted(set(learned_slots)) == [(0,), (1,), (2,)]
+    lsq = quant_layers(learned.unet)["conv_in"].act.scale.detach()[0]
+    init = quant_layers(ranges_only.unet)["conv_in"].act.scale.detach()[0]
+    assert len(set(lsq.tolist())) == 3 and not torch.allclose(lsq, init, rtol=1e-3)
+
+    real_denoise = pcr.denoise
+    stops = []
+
+    def interrupt_at_step_2(*a, stop=None, **k):
+        stops.append(stop)
+        if stop == 2:
+            raise KeyboardInterrupt
+        return real_denoise(*a, stop=stop, **k)
+
+    monkeypatch.setattr(pcr, "denoise", interrupt_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_progressive(fresh(), prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "progressive.json").read_text())["done"] == 2
+    monkeypatch.setattr(pcr, "denoise", lambda *a, stop=None, **k: stops.append(stop) or real_denoise(*a, stop=stop, **k))
+    stops.clear()
+    resumed = fresh()
+    calibrate_progressive(resumed, prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
+    assert set(stops) == {2}  # steps 0 and 1 were not recomputed
+    a, b = quantizer_state(ranges_only.unet), quantizer_state(resumed.unet)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-7), k
+    with pytest.raises(ValueError, match="iters_a=0"):
+        calibrate_progressive(fresh(), prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut", iters_a=6)

@@ -8,46 +8,107 @@ Relaxing: a fraction tau of the steps, at the x_0 end (SD-like) or the x_T
 end (SDXL-like), run at a higher activation bit-width."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.calibration.blocks import reconstruction_units
+from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.quant import act_banks, set_bit_policy, set_quant_state
+from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
 from pipeline.sampling import denoise, encode_prompts, initial_latents
 
 
+class _StepCalls:
+    """The CFG UNet calls of one sampling step, in CalibrationData's `unet_calls` form."""
+
+    def __init__(self, step: int, calls: list[tuple]):
+        self.step, self.calls = step, calls
+
+    def unet_calls(self, device="cpu"):
+        for x, t, emb in self.calls:
+            yield self.step, (x.to(device), t.to(device) if torch.is_tensor(t) else t, emb.to(device))
+
+
 def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int = 0, batch_size: int = 8,
-                          resolution: int | None = None) -> None:
+                          resolution: int | None = None, iters_a: int = 0, a_lr: float = 4e-4,
+                          trainer_kwargs: dict | None = None, partial_dir: str | Path | None = None,
+                          is_rank_zero: bool = True) -> None:
+    """Set the time-aware activation quantizers step by step in sampling order.
+
+    iters_a = 0: ranges (min-max / L_p) from the whole quantized UNet observing
+    step i's inputs. iters_a > 0 (Q-Diffusion states): per reconstruction unit,
+    range init and then LSQ step sizes for slot i against the full-precision
+    unit outputs, about iters_a / steps iterations per (unit, bit option, step),
+    so the learned step sizes survive and see the quantized trajectory's inputs.
+    With `partial_dir`, the state after each finished step is kept there and a
+    rerun continues with the first unfinished step."""
     unet = pipe.unet
     cfg = unet.quant_config
     if not cfg.time_aware or cfg.n_steps != steps:
         raise ValueError(f"progressive calibration needs time-aware quantizers for {steps} steps "
                          f"(QuantConfig(time_aware=True, n_steps={steps}))")
     banks = act_banks(unet)
+    done = _load_progress(unet, partial_dir, steps, iters_a)
     batches = []
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b:b + batch_size]
         cond, uncond = encode_prompts(pipe, chunk)
         seeds = [seed * 1_000_003 + b + j for j in range(len(chunk))]
         batches.append((cond, uncond, initial_latents(pipe, seeds, resolution)))
-    for i in tqdm(range(steps), desc="progressive", leave=False):
+    for i in tqdm(range(done, steps), desc="progressive", initial=done, total=steps, leave=False):
         for bank in banks.values():
             bank.observing = False
         set_quant_state(unet, True, True)
-        inputs = []
+        calls = []
         for cond, uncond, lat in batches:  # steps 0..i-1 run quantized (slots already calibrated)
             x = denoise(pipe, cond, uncond, lat, steps, guidance, stop=i)
             t = pipe.scheduler.timesteps[i]
-            inputs.append((pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t, torch.cat([uncond, cond])))
-        for bank in banks.values():
-            bank.observing = True
-        unet.quant_context.timesteps = []
-        unet.quant_context.step = i
-        with torch.no_grad():
-            for args in inputs:
-                unet(*args)
-        for bank in banks.values():
-            bank.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates, slots=[i])
+            calls.append((pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t, torch.cat([uncond, cond])))
+        if iters_a > 0:
+            per_step = max(1, iters_a // steps)
+            for name, unit in reconstruction_units(unet).items():
+                items = capture_unit_io(unet, unit, _StepCalls(i, calls), next(unet.parameters()).device)
+                learn_activations(unet, name, unit, items, per_step, a_lr, trainer_kwargs, seed + i, slots=[i])
+        else:
+            for bank in banks.values():
+                bank.observing = True
+            unet.quant_context.timesteps = []
+            unet.quant_context.step = i
+            with torch.no_grad():
+                for args in calls:
+                    unet(*args)
+            for bank in banks.values():
+                bank.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates, slots=[i])
+        if is_rank_zero:
+            _save_progress(unet, partial_dir, i + 1, steps, iters_a)
     set_quant_state(unet, True, True)
+
+
+def _load_progress(unet, partial_dir, steps: int, iters_a: int) -> int:
+    """Number of steps already done in `partial_dir` (their quantizers loaded), else 0."""
+    if partial_dir is None or not (Path(partial_dir) / "progressive.json").is_file():
+        return 0
+    meta = json.loads((Path(partial_dir) / "progressive.json").read_text())
+    if (meta["steps"], meta["iters_a"]) != (steps, iters_a):
+        raise ValueError(f"{partial_dir} holds progressive calibration with steps={meta['steps']}, "
+                         f"iters_a={meta['iters_a']} (now {steps}, {iters_a}); pass --overwrite true to start over")
+    assign_quantizer_tensors(unet, load_file(str(Path(partial_dir) / "progressive.safetensors")))
+    return int(meta["done"])
+
+
+def _save_progress(unet, partial_dir, done: int, steps: int, iters_a: int) -> None:
+    if partial_dir is None:
+        return
+    d = Path(partial_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in quantizer_state(unet).items()}, str(d / "progressive.safetensors"))
+    tmp = d / "progressive.tmp"
+    tmp.write_text(json.dumps({"done": done, "steps": steps, "iters_a": iters_a}))
+    tmp.replace(d / "progressive.json")  # written last: a kill leaves the previous step's record
 
 
 def relaxed_steps(n_steps: int, tau: float, end: str = "x0") -> list[int]:

@@ -40,12 +40,7 @@ def _split(items: list[dict], every: int = 5):
 
 def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
                      a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0) -> dict:
-    """Weights (AdaRound), then activation ranges and step sizes, of one unit.
-
-    Step sizes are learned for the bit options below 16 (16-bit quantizers are
-    already near-lossless at their range init, and an absolute Adam step of
-    4e-4 would swamp their ~1e-5 scales); the fixed-bit softmax bank keeps its
-    range init for the same reason."""
+    """Weights (AdaRound), then activation ranges and step sizes, of one unit."""
     cfg = unet.quant_config
     ctx = unet.quant_context
     device = next(unet.parameters()).device
@@ -69,7 +64,27 @@ def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_
             l.w_quant.finish_learning_rounding()
         metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
         metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
-    # 2. activation ranges: observe the unit's inputs, L_p / min-max init per (bit, slot)
+    # 2.-3. activation ranges, then LSQ step sizes
+    metrics.update(learn_activations(unet, name, unit, items, iters_a, a_lr, trainer_kwargs, seed))
+    metrics["seconds"] = time.time() - t0
+    return metrics
+
+
+def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_lr: float = 4e-4,
+                      trainer_kwargs: dict | None = None, seed: int = 0, slots: list[int] | None = None) -> dict:
+    """Activation quantizers of one unit: range init (L_p / min-max) from the unit's
+    inputs in `items`, then LSQ step sizes, one phase per (bit option, slot).
+
+    `slots` restricts both to those time slots (PCR's progressive calibration
+    sets one step at a time); None means every slot. Step sizes are learned for
+    the bit options below 16 (16-bit quantizers are already near-lossless at
+    their range init, and an absolute Adam step of 4e-4 would swamp their ~1e-5
+    scales); the fixed-bit softmax bank keeps its range init for the same reason."""
+    cfg = unet.quant_config
+    ctx = unet.quant_context
+    layers = unit_layers(unit)
+    for l in layers:  # weights as reconstructed, activations on
+        l.quant_weight = l.w_quant.n_bits < 32
     banks = unit_banks(unit)
     set_unit_act(unit, True)
     for b in banks:
@@ -79,13 +94,15 @@ def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_
             ctx.step = int(it["step"])
             unit(*it["args"], **it["kwargs"])
     for b in banks:
-        b.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates)
-    # 3. LSQ step sizes, one phase per (bit option, slot)
+        b.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates, slots=slots)
+    metrics = {}
     learn_options = [k for k, b in enumerate(cfg.a_bit_options) if b < 16]
     learn_banks = [b for b in banks if b.bit_options == cfg.a_bit_options]  # not the fixed softmax bank
     if iters_a > 0 and learn_options and learn_banks:
-        n_slots = max(b.n_slots for b in learn_banks)
-        slots = list(range(n_slots)) if n_slots > 1 else [None]
+        train, held = _split(items)
+        if slots is None:
+            n_slots = max(b.n_slots for b in learn_banks)
+            slots = list(range(n_slots)) if n_slots > 1 else [None]
         per = max(1, iters_a // len(slots))
         phases = [Phase("act", per, k=k, slot=s) for k in learn_options for s in slots]
         metrics["mse_act_init"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
@@ -99,7 +116,6 @@ def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_
         for l, pol in zip(layers, saved):
             l.policy = pol
         metrics["mse_act_lsq"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
-    metrics["seconds"] = time.time() - t0
     return metrics
 
 

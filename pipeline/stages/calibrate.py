@@ -93,6 +93,10 @@ def run(cfg):
         trainer = calibrate_naive(pipe, qcfg, prompts, cfg.steps, cfg.guidance, cfg.batch_size, cfg.seed,
                                   trainer_kwargs)
         is_zero = trainer.is_global_zero
+        if cfg.progressive:
+            from pipeline.calibration.pcr import calibrate_progressive
+
+            calibrate_progressive(pipe, prompts, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size)
     else:
         from data.calibration import CalibrationData, collect
         from pipeline.calibration.ptqd import ptqd_statistics
@@ -104,13 +108,17 @@ def run(cfg):
         data = CalibrationData(cali_dir, pipe, steps=cfg.steps, guidance=cfg.guidance)
         quantize_unet(pipe.unet, qcfg)
         is_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
-        metrics["units"] = calibrate_qdiff(pipe.unet, data, Path(cfg.run_dir) / "partial", cfg.iters_w, cfg.iters_a,
+        # with --progressive, the step sizes are learned step by step afterwards instead (PCR)
+        iters_a = 0 if cfg.progressive else cfg.iters_a
+        metrics["units"] = calibrate_qdiff(pipe.unet, data, Path(cfg.run_dir) / "partial", cfg.iters_w, iters_a,
                                            trainer_kwargs=trainer_kwargs, seed=cfg.seed, is_rank_zero=is_zero,
                                            signature={"model": cfg.model, "prompts": prompts})
         if cfg.progressive:
             from pipeline.calibration.pcr import calibrate_progressive
 
-            calibrate_progressive(pipe, prompts, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size)
+            calibrate_progressive(pipe, prompts, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size,
+                                  iters_a=cfg.iters_a, trainer_kwargs=trainer_kwargs,
+                                  partial_dir=Path(cfg.run_dir) / "partial", is_rank_zero=is_zero)
         if cfg.method == "ptqd":
             extra_tensors = ptqd_statistics(pipe.unet, data)
     if cfg.relax_tau:
