@@ -5,8 +5,9 @@ then reports the UNet output's relative error against FP for W8A8 and its
 neighbours, and which single layer at 8-bit activations (all others at 16)
 costs the most. Prints a table and writes JSON.
 With --embedded it also measures the trained embedded world UNet: naive
-min-max calibration on 16 world train prompts (10 DDIM steps), noise-prediction
-error on held-out calibration calls (8 test prompts, 5 steps, both CFG halves).
+min-max calibration on 16 world train prompts (10 DDIM steps), and Q-Diffusion's
+learned activation step sizes on the same prompts; noise-prediction error on
+held-out calibration calls (8 test prompts, 5 steps, both CFG halves).
 Usage: python benchmarks/w8a8_error.py [--embedded] [--out runs/bench/w8a8_error.json]"""
 from __future__ import annotations
 
@@ -44,33 +45,53 @@ def rel_error(unet, inputs, ref) -> float:
         return float((unet(*inputs).sample - ref).norm() / ref.norm())
 
 
-def embedded_errors(work: Path, steps: int = 10) -> dict[str, float]:
-    """Naive W8A8 / W16A8 / W8A16 on the embedded world: eps error on held-out FP calibration calls."""
+def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> dict[str, float]:
+    """W8A8 and neighbours on the embedded world: eps error on held-out FP calibration calls.
+
+    Naive min-max rows, then Q-Diffusion's activation recipe at W8A8 (L_p range init + LSQ step
+    sizes per unit, `iters_a` iterations; round-to-nearest weights: AdaRound matters at 4 bits, not 8),
+    and that recipe with conv_in's input at 16 bits (conv_in sees the raw latent x_t)."""
     from data.calibration import CalibrationData, collect
     from data.prompts import load_prompts
     from pipeline.calibration.naive import calibrate_naive
+    from pipeline.calibration.qdiff import calibrate_qdiff
     from pipeline.models import load_pipeline
     from pipeline.quant import set_step
 
     fp = load_pipeline("embedded")
-    if not (work / "meta.json").is_file():
-        collect(fp, load_prompts("world", limit=8, split="test"), work, steps=steps, cali_st=5, guidance=5.0, seed=1)
-    held = CalibrationData(work)
+    collect(fp, load_prompts("world", limit=8, split="test"), work, steps=steps, cali_st=5, guidance=5.0, seed=1)
+    held = CalibrationData(work, fp, steps=steps)  # refuses data of another model
     with torch.no_grad():
         ref = [fp.unet(*args).sample for _, args in held.unet_calls()]
     prompts = load_prompts("world", limit=16, split="train")
-    rows = {}
-    for w, a in ((8, 8), (16, 8), (8, 16)):
-        pipe = load_pipeline("embedded")
-        calibrate_naive(pipe, QuantConfig(w_bits=w, a_bits=a, n_steps=steps), prompts, steps, 5.0,
-                        trainer_kwargs={"enable_progress_bar": False})
+
+    def error(unet) -> float:
         num = den = 0.0
         with torch.no_grad():
             for (step, args), r in zip(held.unet_calls(), ref):
-                set_step(pipe.unet, step)
-                num += float((pipe.unet(*args).sample - r).pow(2).sum())
+                set_step(unet, step)
+                num += float((unet(*args).sample - r).pow(2).sum())
                 den += float(r.pow(2).sum())
-        rows[f"W{w}A{a}"] = (num / den) ** 0.5
+        return (num / den) ** 0.5
+
+    rows = {}
+    quiet = {"enable_progress_bar": False}
+    for w, a in ((8, 8), (16, 8), (8, 16)):
+        pipe = load_pipeline("embedded")
+        calibrate_naive(pipe, QuantConfig(w_bits=w, a_bits=a, n_steps=steps), prompts, steps, 5.0,
+                        trainer_kwargs=quiet)
+        rows[f"W{w}A{a}"] = error(pipe.unet)
+    cali = work.parent / (work.name + "_train")
+    collect(fp, prompts, cali, steps=steps, cali_st=5, guidance=5.0, seed=0)  # reused when present
+    pipe = load_pipeline("embedded")
+    quantize_unet(pipe.unet, QuantConfig(w_bits=8, a_bits=8, a_bit_options=[8, 16], n_steps=steps, act_init="lp",
+                                         weight_rounding="adaround"))
+    calibrate_qdiff(pipe.unet, CalibrationData(cali), cali / "partial", iters_w=0, iters_a=iters_a,
+                    trainer_kwargs=quiet)
+    set_bit_policy(pipe.unet, 8)
+    rows["W8A8, Q-Diffusion activations (L_p + LSQ)"] = error(pipe.unet)
+    set_bit_policy(pipe.unet, {"conv_in": 16})
+    rows["W8A8, Q-Diffusion activations, conv_in input at 16 bits"] = error(pipe.unet)
     return rows
 
 

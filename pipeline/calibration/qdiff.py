@@ -133,7 +133,9 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     (partial / "units").mkdir(parents=True, exist_ok=True)
     progress_file = partial / "progress.json"
     signature = json.loads(json.dumps({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a,
-                                       "w_lr": w_lr, "a_lr": a_lr, "seed": seed, **(signature or {})}))
+                                       "w_lr": w_lr, "a_lr": a_lr, "seed": seed,
+                                       "data": data.meta["signature"],  # the model's weight hash among others
+                                       **(signature or {})}))
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {
         "signature": signature, "done": [], "metrics": {}}
     if progress["signature"] != signature:
