@@ -179,6 +179,7 @@ def test_ptqd_statistics_and_correction(cali_dir):
     u = _naive(QuantConfig(w_bits=3, a_bits=6, n_steps=STEPS), data)
     stats = ptqd_statistics(u, data)
     assert stats["ptqd_k"].shape == (3,) and (stats["ptqd_k"] >= 0).all()
+    assert torch.equal(stats["ptqd_k"], stats["ptqd_k_raw"].clamp(min=0))
     assert stats["ptqd_bias"].shape == (3, 4)
     before = _unet_error(u, data)
     handle = apply_ptqd(u, stats)

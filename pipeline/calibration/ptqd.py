@@ -28,16 +28,18 @@ def ptqd_statistics(unet, data, device="cpu") -> dict[str, torch.Tensor]:
             a = acc[step]
             a["d"].append((eps_q - eps_fp).cpu())
             a["e"].append(eps_fp.cpu())
-    ks, biases, stds = [], [], []
+    ks, raw, biases, stds = [], [], [], []
     for s in steps:
         d, e = torch.cat(acc[s]["d"]).double(), torch.cat(acc[s]["e"]).double()
-        k = max(0.0, float((d * e).sum() / (e * e).sum()))
+        raw.append(float((d * e).sum() / (e * e).sum()))
+        k = max(0.0, raw[-1])  # DESIGN: clipped at 0 (the raw slope is kept for reports)
         r = d - k * e
         bias = r.mean(dim=(0, 2, 3))
         ks.append(k)
         biases.append(bias.float())
         stds.append(float((r - bias.reshape(1, -1, 1, 1)).std()))
     return {"ptqd_steps": torch.tensor(steps, dtype=torch.long), "ptqd_k": torch.tensor(ks),
+            "ptqd_k_raw": torch.tensor(raw),
             "ptqd_bias": torch.stack(biases), "ptqd_std": torch.tensor(stds)}
 
 
