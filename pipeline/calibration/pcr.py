@@ -52,6 +52,7 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
         raise ValueError(f"progressive calibration needs time-aware quantizers for {steps} steps "
                          f"(QuantConfig(time_aware=True, n_steps={steps}))")
     banks = act_banks(unet)
+    device = next(unet.parameters()).device
     done = _load_progress(unet, partial_dir, steps, iters_a)
     batches = []
     for b in range(0, len(prompts), batch_size):
@@ -71,7 +72,7 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
         if iters_a > 0:
             per_step = max(1, iters_a // steps)
             for name, unit in reconstruction_units(unet).items():
-                items = capture_unit_io(unet, unit, _StepCalls(i, calls), next(unet.parameters()).device)
+                items = capture_unit_io(unet, unit, _StepCalls(i, calls), device)
                 learn_activations(unet, name, unit, items, per_step, a_lr, trainer_kwargs, seed + i, slots=[i])
         else:
             for bank in banks.values():
