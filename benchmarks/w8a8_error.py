@@ -3,11 +3,15 @@
 Calibrates naive min-max ranges on random inputs, as tests/test_wrap.py does,
 then reports the UNet output's relative error against FP for W8A8 and its
 neighbours, and which single layer at 8-bit activations (all others at 16)
-costs the most. Prints a table and writes JSON.
+costs the most; whether the W8A8 error is the root-sum-square of those per-layer
+contributions (independent rounding noise); and how many of the most sensitive
+layers (ranked on other inputs) need 16-bit activations to bring W8A8 under 2%.
+Prints a table and writes JSON.
 With --embedded it also measures the trained embedded world UNet: naive
 min-max calibration on 16 world train prompts (10 DDIM steps), and Q-Diffusion's
 learned activation step sizes on the same prompts; noise-prediction error on
-held-out calibration calls (8 test prompts, 5 steps, both CFG halves).
+held-out calibration calls (8 test prompts, 5 steps, both CFG halves); and the
+same sensitivity-ranked 16-bit layers (ranked on train-prompt calls).
 Usage: python benchmarks/w8a8_error.py [--embedded] [--out runs/bench/w8a8_error.json]"""
 from __future__ import annotations
 
@@ -21,8 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.models import tiny_pipeline  # noqa: E402
-from pipeline.quant import QuantConfig, act_banks, observing, quantize_unet, set_bit_policy  # noqa: E402
-from pipeline.quant.policy import quant_layers  # noqa: E402
+from pipeline.accounting import fab, layer_stats  # noqa: E402
+from pipeline.quant import (QuantConfig, act_banks, activation_sensitivity, get_bit_policy, observing,  # noqa: E402
+                            quantize_unet, set_bit_policy)
+
+TARGET = 0.02
 
 
 def random_inputs(seed: int, n: int = 4):
@@ -45,6 +52,27 @@ def rel_error(unet, inputs, ref) -> float:
         return float((unet(*inputs).sample - ref).norm() / ref.norm())
 
 
+def mixed_a16(unet, rank_error, held_error, target: float = TARGET) -> dict:
+    """Rank layers by the error their 8-bit activations add alone (on `rank_error`'s inputs), predict the
+    all-A8 error as the root-sum-square of the additions, then keep the fewest top-ranked layers at A16
+    whose predicted error is under 90% of `target`; report that policy's error on `held_error`'s inputs."""
+    all8 = (set_bit_policy(unet, 8), rank_error())[1]
+    floor = (set_bit_policy(unet, 16), rank_error())[1]
+    sens = activation_sensitivity(unet, rank_error, low=8, high=16)
+    added = {n: max(e * e - floor * floor, 0.0) for n, e in sens.items()}
+    ranked = sorted(added, key=added.get, reverse=True)
+    k = next((k for k in range(len(ranked) + 1)
+              if floor ** 2 + sum(added[n] for n in ranked[k:]) < (0.9 * target) ** 2), len(ranked))
+    set_bit_policy(unet, 8)
+    set_bit_policy(unet, {n: 16 for n in ranked[:k]})
+    out = {"all_a8": all8, "a16_everywhere": floor, "rss_prediction": (floor ** 2 + sum(added.values())) ** 0.5,
+           "layers": len(ranked), "layers_at_a16": k, "held_out_error": held_error(),
+           "fab": fab(layer_stats(unet), get_bit_policy(unet), ranked)["fab"], "a16_layers": ranked[:k],
+           "one_layer_at_a8": sens}
+    set_bit_policy(unet, 8)
+    return out
+
+
 def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> dict[str, float]:
     """W8A8 and neighbours on the embedded world: eps error on held-out FP calibration calls.
 
@@ -65,10 +93,10 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> dict[str
         ref = [fp.unet(*args).sample for _, args in held.unet_calls()]
     prompts = load_prompts("world", limit=16, split="train")
 
-    def error(unet) -> float:
+    def error(unet, data=held, refs=ref) -> float:
         num = den = 0.0
         with torch.no_grad():
-            for (step, args), r in zip(held.unet_calls(), ref):
+            for (step, args), r in zip(data.unet_calls(), refs):
                 set_step(unet, step)
                 num += float((unet(*args).sample - r).pow(2).sum())
                 den += float(r.pow(2).sum())
@@ -92,7 +120,35 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> dict[str
     rows["W8A8, Q-Diffusion activations (L_p + LSQ)"] = error(pipe.unet)
     set_bit_policy(pipe.unet, {"conv_in": 16})
     rows["W8A8, Q-Diffusion activations, conv_in input at 16 bits"] = error(pipe.unet)
-    return rows
+    # Rank on a few train-prompt calls (one per calibrated step), judge on the held-out test-prompt calls.
+    rank_data = CalibrationData(cali)
+    rank_calls = {}
+    for step, args in rank_data.unet_calls():
+        rank_calls.setdefault(step, args)
+    with torch.no_grad():
+        rank_refs = {s_: fp.unet(*a).sample for s_, a in rank_calls.items()}
+
+    def rank_error() -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for step, args in rank_calls.items():
+                set_step(pipe.unet, step)
+                num += float((pipe.unet(*args).sample - rank_refs[step]).pow(2).sum())
+                den += float(rank_refs[step].pow(2).sum())
+        return (num / den) ** 0.5
+
+    mixed = mixed_a16(pipe.unet, rank_error, lambda: error(pipe.unet))
+    rows["W8A8, Q-Diffusion activations, sensitive layers at A16"] = mixed["held_out_error"]
+    return rows, mixed
+
+
+def report_mixed(what: str, m: dict) -> None:
+    worst = sorted(m["one_layer_at_a8"].items(), key=lambda kv: -kv[1])[:6]
+    print(f"\n{what}: W8A8 {m['all_a8']:.4f}, root-sum-square of the {m['layers']} one-layer-at-A8 additions "
+          f"{m['rss_prediction']:.4f} (W8A16 floor {m['a16_everywhere']:.4f}); worst single layers: " +
+          ", ".join(f"{n} {e:.4f}" for n, e in worst))
+    print(f"  {m['layers_at_a16']} of {m['layers']} layers at A16 -> held-out error {m['held_out_error']:.4f} "
+          f"at FAB {m['fab']:.2f} (target < {TARGET})")
 
 
 def main() -> None:
@@ -109,30 +165,27 @@ def main() -> None:
                 "W16A8": (QuantConfig(w_bits=16, a_bits=8), "minmax"),
                 "W8A16": (QuantConfig(w_bits=8, a_bits=16), "minmax")}
     rows = {name: rel_error(calibrated(cfg, init), inputs, ref) for name, (cfg, init) in settings.items()}
-    unet = calibrated(QuantConfig(w_bits=16, a_bits=16, a_bit_options=[8, 16]))
-    set_bit_policy(unet, 16)
-    all16 = rel_error(unet, inputs, ref)
-    per_layer = {}
-    for name in quant_layers(unet):
-        set_bit_policy(unet, {name: 8})
-        per_layer[name] = rel_error(unet, inputs, ref)
-        set_bit_policy(unet, {name: 16})
-    worst = sorted(per_layer.items(), key=lambda kv: -kv[1])[:8]
+    rows["W16A16 (range clipping only)"] = rel_error(calibrated(QuantConfig(w_bits=16, a_bits=16)), inputs, ref)
+    rank_inputs = random_inputs(7)
+    with torch.no_grad():
+        rank_ref = tiny_pipeline(0).unet(*rank_inputs).sample
+    unet = calibrated(QuantConfig(w_bits=8, a_bits=8, a_bit_options=[8, 16]))
+    mixed = mixed_a16(unet, lambda: rel_error(unet, rank_inputs, rank_ref), lambda: rel_error(unet, inputs, ref))
+    rows["W8A8, sensitive layers at A16"] = mixed["held_out_error"]
     print("| setting | UNet output rel. error |\n|---|---|")
     for name, err in rows.items():
         print(f"| {name} | {err:.4f} |")
-    print(f"\nW16A16 (range clipping only): {all16:.4f}; one layer at A8, the rest at A16:")
-    for name, err in worst:
-        print(f"  {err:.4f}  {name}")
-    embedded = None
+    report_mixed("tiny UNet (ranked on other random inputs)", mixed)
+    embedded = embedded_mixed = None
     if args.embedded:
-        embedded = embedded_errors(Path(args.out).parent / "w8a8_error_embedded_held")
-        print("\nembedded world UNet, naive, eps error on held-out calls: " +
+        embedded, embedded_mixed = embedded_errors(Path(args.out).parent / "w8a8_error_embedded_held")
+        print("\nembedded world UNet, eps error on held-out calls: " +
               ", ".join(f"{k} {v:.4f}" for k, v in embedded.items()))
+        report_mixed("embedded world, Q-Diffusion activations (ranked on train-prompt calls)", embedded_mixed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": rows, "w16a16": all16, "one_layer_at_a8": per_layer,
-                               "embedded": embedded}, indent=1))
+    out.write_text(json.dumps({"settings": rows, "mixed_a16": mixed, "embedded": embedded,
+                               "embedded_mixed_a16": embedded_mixed}, indent=1))
     print(f"wrote {out}")
 
 

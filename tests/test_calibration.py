@@ -265,3 +265,9 @@ def test_progressive_learns_step_sizes_per_step_and_resumes(tmp_path, monkeypatc
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-7), k
     with pytest.raises(ValueError, match="iters_a=0"):
         calibrate_progressive(fresh(), prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut", iters_a=6)
+    with pytest.raises(ValueError, match="prompts="):
+        calibrate_progressive(fresh(), prompts[:2], 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
+    other_start = fresh()
+    quant_layers(other_start.unet)["conv_in"].w_quant.scale.data.mul_(1.01)  # e.g. other Q-Diffusion weights
+    with pytest.raises(ValueError, match="start_state_sha256"):
+        calibrate_progressive(other_start, prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")

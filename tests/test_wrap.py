@@ -103,7 +103,48 @@ def test_error_grows_as_bits_drop(fp_reference):
     assert all(x < y for x, y in zip(a_err, a_err[1:])), a_err
     assert w_err[0] < 1e-2 and a_err[0] < 1e-2  # clipping of inputs outside the calibrated range only
     w8a8 = _rel_err(_calibrated(tiny_pipeline(0), 8, 8), ins, ref)
-    assert w8a8 < 0.05, w8a8  # random weights and random inputs: see test_embedded for the trained model
+    assert w8a8 < 0.04, w8a8  # ~3.5%: the per-tensor noise floor, see the next test
+
+
+def test_w8a8_error_is_the_per_layer_noise_floor_and_mixed_a16_gets_under_2_percent(fp_reference):
+    """W8A8 with every activation per-tensor at 8 bits sits at ~3.4% on this UNet, and that is the sum of
+    independent rounding noise: the root-sum-square of what each layer's 8-bit quantizer adds alone predicts it.
+    Keeping the most sensitive layers' activations at 16 bits (ranked on calibration inputs) reaches < 2% on
+    held-out inputs at a modest FAB."""
+    from pipeline.accounting import fab, layer_stats
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import activation_sensitivity
+
+    held, ref_held = fp_reference
+    g = torch.Generator().manual_seed(7)
+    cal = (torch.randn(4, 4, 16, 16, generator=g), torch.tensor([500] * 4), torch.randn(4, 77, 64, generator=g))
+    with torch.no_grad():
+        ref_cal = tiny_pipeline(0).unet(*cal).sample
+    unet = _calibrated(tiny_pipeline(0), 8, 8, a_bit_options=[8, 16])
+    assert _rel_err(unet, held, ref_held) < 0.04
+
+    def cal_error():
+        return _rel_err(unet, cal, ref_cal)
+
+    all8 = cal_error()
+    set_bit_policy(unet, 16)
+    floor = cal_error()  # weights at 8 bits only
+    sens = activation_sensitivity(unet, cal_error, low=8, high=16)
+    assert (get_bit_policy(unet) == 16).all()  # the policy in force is restored
+    added = {n: max(e * e - floor * floor, 0.0) for n, e in sens.items()}
+    rss = (floor ** 2 + sum(added.values())) ** 0.5
+    assert abs(all8 - rss) / rss < 0.1, (all8, rss)  # independent noise: no interaction between quantizers
+    assert max(added.values()) < 0.25 * sum(added.values())  # no single broken layer: the floor is spread out
+
+    ranked = sorted(added, key=added.get, reverse=True)
+    k = next(k for k in range(len(ranked) + 1)
+             if floor ** 2 + sum(added[n] for n in ranked[k:]) < 0.018 ** 2)
+    set_bit_policy(unet, 8)
+    set_bit_policy(unet, {n: 16 for n in ranked[:k]})
+    mixed = _rel_err(unet, held, ref_held)
+    cost = fab(layer_stats(unet), get_bit_policy(unet), list(sens))["fab"]
+    assert mixed < 0.02, (k, mixed)
+    assert k <= 0.3 * len(ranked) and cost < 11.5, (k, cost)
 
 
 def test_bit_policy_changes_exactly_what_it_names(tiny_pipe):

@@ -8,6 +8,7 @@ Relaxing: a fraction tau of the steps, at the x_0 end (SD-like) or the x_T
 end (SDXL-like), run at a higher activation bit-width."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.quant import act_banks, set_bit_policy, set_quant_state
-from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
+from pipeline.quant.state import assign_quantizer_tensors, model_fingerprint, quantizer_state
 from pipeline.sampling import denoise, encode_prompts, initial_latents
 
 
@@ -36,7 +37,7 @@ class _StepCalls:
 def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int = 0, batch_size: int = 8,
                           resolution: int | None = None, iters_a: int = 0, a_lr: float = 4e-4,
                           trainer_kwargs: dict | None = None, partial_dir: str | Path | None = None,
-                          is_rank_zero: bool = True) -> None:
+                          is_rank_zero: bool = True, signature: dict | None = None) -> None:
     """Set the time-aware activation quantizers step by step in sampling order.
 
     iters_a = 0: ranges (min-max / L_p) from the whole quantized UNet observing
@@ -45,7 +46,9 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
     unit outputs, about iters_a / steps iterations per (unit, bit option, step),
     so the learned step sizes survive and see the quantized trajectory's inputs.
     With `partial_dir`, the state after each finished step is kept there and a
-    rerun continues with the first unfinished step."""
+    rerun continues with the first unfinished step; progress made under other
+    settings, another model or another starting state (e.g. other Q-Diffusion
+    weights) is refused. `signature` adds the caller's own settings to that check."""
     unet = pipe.unet
     cfg = unet.quant_config
     if not cfg.time_aware or cfg.n_steps != steps:
@@ -53,7 +56,12 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
                          f"(QuantConfig(time_aware=True, n_steps={steps}))")
     banks = act_banks(unet)
     device = next(unet.parameters()).device
-    done = _load_progress(unet, partial_dir, steps, iters_a)
+    signature = json.loads(json.dumps({
+        "steps": steps, "iters_a": iters_a, "a_lr": a_lr, "guidance": guidance, "seed": seed,
+        "batch_size": batch_size, "resolution": resolution, "prompts": list(prompts),
+        "quant_config": cfg.to_dict(), "weights_sha256": model_fingerprint(unet)["weights_sha256"],
+        "start_state_sha256": _state_hash(unet), **(signature or {})}))
+    done = _load_progress(unet, partial_dir, signature)
     batches = []
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b:b + batch_size]
@@ -85,30 +93,42 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
             for bank in banks.values():
                 bank.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates, slots=[i])
         if is_rank_zero:
-            _save_progress(unet, partial_dir, i + 1, steps, iters_a)
+            _save_progress(unet, partial_dir, i + 1, signature)
     set_quant_state(unet, True, True)
 
 
-def _load_progress(unet, partial_dir, steps: int, iters_a: int) -> int:
+def _state_hash(unet) -> str:
+    """Checksum of every quantizer tensor: the state progressive calibration starts from."""
+    h = hashlib.sha256()
+    for k, v in sorted(quantizer_state(unet).items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_progress(unet, partial_dir, signature: dict) -> int:
     """Number of steps already done in `partial_dir` (their quantizers loaded), else 0."""
     if partial_dir is None or not (Path(partial_dir) / "progressive.json").is_file():
         return 0
     meta = json.loads((Path(partial_dir) / "progressive.json").read_text())
-    if (meta["steps"], meta["iters_a"]) != (steps, iters_a):
-        raise ValueError(f"{partial_dir} holds progressive calibration with steps={meta['steps']}, "
-                         f"iters_a={meta['iters_a']} (now {steps}, {iters_a}); pass --overwrite true to start over")
+    old = meta.get("signature", {})
+    diff = sorted(k for k in signature if old.get(k) != signature[k])
+    if diff:
+        shown = ", ".join(f"{k}={old.get(k)!r:.40} (now {signature[k]!r:.40})" for k in diff[:3])
+        raise ValueError(f"{partial_dir} holds progressive calibration of other settings: {shown}; "
+                         f"pass --overwrite true to start over, or use another --run-dir")
     assign_quantizer_tensors(unet, load_file(str(Path(partial_dir) / "progressive.safetensors")))
     return int(meta["done"])
 
 
-def _save_progress(unet, partial_dir, done: int, steps: int, iters_a: int) -> None:
+def _save_progress(unet, partial_dir, done: int, signature: dict) -> None:
     if partial_dir is None:
         return
     d = Path(partial_dir)
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in quantizer_state(unet).items()}, str(d / "progressive.safetensors"))
     tmp = d / "progressive.tmp"
-    tmp.write_text(json.dumps({"done": done, "steps": steps, "iters_a": iters_a}))
+    tmp.write_text(json.dumps({"done": done, "signature": signature}))
     tmp.replace(d / "progressive.json")  # written last: a kill leaves the previous step's record
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +76,23 @@ def get_bit_policy(unet: nn.Module) -> torch.Tensor:
         idx = layer.policy if len(layer.policy) == cfg.n_steps else layer.policy * cfg.n_steps
         rows.append([layer.bit_options[i] for i in idx])
     return torch.tensor(rows, dtype=torch.int16)
+
+
+def activation_sensitivity(unet: nn.Module, error: Callable[[], float], low: int, high: int) -> "OrderedDict[str, float]":
+    """`error()` with one layer's activations at `low` bits and every other layer's at `high`, per layer
+    (the policy in force is restored). Independent rounding noise adds in quadrature, so the all-`low`
+    error is close to sqrt(e_high^2 + sum_l (e_l^2 - e_high^2)); the ranking says which layers to keep high."""
+    saved = get_bit_policy(unet)
+    try:
+        set_bit_policy(unet, high)
+        out = OrderedDict()
+        for name in quant_layers(unet):
+            set_bit_policy(unet, {name: low})
+            out[name] = float(error())
+            set_bit_policy(unet, {name: high})
+        return out
+    finally:
+        set_bit_policy(unet, saved)
 
 
 def set_schedule(unet: nn.Module, timesteps: Sequence) -> None:

@@ -118,7 +118,8 @@ def run(cfg):
 
             calibrate_progressive(pipe, prompts, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size,
                                   iters_a=cfg.iters_a, trainer_kwargs=trainer_kwargs,
-                                  partial_dir=Path(cfg.run_dir) / "partial", is_rank_zero=is_zero)
+                                  partial_dir=Path(cfg.run_dir) / "partial", is_rank_zero=is_zero,
+                                  signature={"model": cfg.model})
         if cfg.method == "ptqd":
             extra_tensors = ptqd_statistics(pipe.unet, data)
     if cfg.relax_tau:
