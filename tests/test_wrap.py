@@ -208,6 +208,10 @@ def test_bad_policies_and_options_are_refused(tiny_pipe):
         set_bit_policy(unet, torch.full((3, 4), 8))
     with pytest.raises(ValueError, match="32 bits is not a calibrated option"):
         set_bit_policy(unet, 32)
+    table = torch.full((len(quant_layers(unet)), 4), 16)
+    table[2, 3] = 12
+    with pytest.raises(ValueError, match=f"{list(quant_layers(unet))[2]}: 12 bits is not a calibrated option"):
+        set_bit_policy(unet, table)
     with pytest.raises(ValueError, match="needs 4 entries"):
         set_bit_policy(unet, {"conv_in": [8, 16]})
     with pytest.raises(ValueError, match="not quantized"):

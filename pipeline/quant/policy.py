@@ -62,7 +62,16 @@ def set_bit_policy(unet: nn.Module, policy) -> None:
         if table.dim() != 2 or tuple(table.shape) != (len(layers), T):
             raise ValueError(f"policy of shape {tuple(table.shape)} does not fit: expected "
                              f"[{len(layers)} layers, {T} steps]")
-        updates = {n: rows(table[i].tolist(), n) for i, n in enumerate(layers)}
+        # Vectorized: QLIP sets a whole table before every batch, and per-value checks cost ms.
+        options = torch.tensor(cfg.a_bit_options)  # sorted; every layer's bank holds these
+        table = table.to(options.dtype)
+        bad = ~torch.isin(table, options)
+        if bad.any():
+            i, t = bad.nonzero()[0].tolist()
+            rows(table[i].tolist(), list(layers)[i])  # raises, naming the layer and the value
+        for layer, index in zip(layers.values(), torch.searchsorted(options, table).tolist()):
+            layer.policy = index
+        return
     for name, steps in updates.items():
         layer = layers[name]
         layer.policy = [layer.bit_options.index(b) for b in steps]
