@@ -7,7 +7,8 @@ per-layer, per-step activation bits -> images.
     out.images, out.quality, out.fab, out.batches[0]["policy"]
 
 A batch takes, per layer and step, the maximum bits over its prompts (the
-paper's batch rule). Besides T2Q, the quality may come from the prompt length
+paper's batch rule). A T2Q on the pipeline's own text encoder reads the pooled
+output of the text pass generation makes anyway (one pass serves both). Besides T2Q, the quality may come from the prompt length
 or the FP image's complexity (the selection-criteria ablation, Table S3)."""
 from __future__ import annotations
 
@@ -135,6 +136,10 @@ class QLIPPipeline:
         self.steps = steps or q2b.n_steps
         self.guidance = guidance
         self.fab_w = fab_weights(layer_stats(pipe.unet), q2b.layers)
+        # T2Q on the pipeline's own text encoder (SD: its CLIP text model) reads the pooled output of
+        # the pass generation makes anyway: quality prediction then costs only the small head.
+        self.shares_text_encoder = hasattr(quality, "reads_same_text_as") and \
+            quality.reads_same_text_as(pipe.tokenizer, pipe.text_encoder)
 
     @classmethod
     def from_pretrained(cls, q2b_path: str | Path, model: str | None = None, quant_state: str | None = None,
@@ -162,11 +167,16 @@ class QLIPPipeline:
         return weighted_fab(torch.as_tensor(tables, dtype=torch.float64), self.fab_w)
 
     @torch.no_grad()
-    def set_bits(self, prompts: Sequence[str]) -> dict:
-        """Predict quality, decide bits, and put the batch's policy in force."""
+    def set_bits(self, prompts: Sequence[str], pooled: torch.Tensor | None = None) -> dict:
+        """Predict quality, decide bits, and put the batch's policy in force. `pooled`: the
+        prompts' pooled text embeddings from `encode_prompts_pooled`, used when the quality
+        source shares the pipeline's text encoder (else it encodes the prompts itself)."""
         from pipeline.quant import set_bit_policy
 
-        q = self.quality_source.predict(list(prompts)).float().cpu()
+        if pooled is not None and self.shares_text_encoder:
+            q = self.quality_source.predict_pooled(pooled).float().cpu()
+        else:
+            q = self.quality_source.predict(list(prompts)).float().cpu()
         tables = self.q2b(q)
         policy = tables.amax(dim=0)
         set_bit_policy(self.pipe.unet, policy)
@@ -176,19 +186,22 @@ class QLIPPipeline:
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, batch_size: int = 1,
                  guidance: float | None = None, progress: bool = True, on_batch=None) -> QLIPOutput:
-        from pipeline.sampling import generate
+        from pipeline.sampling import encode_prompts_pooled, generate
 
         prompts = list(prompts)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         images, batches = [], []
         for i in range(0, len(prompts), batch_size):
-            record = self.set_bits(prompts[i:i + batch_size])
+            chunk = prompts[i:i + batch_size]
+            embeds = encode_prompts_pooled(self.pipe, chunk) if self.shares_text_encoder else None
+            record = self.set_bits(chunk, pooled=embeds[2] if embeds else None)
             record["seeds"] = seeds[i:i + batch_size]
             if on_batch is not None:
                 on_batch(len(batches), record)
             images.append(generate(self.pipe, record["prompts"], record["seeds"], steps=self.steps,
                                    guidance=self.guidance if guidance is None else guidance,
-                                   batch_size=batch_size, progress=False))
+                                   batch_size=batch_size, progress=False,
+                                   prompt_embeds=embeds[:2] if embeds else None))
             batches.append(record)
         quality = torch.tensor([q for b in batches for q in b["q"]])
         return QLIPOutput(np.concatenate(images), quality, batches)

@@ -13,14 +13,21 @@ from tqdm.auto import tqdm
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, steps: int = 20,
              guidance: float = 5.0, batch_size: int = 8, resolution: int | None = None,
-             on_step: Callable | None = None, progress: bool = True) -> np.ndarray:
-    """Images as uint8 [N, H, W, 3]; prompt i always uses seed seeds[i]."""
+             on_step: Callable | None = None, progress: bool = True,
+             prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+    """Images as uint8 [N, H, W, 3]; prompt i always uses seed seeds[i].
+
+    `prompt_embeds` = (cond, uncond) rows of the prompts, already encoded (e.g. by
+    `encode_prompts_pooled`): the pipeline then skips its own text-encoder pass."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to generate: the prompt list is empty")
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if prompt_embeds is not None and not len(prompt_embeds[0]) == len(prompt_embeds[1]) == len(prompts):
+        raise ValueError(f"prompt_embeds hold {len(prompt_embeds[0])} / {len(prompt_embeds[1])} rows for "
+                         f"{len(prompts)} prompts; encode exactly these prompts")
     unet = pipe.unet
     quantized = getattr(unet, "quant_config", None) is not None
     if quantized:
@@ -40,8 +47,11 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, s
         kwargs = {}
         if on_step is not None:
             kwargs["callback_on_step_end"] = on_step
+        if prompt_embeds is not None:
+            kwargs["prompt_embeds"] = prompt_embeds[0][i:i + batch_size]
+            kwargs["negative_prompt_embeds"] = prompt_embeds[1][i:i + batch_size]
         with torch.no_grad():
-            images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+            images = pipe(None if prompt_embeds is not None else chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
                           height=side, width=side, output_type="np", **kwargs).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
@@ -53,6 +63,21 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Te
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True, negative_prompt=None)
     return cond, uncond
+
+
+def encode_prompts_pooled(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(conditional, unconditional, pooled) from one text-encoder pass over the prompts: the
+    pipeline's embeddings plus the pooled output (final-LN EOS state) that T2Q reads, so QLIP's
+    quality prediction needs no CLIP pass of its own. SD 1.x/2.x-style pipelines (one text encoder)."""
+    device = pipe.unet.device if pipe.unet.device.type != "meta" else "cpu"
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    text = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt")
+    mask = text.attention_mask.to(device) if getattr(enc.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        out = enc(text.input_ids.to(device), attention_mask=mask)
+        cond, uncond = pipe.encode_prompt(None, device, 1, True, prompt_embeds=out.last_hidden_state)
+    return cond, uncond, out.pooler_output
 
 
 def initial_latents(pipe, seeds: Sequence[int], resolution: int | None = None) -> torch.Tensor:

@@ -129,11 +129,23 @@ class T2QModule(L.LightningModule):
     @torch.no_grad()
     def predict(self, prompts: Sequence[str]) -> torch.Tensor:
         """Predicted quality [N] in [0, 1] of each prompt's FP image."""
-        was_training = self.training
-        self.eval()
-        q = self(self.encode(list(prompts), cache=False)).cpu()
-        self.train(was_training)
-        return q
+        return self.predict_pooled(self.encode(list(prompts), cache=False))
+
+    @torch.no_grad()
+    def predict_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Quality [N] from pooled text embeddings [N, C] (computed elsewhere by this same tower)."""
+        return self(pooled.to(self.device, self.projection.weight.dtype)).cpu()  # no dropout/BN: mode-free
+
+    def reads_same_text_as(self, tokenizer, text_encoder) -> bool:
+        """Whether a pipeline's tokenizer + text encoder give exactly this tower's pooled
+        embeddings (same weights, same token ids), so its text-encoder pass can be shared."""
+        mine, theirs = (getattr(e, "text_model", e) for e in (self.text_encoder, text_encoder))
+        a, b = mine.state_dict(), theirs.state_dict()
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k].cpu(), b[k].cpu().to(a[k].dtype))
+                                       for k in a):
+            return False
+        probe = "a small red circle and two striped squares, photo"
+        return self.tokenizer(probe).input_ids == tokenizer(probe).input_ids
 
     def memory_bytes(self) -> int:
         """Parameter bytes of the projection + the trained head (QLIP reports 1.5 MB)."""

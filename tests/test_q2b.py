@@ -3,8 +3,8 @@ safetensors I/O, training (quality-weighted distortion + FAB steering) on the
 seeded tiny model, text-aware generation and evaluation end to end, and the
 clear errors. q is given directly: nothing here needs a trained T2Q."""
 import json
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -336,3 +336,18 @@ def test_end_to_end_through_t2q(tmp_path):
     assert torch.equal(get_bit_policy(qlip.pipe.unet), record["policy"].to(torch.int16))
     out = qlip(prompts[:2], batch_size=1)
     assert out.images.shape[0] == 2 and len(out.batches) == 2 and 8 <= out.fab <= 16
+
+    # The T2Q reads the world's own text encoder: one text pass serves quality and generation.
+    from pipeline.models import tiny_pipeline
+    from pipeline.sampling import encode_prompts, encode_prompts_pooled, generate
+
+    assert qlip.shares_text_encoder
+    assert not t2q.load_t2q(tmp_path / "t2q").reads_same_text_as(tiny_pipeline(0).tokenizer,
+                                                                  tiny_pipeline(0).text_encoder)
+    cond, uncond, pooled = encode_prompts_pooled(qlip.pipe, prompts)
+    ref_cond, ref_uncond = encode_prompts(qlip.pipe, prompts)
+    assert torch.equal(cond, ref_cond) and torch.equal(uncond, ref_uncond)
+    assert torch.allclose(pooled, qlip.quality_source.encode(prompts, cache=False), atol=1e-5)
+    assert torch.allclose(torch.tensor(qlip.set_bits(prompts, pooled=pooled)["q"]), q, atol=1e-6)
+    shared = generate(qlip.pipe, prompts[:1], [3], steps=STEPS, progress=False, prompt_embeds=(cond[:1], uncond[:1]))
+    assert np.array_equal(shared, generate(qlip.pipe, prompts[:1], [3], steps=STEPS, progress=False))
