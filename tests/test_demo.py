@@ -17,12 +17,12 @@ def test_demo_runs_the_qlip_chain_and_resumes(tmp_path):
     stage(["demo", "--run-dir", str(run), *SMALL])
     report = (run / "demo" / "report.md").read_text()
     rows = {r["method"]: r for r in json.loads((run / "demo" / "results.json").read_text())["evaluate"]}
-    assert set(rows) == {"FP32", "naive-W8A8", "naive-W4A8", "Q-Diffusion-W4A16", "Q-Diffusion+QLIP"}
+    assert set(rows) == {"FP32", "naive-W8A8", "naive-W4A8", "naive-W4A16", "Q-Diffusion-W4A16", "Q-Diffusion+QLIP"}
     assert rows["naive-W4A8"]["fab"] == pytest.approx(8.0) and rows["Q-Diffusion-W4A16"]["fab"] == pytest.approx(16.0)
     # QLIP chose bits from {8,16,32} per layer and step: on average below the static W4A16 base here
     assert 8.0 <= rows["Q-Diffusion+QLIP"]["fab"] < 16.0
     assert (run / "demo" / "bits_heatmap.png").is_file() and "Q-Diffusion+QLIP" in report
-    for step in ("naive_w8a8", "qdiff", "scored", "t2q", "qlip", "evaluate"):
+    for step in ("naive_w8a8", "naive_w4a16", "qdiff", "scored", "t2q", "qlip", "evaluate"):
         assert (run / step).is_dir(), step
 
     with pytest.raises(RunDirError, match="--overwrite true"):  # a finished demo is never overwritten silently
@@ -32,7 +32,7 @@ def test_demo_runs_the_qlip_chain_and_resumes(tmp_path):
     kept = {p: p.stat().st_mtime_ns for p in run.glob("*/*/manifest.json") if p.parts[-3] not in ("evaluate", "demo")}
     for gone in ("evaluate", "demo"):
         shutil.rmtree(run / gone)
-    assert len(kept) == 6
+    assert len(kept) == 7  # naive x3, qdiff, scored, t2q, qlip
     stage(["demo", "--run-dir", str(run), *SMALL])
     assert (run / "demo" / "report.md").is_file()
     assert {p: p.stat().st_mtime_ns for p in kept} == kept

@@ -2,7 +2,8 @@
 
 Every step is the real stage, run into its own folder of --run-dir:
 
-  naive_w8a8/, naive_w4a8/   calibrate --method naive (the PTQ floor)
+  naive_w8a8/, naive_w4a8/,  calibrate --method naive (the PTQ floor;
+  naive_w4a16/               W4A16 is Q-Diffusion's direct baseline)
   qdiff/                     calibrate --method qdiff at W4A16 with activation banks {8,16,32}
   scored/                    score: FP images of world prompts, GIQA against the world's renders
   t2q/                       t2q: text -> predicted quality
@@ -23,7 +24,7 @@ from pathlib import Path
 
 USES_TRAINER = True
 
-STEPS = ("naive_w8a8", "naive_w4a8", "qdiff", "scored", "t2q", "qlip", "evaluate", "demo")
+STEPS = ("naive_w8a8", "naive_w4a8", "naive_w4a16", "qdiff", "scored", "t2q", "qlip", "evaluate", "demo")
 
 
 def add_arguments(parser) -> None:
@@ -34,7 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--q2b-n", type=int, default=16, help="Q2B training prompts")
     parser.add_argument("--q2b-epochs", type=int, default=8)
     parser.add_argument("--target-fab", type=float, default=12.0, help="Q2B's target FAB (W4A16 base: 16)")
-    parser.add_argument("--iters-w", type=int, default=100, help="AdaRound iterations per block (paper: 20000)")
+    parser.add_argument("--iters-w", type=int, default=300, help="AdaRound iterations per block (paper: 20000)")
     parser.add_argument("--iters-a", type=int, default=20, help="activation step-size iterations per block")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--eval-batch", type=int, default=4, help="evaluation batch (a batch runs its max bits)")
@@ -73,7 +74,7 @@ def run(cfg):
 
     cali = ["--prompts", prompts, "--cali-n", str(cfg.cali_n), "--steps", str(cfg.steps),
             "--cali-st", str(min(5, cfg.steps))]
-    for w, a in ((8, 8), (4, 8)):
+    for w, a in ((8, 8), (4, 8), (4, 16)):  # W4A16: Q-Diffusion's own baseline
         step(f"naive_w{w}a{a}", f"naive W{w}A{a}", "quant/quant_config.json",
              ["calibrate", "--method", "naive", "--w-bits", str(w), "--a-bits", str(a), *cali, *trainer])
     step("qdiff", "Q-Diffusion W4A16 {8,16,32}", "quant/quant_config.json",
@@ -93,7 +94,7 @@ def run(cfg):
           "--target-fab", str(cfg.target_fab), "--prompts", prompts, "--n", str(cfg.q2b_n),
           "--val-n", str(cfg.n), "--epochs", str(cfg.q2b_epochs)])  # steps: the state's schedule
     methods = {"naive-W8A8": root / "naive_w8a8" / "quant", "naive-W4A8": root / "naive_w4a8" / "quant",
-               "Q-Diffusion-W4A16": root / "qdiff" / "quant", "Q-Diffusion+QLIP": root / "qlip" / "q2b"}
+               "naive-W4A16": root / "naive_w4a16" / "quant", "Q-Diffusion-W4A16": root / "qdiff" / "quant", "Q-Diffusion+QLIP": root / "qlip" / "q2b"}
     step("evaluate", "evaluate", "evaluate/manifest.json",
          ["evaluate", "--quant-states", f"[{','.join(map(str, methods.values()))}]",
           "--labels", f"[{','.join(methods)}]", "--in-domain", "world:val" if world else "builtin",
