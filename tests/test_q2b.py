@@ -351,3 +351,10 @@ def test_end_to_end_through_t2q(tmp_path):
     assert torch.allclose(torch.tensor(qlip.set_bits(prompts, pooled=pooled)["q"]), q, atol=1e-6)
     shared = generate(qlip.pipe, prompts[:1], [3], steps=STEPS, progress=False, prompt_embeds=(cond[:1], uncond[:1]))
     assert np.array_equal(shared, generate(qlip.pipe, prompts[:1], [3], steps=STEPS, progress=False))
+    from pipeline.evaluation.methods import method_from_state  # evaluation shares the pass the same way
+
+    method = method_from_state(tmp_path / "q2b")
+    eval_pipe = method.load("embedded")
+    embeds = method.before_batch(eval_pipe, prompts)
+    assert embeds is not None and torch.equal(embeds[0], ref_cond) and torch.equal(embeds[1], ref_uncond)
+    assert torch.equal(get_bit_policy(eval_pipe.unet), record["policy"].to(torch.int16))

@@ -5,6 +5,8 @@ every prompt batch (`before_batch`): a static PTQ state keeps the policy it
 was calibrated with; a text-aware method (QLIP: T2Q -> Q2B) computes one from
 the batch's prompts. The evaluation reads the policy in force after
 `before_batch` for FAB and BitOPs, so a dynamic method is accounted per batch.
+`before_batch` may return the batch's (cond, uncond) text embeddings when it
+already encoded the prompts (QLIP's T2Q reads that pass): generation reuses them.
 
 A quantized state folder names its kind in quant_config.json
 (`extra.eval_method`, default "static"); a new kind plugs in with
@@ -55,8 +57,10 @@ class EvalMethod:
 
         return load_pipeline(model, allow_download=allow_download)
 
-    def before_batch(self, pipe, prompts: Sequence[str]) -> None:
-        """Set the bit policy for this prompt batch (no-op for static methods)."""
+    def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Set the bit policy for this prompt batch (no-op for static methods); return the
+        prompts' (cond, uncond) embeddings if this already encoded them, else None."""
+        return None
 
     def policy(self, pipe) -> torch.Tensor:
         """[n_policy_layers, n_steps] activation bits in force now."""
@@ -161,8 +165,15 @@ class QLIPMethod(StaticQuantState):
         self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, allow_download=allow_download)
         return self.qlip.pipe
 
-    def before_batch(self, pipe, prompts: Sequence[str]) -> None:
-        self.qlip.set_bits(prompts)
+    def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.qlip.shares_text_encoder:
+            self.qlip.set_bits(prompts)
+            return None
+        from pipeline.sampling import encode_prompts_pooled
+
+        cond, uncond, pooled = encode_prompts_pooled(pipe, prompts)  # one pass: T2Q and generation
+        self.qlip.set_bits(prompts, pooled=pooled)
+        return cond, uncond
 
     def bit_options(self) -> str:
         return format_bits(self.w_bits, self.q2b.bit_options)

@@ -130,10 +130,10 @@ class MethodEvaluation(L.LightningModule):
         m = self.split_metrics[split]
         n = len(idx)
         t0 = time.perf_counter()
-        self.method.before_batch(self.pipe, prompts)
+        embeds = self.method.before_batch(self.pipe, prompts)
         policy = self.method.policy(self.pipe)
         images = generate(self.pipe, prompts, seeds, steps=s.steps, guidance=s.guidance, batch_size=n,
-                          resolution=s.resolution, progress=False)
+                          resolution=s.resolution, progress=False, prompt_embeds=embeds)
         t1 = time.perf_counter()
         m["fab"].update(policy, n)
         m["bitops"].update(policy, n)
