@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.models import tiny_pipeline  # noqa: E402
 from pipeline.accounting import fab, layer_stats  # noqa: E402
-from pipeline.quant import (QuantConfig, act_banks, activation_sensitivity, get_bit_policy, observing,  # noqa: E402
-                            quantize_unet, set_bit_policy)
+from pipeline.quant import (QuantConfig, act_banks, activation_sensitivity, get_bit_policy,  # noqa: E402
+                            layers_to_keep_high, observing, quantize_unet, set_bit_policy)
 
 TARGET = 0.02
 
@@ -56,18 +56,18 @@ def mixed_a16(unet, rank_error, held_error, target: float = TARGET) -> dict:
     """Rank layers by the error their 8-bit activations add alone (on `rank_error`'s inputs), predict the
     all-A8 error as the root-sum-square of the additions, then keep the fewest top-ranked layers at A16
     whose predicted error is under 90% of `target`; report that policy's error on `held_error`'s inputs."""
-    all8 = (set_bit_policy(unet, 8), rank_error())[1]
-    floor = (set_bit_policy(unet, 16), rank_error())[1]
-    sens = activation_sensitivity(unet, rank_error, low=8, high=16)
-    added = {n: max(e * e - floor * floor, 0.0) for n, e in sens.items()}
-    ranked = sorted(added, key=added.get, reverse=True)
-    k = next((k for k in range(len(ranked) + 1)
-              if floor ** 2 + sum(added[n] for n in ranked[k:]) < (0.9 * target) ** 2), len(ranked))
     set_bit_policy(unet, 8)
-    set_bit_policy(unet, {n: 16 for n in ranked[:k]})
-    out = {"all_a8": all8, "a16_everywhere": floor, "rss_prediction": (floor ** 2 + sum(added.values())) ** 0.5,
-           "layers": len(ranked), "layers_at_a16": k, "held_out_error": held_error(),
-           "fab": fab(layer_stats(unet), get_bit_policy(unet), ranked)["fab"], "a16_layers": ranked[:k],
+    all8 = rank_error()
+    set_bit_policy(unet, 16)
+    floor = rank_error()
+    sens = activation_sensitivity(unet, rank_error, low=8, high=16)
+    rss = (floor ** 2 + sum(max(e * e - floor * floor, 0.0) for e in sens.values())) ** 0.5
+    high = layers_to_keep_high(sens, floor, 0.9 * target)
+    set_bit_policy(unet, 8)
+    set_bit_policy(unet, {n: 16 for n in high})
+    out = {"all_a8": all8, "a16_everywhere": floor, "rss_prediction": rss, "layers": len(sens),
+           "layers_at_a16": len(high), "held_out_error": held_error(),
+           "fab": fab(layer_stats(unet), get_bit_policy(unet), list(sens))["fab"], "a16_layers": high,
            "one_layer_at_a8": sens}
     set_bit_policy(unet, 8)
     return out

@@ -113,7 +113,7 @@ def test_w8a8_error_is_the_per_layer_noise_floor_and_mixed_a16_gets_under_2_perc
     held-out inputs at a modest FAB."""
     from pipeline.accounting import fab, layer_stats
     from pipeline.models import tiny_pipeline
-    from pipeline.quant import activation_sensitivity
+    from pipeline.quant import activation_sensitivity, layers_to_keep_high
 
     held, ref_held = fp_reference
     g = torch.Generator().manual_seed(7)
@@ -136,15 +136,16 @@ def test_w8a8_error_is_the_per_layer_noise_floor_and_mixed_a16_gets_under_2_perc
     assert abs(all8 - rss) / rss < 0.1, (all8, rss)  # independent noise: no interaction between quantizers
     assert max(added.values()) < 0.25 * sum(added.values())  # no single broken layer: the floor is spread out
 
+    high = layers_to_keep_high(sens, floor, 0.018)
     ranked = sorted(added, key=added.get, reverse=True)
-    k = next(k for k in range(len(ranked) + 1)
-             if floor ** 2 + sum(added[n] for n in ranked[k:]) < 0.018 ** 2)
+    assert high == ranked[:len(high)] and floor ** 2 + sum(added[n] for n in ranked[len(high):]) < 0.018 ** 2
+    assert floor ** 2 + sum(added[n] for n in ranked[len(high) - 1:]) >= 0.018 ** 2  # the fewest
     set_bit_policy(unet, 8)
-    set_bit_policy(unet, {n: 16 for n in ranked[:k]})
+    set_bit_policy(unet, {n: 16 for n in high})
     mixed = _rel_err(unet, held, ref_held)
     cost = fab(layer_stats(unet), get_bit_policy(unet), list(sens))["fab"]
-    assert mixed < 0.02, (k, mixed)
-    assert k <= 0.3 * len(ranked) and cost < 11.5, (k, cost)
+    assert mixed < 0.02, (len(high), mixed)
+    assert len(high) <= 0.3 * len(ranked) and cost < 11.5, (len(high), cost)
 
 
 def test_bit_policy_changes_exactly_what_it_names(tiny_pipe):

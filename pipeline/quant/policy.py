@@ -104,6 +104,20 @@ def activation_sensitivity(unet: nn.Module, error: Callable[[], float], low: int
         set_bit_policy(unet, saved)
 
 
+def layers_to_keep_high(sensitivity: Mapping[str, float], floor: float, target: float) -> list[str]:
+    """The fewest layers, most sensitive first, whose activations stay at the high bits so that the
+    predicted error falls under `target`: sqrt(floor^2 + sum of the other layers' e_l^2 - floor^2), with
+    `sensitivity` from `activation_sensitivity` and `floor` the error with every layer high."""
+    added = {n: max(e * e - floor * floor, 0.0) for n, e in sensitivity.items()}
+    ranked = sorted(added, key=added.get, reverse=True)
+    rest = sum(added.values())
+    for k, name in enumerate(ranked):
+        if floor ** 2 + rest < target ** 2:
+            return ranked[:k]
+        rest -= added[name]
+    return ranked
+
+
 def set_schedule(unet: nn.Module, timesteps: Sequence) -> None:
     """Register the sampler's timesteps so each UNet call knows its step index."""
     cfg = _require_quantized(unet)
