@@ -8,8 +8,9 @@ per-layer, per-step activation bits -> images.
 
 A batch takes, per layer and step, the maximum bits over its prompts (the
 paper's batch rule). A T2Q on the pipeline's own text encoder reads the pooled
-output of the text pass generation makes anyway (one pass serves both). Besides T2Q, the quality may come from the prompt length
-or the FP image's complexity (the selection-criteria ablation, Table S3)."""
+output of the text pass generation makes anyway (one pass serves both).
+Besides T2Q, the quality may come from the prompt length or the FP image's
+complexity (the selection-criteria ablation, Table S3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -51,8 +51,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, s
             kwargs["prompt_embeds"] = prompt_embeds[0][i:i + batch_size]
             kwargs["negative_prompt_embeds"] = prompt_embeds[1][i:i + batch_size]
         with torch.no_grad():
-            images = pipe(None if prompt_embeds is not None else chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                          height=side, width=side, output_type="np", **kwargs).images
+            images = pipe(None if prompt_embeds is not None else chunk, num_inference_steps=steps,
+                          guidance_scale=guidance, latents=latents, height=side, width=side, output_type="np",
+                          **kwargs).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
