@@ -216,7 +216,8 @@ def ptqd_row(b: Bench, qdiff_pipe, qdiff: dict) -> dict:
     finally:
         handle.remove()
     return {**row, "calibration_s": qdiff["calibration_s"] + seconds, "ptqd_s": seconds,
-            "k_t": stats["ptqd_k"].tolist(), "k_t_raw": stats["ptqd_k_raw"].tolist(), "bias_abs_mean": float(stats["ptqd_bias"].abs().mean())}
+            "k_t": stats["ptqd_k"].tolist(), "k_t_raw": stats["ptqd_k_raw"].tolist(),
+            "bias_abs_mean": float(stats["ptqd_bias"].abs().mean())}
 
 
 def progressive_row(b: Bench, w_bits: int, a_bits: int, weights: dict) -> dict:

@@ -73,34 +73,38 @@ def mixed_a16(unet, rank_error, held_error, target: float = TARGET) -> dict:
     return out
 
 
-def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> dict[str, float]:
+def eps_error(unet, calls: list, refs: list) -> float:
+    """Relative noise-prediction error over CFG UNet calls [(step, args)] against FP outputs `refs`."""
+    from pipeline.quant import set_step
+
+    num = den = 0.0
+    with torch.no_grad():
+        for (step, args), r in zip(calls, refs):
+            set_step(unet, step)
+            num += float((unet(*args).sample - r).pow(2).sum())
+            den += float(r.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> tuple[dict[str, float], dict]:
     """W8A8 and neighbours on the embedded world: eps error on held-out FP calibration calls.
 
     Naive min-max rows, then Q-Diffusion's activation recipe at W8A8 (L_p range init + LSQ step
     sizes per unit, `iters_a` iterations; round-to-nearest weights: AdaRound matters at 4 bits, not 8),
-    and that recipe with conv_in's input at 16 bits (conv_in sees the raw latent x_t)."""
+    that recipe with conv_in's input at 16 bits (conv_in sees the raw latent x_t), and with the
+    sensitivity-ranked layers at 16 bits (`mixed_a16`, whose full result is returned too)."""
     from data.calibration import CalibrationData, collect
     from data.prompts import load_prompts
     from pipeline.calibration.naive import calibrate_naive
     from pipeline.calibration.qdiff import calibrate_qdiff
     from pipeline.models import load_pipeline
-    from pipeline.quant import set_step
 
     fp = load_pipeline("embedded")
     collect(fp, load_prompts("world", limit=8, split="test"), work, steps=steps, cali_st=5, guidance=5.0, seed=1)
-    held = CalibrationData(work, fp, steps=steps)  # refuses data of another model
+    held = list(CalibrationData(work, fp, steps=steps).unet_calls())  # refuses data of another model
     with torch.no_grad():
-        ref = [fp.unet(*args).sample for _, args in held.unet_calls()]
+        held_refs = [fp.unet(*args).sample for _, args in held]
     prompts = load_prompts("world", limit=16, split="train")
-
-    def error(unet, data=held, refs=ref) -> float:
-        num = den = 0.0
-        with torch.no_grad():
-            for (step, args), r in zip(data.unet_calls(), refs):
-                set_step(unet, step)
-                num += float((unet(*args).sample - r).pow(2).sum())
-                den += float(r.pow(2).sum())
-        return (num / den) ** 0.5
 
     rows = {}
     quiet = {"enable_progress_bar": False}
@@ -108,7 +112,7 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> dict[str
         pipe = load_pipeline("embedded")
         calibrate_naive(pipe, QuantConfig(w_bits=w, a_bits=a, n_steps=steps), prompts, steps, 5.0,
                         trainer_kwargs=quiet)
-        rows[f"W{w}A{a}"] = error(pipe.unet)
+        rows[f"W{w}A{a}"] = eps_error(pipe.unet, held, held_refs)
     cali = work.parent / (work.name + "_train")
     collect(fp, prompts, cali, steps=steps, cali_st=5, guidance=5.0, seed=0)  # reused when present
     pipe = load_pipeline("embedded")
@@ -117,27 +121,18 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> dict[str
     calibrate_qdiff(pipe.unet, CalibrationData(cali), cali / "partial", iters_w=0, iters_a=iters_a,
                     trainer_kwargs=quiet)
     set_bit_policy(pipe.unet, 8)
-    rows["W8A8, Q-Diffusion activations (L_p + LSQ)"] = error(pipe.unet)
+    rows["W8A8, Q-Diffusion activations (L_p + LSQ)"] = eps_error(pipe.unet, held, held_refs)
     set_bit_policy(pipe.unet, {"conv_in": 16})
-    rows["W8A8, Q-Diffusion activations, conv_in input at 16 bits"] = error(pipe.unet)
+    rows["W8A8, Q-Diffusion activations, conv_in input at 16 bits"] = eps_error(pipe.unet, held, held_refs)
     # Rank on a few train-prompt calls (one per calibrated step), judge on the held-out test-prompt calls.
-    rank_data = CalibrationData(cali)
-    rank_calls = {}
-    for step, args in rank_data.unet_calls():
-        rank_calls.setdefault(step, args)
+    first_per_step = {}
+    for step, args in CalibrationData(cali).unet_calls():
+        first_per_step.setdefault(step, args)
+    rank = list(first_per_step.items())
     with torch.no_grad():
-        rank_refs = {s_: fp.unet(*a).sample for s_, a in rank_calls.items()}
-
-    def rank_error() -> float:
-        num = den = 0.0
-        with torch.no_grad():
-            for step, args in rank_calls.items():
-                set_step(pipe.unet, step)
-                num += float((pipe.unet(*args).sample - rank_refs[step]).pow(2).sum())
-                den += float(rank_refs[step].pow(2).sum())
-        return (num / den) ** 0.5
-
-    mixed = mixed_a16(pipe.unet, rank_error, lambda: error(pipe.unet))
+        rank_refs = [fp.unet(*args).sample for _, args in rank]
+    mixed = mixed_a16(pipe.unet, lambda: eps_error(pipe.unet, rank, rank_refs),
+                      lambda: eps_error(pipe.unet, held, held_refs))
     rows["W8A8, Q-Diffusion activations, sensitive layers at A16"] = mixed["held_out_error"]
     return rows, mixed
 

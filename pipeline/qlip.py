@@ -185,24 +185,32 @@ class QLIPPipeline:
         return {"prompts": list(prompts), "q": q.tolist(), "prompt_fab": self.fab_of(tables).tolist(),
                 "fab": float(self.fab_of(policy)), "shares": shares, "policy": policy}
 
+    def prepare_batch(self, prompts: Sequence[str]) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+        """`set_bits` for a batch, through one text-encoder pass when the quality source shares the
+        pipeline's encoder; returns the record and the (cond, uncond) embeddings generation should
+        reuse (None: generation encodes the prompts itself)."""
+        from pipeline.sampling import encode_prompts_pooled
+
+        if not self.shares_text_encoder:
+            return self.set_bits(prompts), None
+        cond, uncond, pooled = encode_prompts_pooled(self.pipe, prompts)
+        return self.set_bits(prompts, pooled=pooled), (cond, uncond)
+
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, batch_size: int = 1,
                  guidance: float | None = None, progress: bool = True, on_batch=None) -> QLIPOutput:
-        from pipeline.sampling import encode_prompts_pooled, generate
+        from pipeline.sampling import generate
 
         prompts = list(prompts)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         images, batches = [], []
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            embeds = encode_prompts_pooled(self.pipe, chunk) if self.shares_text_encoder else None
-            record = self.set_bits(chunk, pooled=embeds[2] if embeds else None)
+            record, embeds = self.prepare_batch(prompts[i:i + batch_size])
             record["seeds"] = seeds[i:i + batch_size]
             if on_batch is not None:
                 on_batch(len(batches), record)
             images.append(generate(self.pipe, record["prompts"], record["seeds"], steps=self.steps,
                                    guidance=self.guidance if guidance is None else guidance,
-                                   batch_size=batch_size, progress=False,
-                                   prompt_embeds=embeds[:2] if embeds else None))
+                                   batch_size=batch_size, progress=False, prompt_embeds=embeds))
             batches.append(record)
         quality = torch.tensor([q for b in batches for q in b["q"]])
         return QLIPOutput(np.concatenate(images), quality, batches)

@@ -141,8 +141,9 @@ class T2QModule(L.LightningModule):
         embeddings (same weights, same token ids), so its text-encoder pass can be shared."""
         mine, theirs = (getattr(e, "text_model", e) for e in (self.text_encoder, text_encoder))
         a, b = mine.state_dict(), theirs.state_dict()
-        if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k].cpu(), b[k].cpu().to(a[k].dtype))
-                                       for k in a):
+        same = a.keys() == b.keys() and all(
+            a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu().to(a[k].dtype)) for k in a)
+        if not same:
             return False
         probe = "a small red circle and two striped squares, photo"
         return self.tokenizer(probe).input_ids == tokenizer(probe).input_ids

@@ -166,14 +166,7 @@ class QLIPMethod(StaticQuantState):
         return self.qlip.pipe
 
     def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self.qlip.shares_text_encoder:
-            self.qlip.set_bits(prompts)
-            return None
-        from pipeline.sampling import encode_prompts_pooled
-
-        cond, uncond, pooled = encode_prompts_pooled(pipe, prompts)  # one pass: T2Q and generation
-        self.qlip.set_bits(prompts, pooled=pooled)
-        return cond, uncond
+        return self.qlip.prepare_batch(prompts)[1]  # `pipe` is self.qlip.pipe (from `load`)
 
     def bit_options(self) -> str:
         return format_bits(self.w_bits, self.q2b.bit_options)

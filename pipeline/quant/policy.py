@@ -67,7 +67,7 @@ def set_bit_policy(unet: nn.Module, policy) -> None:
         table = table.to(options.dtype)
         bad = ~torch.isin(table, options)
         if bad.any():
-            i, t = bad.nonzero()[0].tolist()
+            i = int(bad.nonzero()[0, 0])
             rows(table[i].tolist(), list(layers)[i])  # raises, naming the layer and the value
         for layer, index in zip(layers.values(), torch.searchsorted(options, table).tolist()):
             layer.policy = index

@@ -94,7 +94,8 @@ def run(cfg):
           "--target-fab", str(cfg.target_fab), "--prompts", prompts, "--n", str(cfg.q2b_n),
           "--val-n", str(cfg.n), "--epochs", str(cfg.q2b_epochs)])  # steps: the state's schedule
     methods = {"naive-W8A8": root / "naive_w8a8" / "quant", "naive-W4A8": root / "naive_w4a8" / "quant",
-               "naive-W4A16": root / "naive_w4a16" / "quant", "Q-Diffusion-W4A16": root / "qdiff" / "quant", "Q-Diffusion+QLIP": root / "qlip" / "q2b"}
+               "naive-W4A16": root / "naive_w4a16" / "quant", "Q-Diffusion-W4A16": root / "qdiff" / "quant",
+               "Q-Diffusion+QLIP": root / "qlip" / "q2b"}
     step("evaluate", "evaluate", "evaluate/manifest.json",
          ["evaluate", "--quant-states", f"[{','.join(map(str, methods.values()))}]",
           "--labels", f"[{','.join(methods)}]", "--in-domain", "world:val" if world else "builtin",
