@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.calibration import CalibrationData, collect  # noqa: E402
+from pipeline.calibration.data import CalibrationData, collect  # noqa: E402
 from data.prompts import load_prompts  # noqa: E402
 from pipeline.calibration.blocks import reconstruction_units, unit_layers  # noqa: E402
 from pipeline.calibration.naive import calibrate_naive  # noqa: E402

@@ -202,8 +202,8 @@ def main(argv=None) -> None:
     methods.update(ablations)
 
     from data.prompts import load_prompts
-    from pipeline.q2b_train import spearman
-    from pipeline.qlip import QLIPPipeline
+    from pipeline.qlip.train import spearman
+    from pipeline.qlip.pipeline import QLIPPipeline
 
     qlip = QLIPPipeline.from_pretrained(q2b["qdiff+QLIP"], model=a.model)
     val = load_prompts("world", limit=a.n, split="val", seed=0)
@@ -246,7 +246,7 @@ def main(argv=None) -> None:
 
 
 def write_report(work: Path, res: dict, qlip, val, q_val) -> None:
-    from callbacks.bit_plots import plot_bit_heatmaps, plot_bit_shares, plot_fab_vs_batch_size
+    from pipeline.plots import plot_bit_heatmaps, plot_bit_shares, plot_fab_vs_batch_size
 
     q2b = qlip.q2b
     tables = q2b(q_val)

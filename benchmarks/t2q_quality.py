@@ -47,9 +47,10 @@ def measured_richness(run_dir: Path, model: str, n_scenes: int, seed: int = 0) -
 
     from data.prompts import prompt_seed
     from pipeline.models import load_pipeline
-    from pipeline.richness import richness_series
+    from pipeline.world.richness import richness_series
     from pipeline.sampling import generate
-    from pipeline.scoring import inception_features, scored_set_giqa
+    from pipeline.metrics.inception import inception_features
+    from pipeline.qlip.scoring import scored_set_giqa
     from pipeline.stages.score import sampling_defaults
 
     giqa, normalize = scored_set_giqa(run_dir / "scored")

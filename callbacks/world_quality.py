@@ -2,7 +2,7 @@
 
 Every `every_n_steps` training steps the callback samples single-object test
 captions with the EMA UNet and lets the render-trained attribute classifier
-(`pipeline.world_eval`) judge shape and colour. It only observes: it runs
+(`pipeline.world.judge`) judge shape and colour. It only observes: it runs
 under a forked RNG, so the trained weights are the same with or without it.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ class WorldQualityMonitor(L.Callback):
 
     def _setup(self):
         from data import world
-        from pipeline.world_eval import render_single_objects, train_attribute_classifier
+        from pipeline.world.judge import render_single_objects, train_attribute_classifier
 
         self._judge = train_attribute_classifier()
         _, self.shapes, self.colours, scenes = render_single_objects(self.n, seed=self.seed, split="test")
@@ -33,9 +33,10 @@ class WorldQualityMonitor(L.Callback):
     def measure(self, pl_module) -> dict:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        from pipeline.models import SD_SCHEDULER_CONFIG, clip_tokenizer
+        from pipeline.models import SD_SCHEDULER_CONFIG
+        from data.tokenizer import clip_tokenizer
         from pipeline.sampling import generate
-        from pipeline.world_eval import classifier_accuracy
+        from pipeline.world.judge import classifier_accuracy
 
         with torch.random.fork_rng():
             if self._judge is None:

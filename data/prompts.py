@@ -185,7 +185,7 @@ class PromptDataModule(L.LightningDataModule):
         splits = assign_splits(prompts, self.fractions, self.limit, self.salt)
         kept = [p for s in SPLITS for p in splits[s]]
         if self.tokenizer is None:
-            from pipeline.models import clip_tokenizer
+            from data.tokenizer import clip_tokenizer
 
             self.tokenizer = clip_tokenizer()
         count_truncated(kept, self.tokenizer, stats)

@@ -27,7 +27,7 @@ class ReferenceImages(Dataset):
                 raise ValueError(f"--n-reference {n} must be >= 1 for world renders")
             self.files, self.n = None, n
         else:
-            from pipeline.evaluation.real_images import list_images
+            from data.images import list_images
 
             if not Path(spec).is_dir():
                 raise FileNotFoundError(f"reference image folder {spec} does not exist; pass a folder of real "
@@ -48,7 +48,7 @@ class ReferenceImages(Dataset):
 
             images, _ = render_split(WORLD_SPLIT, len(idx), self.seed + 1, check_resolution(self.side), start=idx[0])
         else:
-            from pipeline.evaluation.real_images import load_square
+            from data.images import load_square
 
             images = np.stack([load_square(self.files[i], self.side) for i in idx])
         return {"kind": "reference", "shard": k, "indices": idx, "images": images}

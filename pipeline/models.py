@@ -4,15 +4,15 @@ published UNet configs of SD v1.4, BK-SDM-Tiny and SDXL-base for
 architecture tests on the meta device."""
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
 import re
-from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from data.tokenizer import clip_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = REPO_ROOT / "checkpoints"
@@ -101,55 +101,6 @@ def unet_example_inputs(unet, batch: int = 2, resolution: int | None = None, dev
 # ---------------------------------------------------------------------------
 # The real CLIP BPE tokenizer, built offline from open_clip's vocabulary.
 # ---------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def clip_bpe_vocab_path() -> Path:
-    spec = importlib.util.find_spec("open_clip")  # locates the wheel without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the CLIP BPE vocabulary comes from open_clip's wheel: `pip install --no-deps open-clip-torch`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the open_clip install; reinstall open-clip-torch")
-    return path
-
-
-def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
-    """Write vocab.json / merges.txt identical to openai/clip-vit-large-patch14's."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(clip_bpe_vocab_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-    vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return out_dir
-
-
-@lru_cache(maxsize=None)
-def clip_tokenizer(max_length: int = 77):
-    """CLIPTokenizer with the real BPE vocabulary (49408 tokens), offline."""
-    from transformers import CLIPTokenizer
-
-    cache = Path(os.environ.get("QLIP_CACHE", Path.home() / ".cache" / "qlip")) / "clip-tokenizer"
-    if not (cache / "merges.txt").is_file():
-        write_clip_tokenizer_files(cache)
-    return CLIPTokenizer(
-        str(cache / "vocab.json"), str(cache / "merges.txt"), model_max_length=max_length,
-        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -286,4 +237,25 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
             f"or a hub id such as nota-ai/bk-sdm-tiny"
         )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_quantized_pipeline(model: str, quant_state: str | None, allow_download: bool = False):
+    """The pipeline with its UNet quantized as recorded in `quant_state`; FP when None."""
+    from pipeline.models import load_pipeline
+
+    pipe = load_pipeline(model, allow_download=allow_download)
+    return quantize_pipeline(pipe, quant_state) if quant_state else pipe
+
+
+def quantize_pipeline(pipe, quant_state: str | Path):
+    """Load a calibrated state into `pipe.unet` in place; PTQD states also get
+    their noise correction (a hook on the UNet output)."""
+    from pipeline.quant import load_quantized
+
+    _, _, extra = load_quantized(pipe.unet, quant_state)
+    if "ptqd_k" in extra:
+        from pipeline.calibration.ptqd import apply_ptqd
+
+        apply_ptqd(pipe.unet, extra)
     return pipe

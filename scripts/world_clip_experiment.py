@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "world-v4exp"
 sys.path.insert(0, str(ROOT))
 from data import world as W  # noqa: E402
-from pipeline import pretrain as P
+from pipeline.world import train as P
 from pipeline.models import load_pipeline
 from pipeline.stages.pretrain import _loader
-from pipeline.world_eval import clip_zero_shot
+from pipeline.world.judge import clip_zero_shot
 from callbacks.world_quality import WorldQualityMonitor
 torch.set_num_threads(2)
 OUT.mkdir(parents=True, exist_ok=True)

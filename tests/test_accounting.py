@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.accounting import bitops, fab, layer_stats, model_size_bytes
+from pipeline.metrics.cost import bitops, fab, layer_stats, model_size_bytes
 from pipeline.models import meta_unet, tiny_pipeline
 from pipeline.quant import QuantConfig, get_bit_policy, quant_layers, quantize_unet, set_bit_policy
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from data.calibration import CalibrationData, cali_step_indices, collect
+from pipeline.calibration.data import CalibrationData, cali_step_indices, collect
 from data.prompts import load_prompts
 from pipeline.calibration import qdiff as qdiff_mod
 from pipeline.calibration.blocks import reconstruction_units, unit_layers

@@ -181,7 +181,7 @@ def test_fid_is_zero_on_itself_and_grows_with_noise():
 # FAB / BitOPs metrics
 # ---------------------------------------------------------------------------
 def test_fab_and_bitops_metrics_match_accounting_and_merge():
-    from pipeline.accounting import bitops, fab, layer_stats
+    from pipeline.metrics.cost import bitops, fab, layer_stats
     from pipeline.models import tiny_pipeline
     from pipeline.quant import QuantConfig, get_bit_policy, quant_layers, quantize_unet, set_bit_policy
 
@@ -264,7 +264,7 @@ def test_state_of_another_model_is_refused_before_generating(tmp_path):
 def test_real_image_folder_is_cropped_and_counted(tmp_path):
     from PIL import Image
 
-    from pipeline.evaluation.real_images import list_images, load_square
+    from data.images import list_images, load_square
 
     for i, size in enumerate([(40, 24), (24, 24), (30, 50)]):
         Image.new("RGB", size, (i * 60, 10, 200)).save(tmp_path / f"{i}.png")

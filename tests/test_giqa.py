@@ -59,7 +59,7 @@ def test_too_few_reference_images_are_named():
 
 
 def test_world_tools_use_this_implementation():
-    from pipeline import world_eval
+    from pipeline.world import judge as world_eval
 
     assert not hasattr(world_eval, "GMMGIQA")  # one GIQA in the project
     text = (world_eval.__file__.rsplit("/pipeline/", 1)[0] + "/benchmarks/world_quality.py")
@@ -81,7 +81,7 @@ def degraded_features(folder, side=299):
     import torch
     from PIL import Image, ImageFilter
 
-    from pipeline.evaluation.real_images import list_images
+    from data.images import list_images
     from pipeline.metrics.inception import shared_backbone
 
     def square(im):

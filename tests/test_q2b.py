@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.accounting import weighted_fab
-from pipeline.q2b import Q2BModule, check_target_fab, load_q2b, save_q2b
+from pipeline.metrics.cost import weighted_fab
+from pipeline.qlip.q2b import Q2BModule, check_target_fab, load_q2b, save_q2b
 
 OPTION_SETS = [[8, 16], [8, 16, 32], [6, 8, 16, 32], [4, 6, 8, 16, 32]]
 STEPS = 3
@@ -99,7 +99,7 @@ def test_save_load_is_exact_and_pickle_free(tmp_path):
 
 
 def test_bit_shares_and_plots(tmp_path):
-    from callbacks.bit_plots import bit_shares, plot_bit_heatmaps, plot_bit_shares, plot_fab_vs_batch_size
+    from pipeline.plots import bit_shares, plot_bit_heatmaps, plot_bit_shares, plot_fab_vs_batch_size
 
     m = random_q2b([8, 16, 32], n_layers=6, steps=4)
     tables = m(torch.linspace(0, 1, 9))
@@ -182,10 +182,10 @@ def test_stage_refuses_bad_options_and_targets_before_loading(tmp_path, tiny_sta
 def tiny_state(tmp_path_factory):
     """A naive W4A8 state with options {8, 16, 32} for STEPS steps, and training
     items of 8 prompts at 16x16 pixels (latent 8x8) with q = 0, 1/7, ..., 1."""
-    from data.calibration import CalibrationData, collect
+    from pipeline.calibration.data import CalibrationData, collect
     from data.prompts import load_prompts
     from pipeline.models import tiny_pipeline
-    from pipeline.q2b_train import training_items
+    from pipeline.qlip.train import training_items
     from pipeline.quant import QuantConfig, act_banks, observing, quantize_unet, save_quantized
     from pipeline.sampling import generate
 
@@ -205,9 +205,9 @@ def tiny_state(tmp_path_factory):
 
 
 def trained(tiny_state, target, epochs=10, **hp):
-    from pipeline.accounting import fab_weights, layer_stats
+    from pipeline.metrics.cost import fab_weights, layer_stats
     from pipeline.models import tiny_pipeline
-    from pipeline.q2b_train import fit_q2b
+    from pipeline.qlip.train import fit_q2b
     from pipeline.quant import load_quantized, quant_layers
 
     state, items = tiny_state
@@ -228,7 +228,7 @@ def quality_spread(q2b, w) -> tuple[torch.Tensor, float]:
 
 
 def test_training_reaches_the_target_and_follows_quality(tiny_state):
-    from pipeline.q2b_train import spearman
+    from pipeline.qlip.train import spearman
 
     q2b, w, module = trained(tiny_state, target=12.0, kappa=2.0)
     fab, spread = quality_spread(q2b, w)
@@ -261,8 +261,8 @@ def test_the_quality_weighting_is_what_makes_bits_follow_q(tiny_state):
 @pytest.mark.slow
 def test_stage_generate_and_evaluate_end_to_end(tmp_path, capsys):
     from pipeline.fit import main
-    from pipeline.qlip import PromptLength
-    from pipeline.models import clip_tokenizer
+    from pipeline.qlip.sources import PromptLength
+    from data.tokenizer import clip_tokenizer
 
     common = ["--model", "tiny-random", "--run-dir", str(tmp_path)]
     main(["calibrate", *common, "--method", "naive", "--w-bits", "4", "--a-bits", "16", "--a-bit-options",
@@ -314,10 +314,10 @@ def test_end_to_end_through_t2q(tmp_path):
     the point here): the data path is."""
     from pipeline.fit import main
     from pipeline.models import EMBEDDED_DIR
-    from pipeline.qlip import QLIPPipeline
+    from pipeline.qlip.pipeline import QLIPPipeline
     from pipeline.quant import get_bit_policy
 
-    t2q = pytest.importorskip("pipeline.t2q")
+    t2q = pytest.importorskip("pipeline.qlip.t2q")
     if not (EMBEDDED_DIR / "clip" / "config.json").is_file():
         pytest.skip("the embedded world (with its CLIP) is not in checkpoints/")
     torch.manual_seed(0)

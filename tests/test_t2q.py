@@ -13,7 +13,7 @@ import torch
 from data.scored import MissingImagesError, Normalizer, ScoredDataModule, read_scored, write_scored
 from pipeline.fit import main
 from pipeline.models import EMBEDDED_DIR
-from pipeline.t2q import T2QCheckpointError, T2QModule, load_t2q, load_text_tower, save_t2q
+from pipeline.qlip.t2q import T2QCheckpointError, T2QModule, load_t2q, load_text_tower, save_t2q
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_world = pytest.mark.skipif(not (EMBEDDED_DIR / "clip" / "config.json").is_file(),
@@ -67,7 +67,7 @@ def synthetic_scored(path: Path, n: int = 360, seed: int = 0) -> Path:
 # ---------------------------------------------------------------------------
 @needs_world
 def test_architecture_is_qlips(tower):
-    from pipeline.pretrain import load_world_clip
+    from pipeline.world.io import load_world_clip
 
     t2q = T2QModule(tower)
     clip, _ = load_world_clip()

@@ -142,7 +142,7 @@ def test_swap_shapes_changes_only_the_shape_words():
 
 def test_clip_hard_negatives_are_seeded():
     """Without hard negatives the loss is CLIP's own symmetric loss; with them, the same step draws the same negatives."""
-    from pipeline.pretrain import WorldCLIP
+    from pipeline.world.train import WorldCLIP
 
     ds = world.WorldDataset("train", 4, seed=0)
     batch = {"image": torch.stack([ds[i]["image"] for i in range(4)]), "caption": ds.captions[:4]}
@@ -154,7 +154,7 @@ def test_clip_hard_negatives_are_seeded():
         losses.setdefault(hn, []).append(float(m.training_step(batch, 0)))
     torch.manual_seed(0)
     ref = WorldCLIP(total_steps=1).clip
-    from pipeline.pretrain import tokenize
+    from pipeline.world.models import tokenize
 
     out = ref(input_ids=tokenize(batch["caption"], pad_to_longest=True), pixel_values=batch["image"], return_loss=True)
     assert losses[False][0] == pytest.approx(float(out.loss), rel=1e-5)
@@ -163,7 +163,7 @@ def test_clip_hard_negatives_are_seeded():
 
 def test_training_step_is_seeded():
     """Same seed, same data -> same weights (two VAE steps, run twice)."""
-    from pipeline.pretrain import WorldVAE
+    from pipeline.world.train import WorldVAE
 
     ds = world.WorldDataset("train", 2, seed=0)
     batch = {"image": torch.stack([ds[i]["image"] for i in range(2)])}
@@ -205,7 +205,7 @@ def test_checkpoint_loads_and_generates():
 
 @needs_ckpt
 def test_checkpoint_size_and_world_clip():
-    from pipeline.pretrain import folder_size, load_world_clip, world_clip_score
+    from pipeline.world.io import folder_size, load_world_clip, world_clip_score
 
     assert folder_size(EMBEDDED_DIR) <= 25_000_000
     info = json.loads((EMBEDDED_DIR / "world.json").read_text())
@@ -221,8 +221,8 @@ def test_checkpoint_size_and_world_clip():
 def test_world_clip_zero_shot_attributes():
     """The shipped CLIP names colour and shape zero-shot (87.5% shape at 4000 steps with hard negatives;
     the earlier 400-step CLIP's 37% was why its UNet drew blobs, docs/embedded_world.md)."""
-    from pipeline.pretrain import load_world_clip
-    from pipeline.world_eval import clip_zero_shot
+    from pipeline.world.io import load_world_clip
+    from pipeline.world.judge import clip_zero_shot
 
     acc = clip_zero_shot(load_world_clip()[0], n=100)
     assert acc["colour"] >= 0.9
@@ -252,7 +252,7 @@ def test_damaged_checkpoint_names_the_file(tmp_path, damage):
 
 @needs_ckpt
 def test_damaged_world_clip_names_the_file(tmp_path):
-    from pipeline.pretrain import load_world_clip
+    from pipeline.world.io import load_world_clip
 
     copy = tmp_path / "tiny-world"
     shutil.copytree(EMBEDDED_DIR, copy)
@@ -263,7 +263,7 @@ def test_damaged_world_clip_names_the_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def attribute_classifier():
-    from pipeline.world_eval import train_attribute_classifier
+    from pipeline.world.judge import train_attribute_classifier
 
     return train_attribute_classifier(n_train=1200, steps=250, seed=5)
 
@@ -271,9 +271,9 @@ def attribute_classifier():
 @pytest.fixture(scope="module")
 def judged_generations(attribute_classifier):
     """16 single-object test scenes at richness 2, generated with the world's sampler and judged."""
-    from pipeline.pretrain import WORLD_SAMPLING
+    from pipeline.world.models import WORLD_SAMPLING
     from pipeline.sampling import generate
-    from pipeline.world_eval import classifier_accuracy, render_single_objects
+    from pipeline.world.judge import classifier_accuracy, render_single_objects
 
     renders, shapes, colours, scenes = render_single_objects(16, seed=11, split="test")
     r_shape, r_colour = classifier_accuracy(attribute_classifier, renders, shapes, colours)

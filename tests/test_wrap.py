@@ -111,7 +111,7 @@ def test_w8a8_error_is_the_per_layer_noise_floor_and_mixed_a16_gets_under_2_perc
     independent rounding noise: the root-sum-square of what each layer's 8-bit quantizer adds alone predicts it.
     Keeping the most sensitive layers' activations at 16 bits (ranked on calibration inputs) reaches < 2% on
     held-out inputs at a modest FAB."""
-    from pipeline.accounting import fab, layer_stats
+    from pipeline.metrics.cost import fab, layer_stats
     from pipeline.models import tiny_pipeline
     from pipeline.quant import activation_sensitivity, layers_to_keep_high
 

@@ -111,7 +111,7 @@ class StaticQuantState(EvalMethod):
                              f"{steps}; evaluate with --steps {self.n_steps}")
 
     def load(self, model: str, allow_download: bool = False):
-        from pipeline.qlip import load_quantized_pipeline
+        from pipeline.models import load_quantized_pipeline
 
         return load_quantized_pipeline(model, self.path, allow_download)  # PTQD states with their correction
 
@@ -147,7 +147,7 @@ class QLIPMethod(StaticQuantState):
     by T2Q -> Q2B (docs/q2b.md). Label: "<base method>+QLIP"."""
 
     def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
-        from pipeline.q2b import follow_link, load_q2b
+        from pipeline.qlip.q2b import follow_link, load_q2b
 
         self.q2b_path = Path(path)
         self.q2b = load_q2b(self.q2b_path)
@@ -160,7 +160,7 @@ class QLIPMethod(StaticQuantState):
         self.qlip = None
 
     def load(self, model: str, allow_download: bool = False):
-        from pipeline.qlip import QLIPPipeline
+        from pipeline.qlip.pipeline import QLIPPipeline
 
         self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, allow_download=allow_download)
         return self.qlip.pipe
@@ -180,7 +180,7 @@ class QLIPMethod(StaticQuantState):
 def method_from_state(path: str | Path, label: str | None = None) -> EvalMethod:
     """The EvalMethod for a quantized-state folder, by its recorded kind (a
     q2b-stage folder: QLIP)."""
-    from pipeline.q2b import META_FILE
+    from pipeline.qlip.q2b import META_FILE
     from pipeline.quant.state import read_meta
 
     if (Path(path) / META_FILE).is_file():

@@ -73,7 +73,7 @@ class MethodEvaluation(L.LightningModule):
 
     # -- setup ----------------------------------------------------------------
     def on_predict_start(self) -> None:
-        from pipeline.accounting import layer_stats, model_size_bytes
+        from pipeline.metrics.cost import layer_stats, model_size_bytes
         from pipeline.metrics import FAB, BitOPs, FidelityToFP, FrechetDistance, Timing
 
         s = self.settings
@@ -109,7 +109,8 @@ class MethodEvaluation(L.LightningModule):
         self.split_metrics.to(self.device)
 
     def _load_real_features(self, side: int) -> None:
-        from pipeline.evaluation.real_images import list_images, real_features
+        from data.images import list_images
+        from pipeline.evaluation.real_images import real_features
         from pipeline.metrics.inception import shared_backbone
 
         files = list_images(self.settings.real_images)

@@ -73,7 +73,7 @@ def write_markdown(path: Path, results: dict) -> Path:
 
 def write_grids(out: Path, grids: dict, splits: list[str], reference: str) -> dict[str, str]:
     """One PNG per non-reference method: for each split, the FP row then its row."""
-    from callbacks.images import save_grid
+    from pipeline.plots import save_grid
 
     files = {}
     fp = grids.get(reference, {})

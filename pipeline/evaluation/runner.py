@@ -31,7 +31,7 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
         if settings.sfid:
             check_enough_images(s.n_images, feature_dims("spatial", settings.sfid_grid), "sFID", where)
     if settings.real_images:
-        from pipeline.evaluation.real_images import list_images
+        from data.images import list_images
 
         n_real = len(list_images(settings.real_images))
         check_enough_images(n_real, settings.fid_dims, "FID to real", f"--real-images {settings.real_images}")

@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,3 +197,16 @@ def describe(tap: int | str, spatial_grid: int = SPATIAL_SIDE) -> str:
         return "pool_3, 2048 dims (standard FID)"
     block = {64: "pool0 (first max-pool)", 192: "pool1 (second max-pool)", 768: "mixed_7 (Mixed_6e)"}[tap]
     return f"{block} spatial mean, {tap} dims (pytorch-fid --dims {tap}; low-rank, not comparable to papers)"
+
+
+def inception_features(images: np.ndarray, backbone=None, batch: int = 32, desc: str | None = None) -> torch.Tensor:
+    """Pool features [N, 2048] (CPU float32) of uint8 images [N, H, W, 3]; `desc` shows a progress bar."""
+    from tqdm.auto import tqdm
+
+    from pipeline.metrics.inception import shared_backbone
+
+    backbone = backbone or shared_backbone()
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    device = next(backbone.parameters(), torch.empty(0)).device
+    starts = tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=desc is None)
+    return torch.cat([backbone(x[i:i + batch].to(device)).float().cpu() for i in starts])

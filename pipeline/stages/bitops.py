@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 
 
 def bitops_table(unets: dict, resolution, bits: list[str]) -> list[dict]:
-    from pipeline.accounting import bitops, layer_stats
+    from pipeline.metrics.cost import bitops, layer_stats
 
     rows = []
     for name, unet in unets.items():

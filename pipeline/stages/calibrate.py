@@ -69,7 +69,7 @@ def run(cfg):
     import lightning as L
 
     from data.prompts import load_prompts
-    from pipeline.accounting import quantized_summary
+    from pipeline.metrics.cost import quantized_summary
     from pipeline.calibration.naive import calibrate_naive
     from pipeline.models import load_pipeline
     from pipeline.quant import quantize_unet, save_quantized
@@ -98,7 +98,7 @@ def run(cfg):
 
             calibrate_progressive(pipe, prompts, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size)
     else:
-        from data.calibration import CalibrationData, collect
+        from pipeline.calibration.data import CalibrationData, collect
         from pipeline.calibration.ptqd import ptqd_statistics
         from pipeline.calibration.qdiff import calibrate_qdiff
 

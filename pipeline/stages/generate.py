@@ -26,9 +26,10 @@ def add_arguments(parser) -> None:
 def run(cfg):
     from PIL import Image
 
-    from callbacks.images import save_grid
+    from pipeline.plots import save_grid
     from data.prompts import load_prompts
-    from pipeline.qlip import QLIPPipeline, load_quantized_pipeline
+    from pipeline.qlip.pipeline import QLIPPipeline
+    from pipeline.models import load_quantized_pipeline
     from pipeline.runs import prepare_artifact, write_manifest
     from pipeline.sampling import generate
 
@@ -75,7 +76,7 @@ def write_bits(out, result, qlip) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from callbacks.bit_plots import plot_bit_heatmaps, plot_bit_shares
+    from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
 
     q2b = qlip.q2b
     tables = torch.stack([b["policy"] for b in result.batches])

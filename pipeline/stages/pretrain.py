@@ -74,7 +74,7 @@ def run(cfg) -> dict:
     import lightning as L
 
     from data import world
-    from pipeline import pretrain as P
+    from pipeline.world import train as P
     from pipeline.runs import prepare_artifact, versions, write_manifest
 
     torch.set_num_threads(max(1, cfg.threads))
@@ -114,7 +114,7 @@ def run(cfg) -> dict:
         caps = [b["caption"] for b in batch]
         pick = o.logits_per_image.argmax(-1).tolist()
         metrics["clip_val_i2t_acc"] = sum(caps[p] == caps[i] for i, p in enumerate(pick)) / n
-    from pipeline.world_eval import clip_zero_shot
+    from pipeline.world.judge import clip_zero_shot
 
     zero_shot = clip_zero_shot(clip, seed=cfg.seed, resolution=cfg.resolution)
     metrics.update(clip_zero_shot_shape=zero_shot["shape"], clip_zero_shot_colour=zero_shot["colour"])

@@ -47,8 +47,8 @@ def parse_options(text: str | None, state_options: list[int]) -> list[int]:
 
 def check(cfg, meta: dict) -> list[int]:
     """Everything cheap, before anything is loaded: returns Q2B's bit options."""
-    from pipeline.q2b import check_target_fab
-    from pipeline.qlip import CRITERIA
+    from pipeline.qlip.q2b import check_target_fab
+    from pipeline.qlip.sources import CRITERIA
 
     if cfg.criterion not in CRITERIA:
         raise ValueError(f"--criterion {cfg.criterion!r} is not available; choose one of {CRITERIA}")
@@ -75,14 +75,16 @@ def run(cfg):
     import lightning as L
     import torch
 
-    from callbacks.bit_plots import BitAllocationCallback, plot_bit_heatmaps, plot_bit_shares
-    from data.calibration import CalibrationData, collect
+    from callbacks.bit_allocation import BitAllocationCallback
+    from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
+    from pipeline.calibration.data import CalibrationData, collect
     from data.prompts import load_prompts
-    from pipeline.accounting import fab_weights, layer_stats, weighted_fab
+    from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
     from pipeline.models import load_pipeline
-    from pipeline.q2b import Q2BModule, relative_link, save_q2b
-    from pipeline.q2b_train import fit_q2b, spearman, training_items
-    from pipeline.qlip import quality_source, quantize_pipeline
+    from pipeline.qlip.q2b import Q2BModule, relative_link, save_q2b
+    from pipeline.qlip.train import fit_q2b, spearman, training_items
+    from pipeline.qlip.sources import quality_source
+    from pipeline.models import quantize_pipeline
     from pipeline.quant import quant_layers
     from pipeline.quant.state import check_same_model, read_meta
     from pipeline.runs import prepare_artifact, write_manifest

@@ -49,7 +49,7 @@ def is_rank_zero() -> bool:
 
 def sampling_defaults(model: str, steps, guidance) -> tuple[int, float]:
     from pipeline.models import EMBEDDED
-    from pipeline.pretrain import WORLD_SAMPLING
+    from pipeline.world.models import WORLD_SAMPLING
 
     world = model == EMBEDDED
     return (steps or (WORLD_SAMPLING["num_inference_steps"] if world else 50),
@@ -106,7 +106,7 @@ def run(cfg):
     from pipeline.metrics.giqa import make_giqa
     from pipeline.models import load_pipeline
     from pipeline.quant.state import model_fingerprint
-    from pipeline.scoring import FPFeatures
+    from pipeline.qlip.scoring import FPFeatures
 
     t0 = time.time()
     giqa = make_giqa(cfg.giqa, cfg.gmm_components, cfg.pca_dim, cfg.knn_k, cfg.seed)  # validates early
@@ -159,7 +159,7 @@ def finish(cfg, out: Path, dm, shards: list[dict], ref, giqa, signature: dict, s
 
     from data.scored import Normalizer, write_scored
     from pipeline.runs import write_manifest
-    from pipeline.scoring import image_name, read_shards, shard_name
+    from pipeline.qlip.scoring import image_name, read_shards, shard_name
 
     gen = read_shards(out, [shard_name(s) for s in shards])
     ref_feats = read_shards(out, [f"reference_{k:05d}" for k in range(len(ref))])
@@ -195,7 +195,7 @@ def _extremes(out: Path, rows: list[dict], n: int = 8) -> None:
     import numpy as np
     from PIL import Image
 
-    from callbacks.images import save_grid
+    from pipeline.plots import save_grid
 
     if len(rows) < 2:
         return

@@ -44,7 +44,7 @@ def evaluate(module, prompts, targets) -> dict:
 
 def predict(cfg) -> list[tuple[str, float]]:
     from data.prompts import load_prompts
-    from pipeline.t2q import load_t2q
+    from pipeline.qlip.t2q import load_t2q
 
     t2q = load_t2q(Path(cfg.run_dir) / "t2q", model=cfg.model, clip=cfg.clip)
     prompts = []
@@ -66,7 +66,7 @@ def run(cfg):
     from pipeline.models import EMBEDDED
     from pipeline.runs import prepare_artifact, write_manifest
     from pipeline.stages.score import is_rank_zero
-    from pipeline.t2q import T2QModule, baselines, load_text_tower, save_t2q
+    from pipeline.qlip.t2q import T2QModule, baselines, load_text_tower, save_t2q
 
     if cfg.predict:
         return predict(cfg)
@@ -95,7 +95,7 @@ def run(cfg):
     metrics["world_size"] = trainer.world_size
     table = None
     if cfg.richness and cfg.model == EMBEDDED:
-        from pipeline.richness import format_richness_table, richness_series, richness_table
+        from pipeline.world.richness import format_richness_table, richness_series, richness_table
 
         table = richness_table(module.predict, richness_series(cfg.richness_scenes, cfg.seed))
         print(format_richness_table(table))

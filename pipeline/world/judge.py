@@ -1,5 +1,5 @@
 """Measuring the embedded world: an attribute classifier trained on renders and
-the world CLIP's zero-shot accuracy. Inception features are pipeline/scoring.py's,
+the world CLIP's zero-shot accuracy. Inception features are pipeline.metrics.inception's,
 FID pipeline/metrics/frechet.py, GMM-GIQA pipeline/metrics/giqa.py.
 
 The classifier never sees a generated image: it learns shape and colour of
@@ -115,7 +115,7 @@ def clip_zero_shot(clip, n: int = 200, seed: int = 0, resolution: int = 32) -> d
     Shape: the image against "a <its colour> <shape>" for every shape; colour the
     same way over colours. A text tower that cannot tell shapes apart here cannot
     steer the UNet to the asked shape either."""
-    from pipeline.pretrain import tokenize
+    from pipeline.world.models import tokenize
 
     def features(fn, **kw):
         f = fn(**kw)

@@ -2,7 +2,7 @@
 bit cost steered to a target FAB by a dual variable (T2Q and the UNet's
 quantizers frozen).
 
-Data: calibration data (data/calibration.py) at *every* sampling step, since
+Data: calibration data (pipeline/calibration/data.py) at *every* sampling step, since
 each (layer, step) entry needs its own signal, with each prompt's quality q
 and FP guided noise prediction. One item = one prompt batch at one step (a
 UNet call runs one step).
@@ -36,8 +36,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.accounting import weighted_fab
-from pipeline.q2b import Q2BModule
+from pipeline.metrics.cost import weighted_fab
+from pipeline.qlip.q2b import Q2BModule
 from pipeline.quant import bit_mixture, get_bit_policy, set_bit_policy, set_quant_state, set_step
 
 
@@ -155,7 +155,7 @@ def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, 
             guidance: float, epochs: int = 20, seed: int = 0, trainer_kwargs: dict | None = None,
             callbacks: list | None = None, **hparams) -> Q2BTraining:
     """Train `q2b` on `items` (training_items) against the quantized `unet`."""
-    from pipeline.q2b import check_target_fab
+    from pipeline.qlip.q2b import check_target_fab
 
     check_target_fab(target_fab, q2b.bit_options)
     q2b.check_unet(unet)

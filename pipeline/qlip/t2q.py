@@ -51,7 +51,8 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
     CLIPTextModelWithProjection folder) when given, else from the embedded world."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError, clip_tokenizer
+    from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
+    from data.tokenizer import clip_tokenizer
 
     if clip:
         path = Path(clip)
@@ -67,7 +68,7 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
         raise ModelNotFoundError(
             f"model {model!r} has no CLIP text projection ({root / 'clip'} is missing; SD text encoders have "
             f"none): pass --clip PATH, a local CLIPTextModelWithProjection folder matching its text encoder")
-    from pipeline.pretrain import load_world_clip
+    from pipeline.world.io import load_world_clip
 
     world_clip, _ = load_world_clip(root)
     encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"))

@@ -17,6 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from pipeline.metrics.inception import inception_features
+
 SHARDS = "shards"
 
 
@@ -80,19 +82,6 @@ def read_shards(out_dir: str | Path, names: list[str]) -> torch.Tensor:
         raise FileNotFoundError(f"{len(missing)} feature shards are missing in {d} ({', '.join(missing[:5])}); "
                                 f"run the same command again to finish them")
     return torch.cat([load_file(str(d / f"{n}.safetensors"))["features"] for n in names])
-
-
-def inception_features(images: np.ndarray, backbone=None, batch: int = 32, desc: str | None = None) -> torch.Tensor:
-    """Pool features [N, 2048] (CPU float32) of uint8 images [N, H, W, 3]; `desc` shows a progress bar."""
-    from tqdm.auto import tqdm
-
-    from pipeline.metrics.inception import shared_backbone
-
-    backbone = backbone or shared_backbone()
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    device = next(backbone.parameters(), torch.empty(0)).device
-    starts = tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=desc is None)
-    return torch.cat([backbone(x[i:i + batch].to(device)).float().cpu() for i in starts])
 
 
 def scored_set_giqa(scored_dir: str | Path):

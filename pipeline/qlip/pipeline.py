@@ -1,7 +1,7 @@
 """Text-aware quantized generation (QLIP): prompts -> quality (T2Q) -> Q2B ->
 per-layer, per-step activation bits -> images.
 
-    from pipeline.qlip import QLIPPipeline
+    from pipeline.qlip.pipeline import QLIPPipeline
     qlip = QLIPPipeline.from_pretrained("runs/x/q2b")   # the Q2B folder names its quantized state and T2Q
     out = qlip(["a red circle", "a large striped red circle on the left"], batch_size=1)
     out.images, out.quality, out.fab, out.batches[0]["policy"]
@@ -20,93 +20,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-CRITERIA = ("t2q", "length", "complexity")
-
-
-def load_quantized_pipeline(model: str, quant_state: str | None, allow_download: bool = False):
-    """The pipeline with its UNet quantized as recorded in `quant_state`; FP when None."""
-    from pipeline.models import load_pipeline
-
-    pipe = load_pipeline(model, allow_download=allow_download)
-    return quantize_pipeline(pipe, quant_state) if quant_state else pipe
-
-
-def quantize_pipeline(pipe, quant_state: str | Path):
-    """Load a calibrated state into `pipe.unet` in place; PTQD states also get
-    their noise correction (a hook on the UNet output)."""
-    from pipeline.quant import load_quantized
-
-    _, _, extra = load_quantized(pipe.unet, quant_state)
-    if "ptqd_k" in extra:
-        from pipeline.calibration.ptqd import apply_ptqd
-
-        apply_ptqd(pipe.unet, extra)
-    return pipe
+from pipeline.models import load_quantized_pipeline
+from pipeline.qlip.sources import quality_source
 
 
 # ---------------------------------------------------------------------------
 # Quality sources: anything with predict(prompts) -> [N] tensor and memory_bytes()
 # ---------------------------------------------------------------------------
-class PromptLength:
-    """q = number of CLIP tokens of the prompt (Table S3's prompt-length criterion)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def predict(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), truncation=True, max_length=self.tokenizer.model_max_length)["input_ids"]
-        return torch.tensor([len(i) - 2 for i in ids], dtype=torch.float32)  # without BOS / EOS
-
-    def memory_bytes(self) -> int:
-        return 0
-
-
-class ImageComplexity:
-    """q = mean gradient magnitude of the FP image (seed 0): Table S3's image
-    complexity, measured rather than predicted from text (an oracle of the
-    paper's T2C, so the ablation favours this criterion). Costs one FP
-    generation per prompt: an ablation, not a deployment path."""
-
-    def __init__(self, fp_pipe, steps: int, guidance: float):
-        self.pipe, self.steps, self.guidance = fp_pipe, steps, guidance
-
-    def predict(self, prompts: Sequence[str]) -> torch.Tensor:
-        from pipeline.sampling import generate
-
-        images = generate(self.pipe, list(prompts), [0] * len(prompts), steps=self.steps, guidance=self.guidance,
-                          progress=False)
-        return image_complexity(images)
-
-    def memory_bytes(self) -> int:
-        return 0
-
-
-def image_complexity(images: np.ndarray) -> torch.Tensor:
-    """Mean gradient magnitude of grey-level uint8 images [N, H, W, 3], in [0, 1] units."""
-    g = torch.from_numpy(images).float().mean(-1) / 255
-    dx, dy = g[:, :, 1:] - g[:, :, :-1], g[:, 1:, :] - g[:, :-1, :]
-    return torch.sqrt(dx[:, :-1] ** 2 + dy[:, :, :-1] ** 2).flatten(1).mean(1)
-
-
-def quality_source(criterion: str, model: str, pipe=None, t2q: str | None = None, steps: int = 20,
-                   guidance: float = 5.0, allow_download: bool = False):
-    """The quality predictor of a criterion. `pipe` (FP) is borrowed for its
-    tokenizer / images when given; `t2q` is the T2Q folder for criterion t2q."""
-    if criterion == "t2q":
-        if not t2q:
-            raise ValueError("criterion 't2q' needs a T2Q folder (--t2q runs/x/t2q, written by `pipeline.fit t2q`)")
-        if not Path(t2q).is_dir():
-            raise FileNotFoundError(f"T2Q folder {t2q} does not exist; train it with `python -m pipeline.fit t2q`")
-        from pipeline.t2q import load_t2q
-
-        return load_t2q(t2q, model=model)
-    from pipeline.models import load_pipeline
-
-    if criterion == "length":
-        return PromptLength((pipe or load_pipeline(model, allow_download=allow_download)).tokenizer)
-    if criterion == "complexity":
-        return ImageComplexity(pipe or load_pipeline(model, allow_download=allow_download), steps, guidance)
-    raise ValueError(f"unknown quality criterion {criterion!r}; choose one of {CRITERIA}")
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +50,7 @@ class QLIPPipeline:
     source and a Q2B module; `__call__` generates with text-aware bits."""
 
     def __init__(self, pipe, q2b, quality, steps: int | None = None, guidance: float = 5.0):
-        from pipeline.accounting import fab_weights, layer_stats
+        from pipeline.metrics.cost import fab_weights, layer_stats
 
         q2b.check_unet(pipe.unet)
         self.pipe, self.q2b, self.quality_source = pipe, q2b, quality
@@ -146,7 +66,7 @@ class QLIPPipeline:
     def from_pretrained(cls, q2b_path: str | Path, model: str | None = None, quant_state: str | None = None,
                         t2q: str | None = None, allow_download: bool = False) -> "QLIPPipeline":
         """Everything from a q2b-stage folder; `model` / `quant_state` / `t2q` override what it recorded."""
-        from pipeline.q2b import follow_link, load_q2b
+        from pipeline.qlip.q2b import follow_link, load_q2b
 
         q2b = load_q2b(q2b_path)
         meta = q2b.meta
@@ -163,7 +83,7 @@ class QLIPPipeline:
         return cls(pipe, q2b, quality, meta["steps"], meta["guidance"])
 
     def fab_of(self, tables: torch.Tensor) -> torch.Tensor:
-        from pipeline.accounting import weighted_fab
+        from pipeline.metrics.cost import weighted_fab
 
         return weighted_fab(torch.as_tensor(tables, dtype=torch.float64), self.fab_w)
 

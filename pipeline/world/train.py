@@ -27,49 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from data.world import swap_shapes
-from pipeline.models import SD_SCHEDULER_CONFIG, clip_tokenizer
+from pipeline.models import SD_SCHEDULER_CONFIG
+from pipeline.world.models import WORLD_TEXT_CONFIG, WORLD_VISION_CONFIG, tokenize, world_unet_config, world_vae_config
 
 # ---------------------------------------------------------------------------
 # Architectures
 # ---------------------------------------------------------------------------
-WORLD_TEXT_CONFIG = dict(
-    vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-    max_position_embeddings=77, projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-)
-WORLD_VISION_CONFIG = dict(
-    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-    patch_size=4, num_channels=3, projection_dim=64,
-)
-
-
-def world_vae_config(resolution: int = 32) -> dict:
-    return dict(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=8, sample_size=resolution,
-    )
-
-
-def world_unet_config(resolution: int = 32) -> dict:
-    return dict(
-        sample_size=resolution // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WORLD_TEXT_CONFIG["hidden_size"], attention_head_dim=4, norm_num_groups=16,
-    )
 
 
 # Sampling defaults of the embedded world (also written to checkpoints/tiny-world/world.json).
-WORLD_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 5.0}
-
-
-def tokenize(captions, device=None, pad_to_longest: bool = False) -> torch.Tensor:
-    """Token ids padded to 77 as the pipeline does (or to the longest caption: the causal
-    text tower gives the same outputs at the real positions, for less compute)."""
-    ids = clip_tokenizer()(list(captions), padding="longest" if pad_to_longest else "max_length", max_length=77,
-                           truncation=True, return_tensors="pt").input_ids
-    return ids if device is None else ids.to(device)
 
 
 def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -243,118 +209,5 @@ def encode_latents(vae, images_uint8: torch.Tensor, batch: int = 256) -> torch.T
 # ---------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------
-def _text_encoder_from_clip(clip) -> "torch.nn.Module":
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    te = CLIPTextModel(CLIPTextConfig(**clip.config.text_config.to_dict()))
-    inner = getattr(te, "text_model", te)  # transformers < 5 wraps the transformer in .text_model
-    inner.load_state_dict(clip.text_model.state_dict())
-    return te.eval()
 
 
-def save_world_pipeline(out: Path, clip, vae, unet, resolution: int, world_info: dict, overwrite: bool) -> Path:
-    """Write the diffusers StableDiffusionPipeline folder plus clip/ and world.json.
-
-    The text encoder's weights are stored in fp16 (its 49408 x 64 token
-    embedding dominates the size) with ``dtype: float32`` in its config, so it
-    loads as fp32; everything else is stored in fp32."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite true to replace it")
-    tmp = out.parent / (out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    text_encoder = _text_encoder_from_clip(clip)
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet.eval(),
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    # transformers 5 saves only the 3.5 MB tokenizer.json; vocab.json + merges.txt of the real
-    # CLIP BPE (1.5 MB) load to the same tokenizer, so ship those instead.
-    write_tokenizer_files(tmp / "tokenizer")
-    # fp16 storage for the text encoder (config dtype float32, so it loads as fp32).
-    te_dir = tmp / "text_encoder"
-    shutil.rmtree(te_dir)
-    copy.deepcopy(text_encoder).to(torch.float16).save_pretrained(te_dir, safe_serialization=True)
-    cfg = json.loads((te_dir / "config.json").read_text())
-    cfg["dtype"] = "float32"
-    cfg.pop("torch_dtype", None)
-    (te_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    # The CLIP vision tower and projections (the text tower is text_encoder/).
-    clip_dir = tmp / "clip"
-    clip_dir.mkdir()
-    state = {k: v.detach().float().contiguous() for k, v in clip.state_dict().items() if not k.startswith("text_model.")}
-    save_file(state, str(clip_dir / "model.safetensors"), metadata={"format": "pt"})
-    (clip_dir / "config.json").write_text(json.dumps({
-        "clip_config": clip.config.to_dict(), "text_tower": "../text_encoder",
-        "image_size": resolution, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    }, indent=1, default=str))
-    (tmp / "world.json").write_text(json.dumps(world_info, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def write_tokenizer_files(tok_dir: Path) -> None:
-    """vocab.json + merges.txt (the real CLIP BPE) in place of tokenizer.json; checks the round trip."""
-    from transformers import CLIPTokenizer
-
-    from pipeline.models import write_clip_tokenizer_files
-
-    write_clip_tokenizer_files(tok_dir)
-    (Path(tok_dir) / "tokenizer.json").unlink(missing_ok=True)
-    probe = "a large striped red circle on the left on a gray background"
-    loaded = CLIPTokenizer.from_pretrained(str(tok_dir))
-    if loaded.vocab_size != 49408 or loaded(probe).input_ids != clip_tokenizer()(probe).input_ids:
-        raise RuntimeError(f"the tokenizer written to {tok_dir} does not reload as the CLIP BPE tokenizer")
-
-
-def folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def load_world_clip(path: str | Path | None = None):
-    """The world's CLIPModel: text tower from text_encoder/, the rest from clip/. Returns (model, info)."""
-    from safetensors.torch import load_file
-    from transformers import CLIPConfig, CLIPModel
-
-    from pipeline.models import EMBEDDED_DIR, ModelNotFoundError, _check_safetensors
-
-    root = Path(path or EMBEDDED_DIR)
-    cfg_path, w_path, te_path = root / "clip" / "config.json", root / "clip" / "model.safetensors", \
-        root / "text_encoder" / "model.safetensors"
-    for f in (cfg_path, w_path, te_path):
-        if not f.is_file():
-            raise ModelNotFoundError(f"{f} is missing: the world CLIP needs it (run `python -m pipeline.fit pretrain`)")
-    for f in (w_path, te_path):
-        _check_safetensors(f)
-    info = json.loads(cfg_path.read_text())
-    model = CLIPModel(CLIPConfig(**info["clip_config"]))
-    state = {k: v.float() for k, v in load_file(str(w_path)).items()}
-    state.update({(k if k.startswith("text_model.") else "text_model." + k): v.float()
-                  for k, v in load_file(str(te_path)).items()})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "position_ids" not in k]
-    if missing or unexpected:
-        raise ModelNotFoundError(f"{root} does not hold a complete world CLIP: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-    return model.eval(), info
-
-
-@torch.no_grad()
-def world_clip_score(model, images: torch.Tensor, captions, info: dict | None = None) -> torch.Tensor:
-    """100 * cosine(image, text) per pair (torchmetrics' CLIPScore convention, clamped at 0).
-
-    `images`: N x 3 x H x W in [0, 1] at the world resolution."""
-    mean = torch.tensor((info or {}).get("image_mean", [0.5] * 3)).view(1, 3, 1, 1)
-    std = torch.tensor((info or {}).get("image_std", [0.5] * 3)).view(1, 3, 1, 1)
-    img = model.get_image_features(pixel_values=(images.float() - mean) / std)
-    txt = model.get_text_features(input_ids=tokenize(captions))
-    img = getattr(img, "pooler_output", img)
-    txt = getattr(txt, "pooler_output", txt)
-    return (100 * F.cosine_similarity(img, txt, dim=-1)).clamp(min=0)

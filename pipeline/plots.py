@@ -1,20 +1,40 @@
-"""Bit-allocation pictures like the QLIP paper's: a layer x step heatmap of the
-chosen bits, the layer-wise proportion of each bit option (supplementary
-Fig. S3; cross-attention layers in red, the others black), the FAB against
-batch size (Fig. S1), and a Lightning callback that draws the heatmap while
-Q2B trains."""
+"""Pictures the pipeline writes: image grids (rows of images with optional row
+labels) and bit-allocation plots like the QLIP paper's (a layer x step heatmap
+of the chosen bits, the layer-wise proportion of each bit option, supplementary
+Fig. S3, cross-attention layers in red; the FAB against batch size, Fig. S1)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import lightning as L
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 _SHORT = [("down_blocks.", "d"), ("up_blocks.", "u"), ("mid_block.", "m."), ("attentions.", "at"),
           ("resnets.", "r"), ("transformer_blocks.", "tb"), ("downsamplers.", "ds"), ("upsamplers.", "us"),
           ("time_embedding.", "temb.")]
+
+
+def save_grid(rows: Sequence[np.ndarray], path: str | Path, labels: Sequence[str] | None = None,
+              scale: int = 1, pad: int = 2, label_width: int = 90) -> Path:
+    """rows: each a uint8 array [N, H, W, 3]; all rows the same N, H, W."""
+    rows = [np.asarray(r) for r in rows]
+    n, h, w, _ = rows[0].shape
+    lw = label_width if labels else 0
+    canvas = Image.new("RGB", (lw + n * (w * scale + pad) + pad, len(rows) * (h * scale + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = pad + r * (h * scale + pad)
+        if labels:
+            draw.text((4, y + h * scale // 2 - 6), str(labels[r])[:14], fill="black")
+        for c, img in enumerate(row):
+            tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (lw + pad + c * (w * scale + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 def short_name(layer: str) -> str:
@@ -124,23 +144,3 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=150, bbox_inches="tight")
     _plt().close(fig)
     return path
-
-
-class BitAllocationCallback(L.Callback):
-    """While Q2B trains: every `every_n_epochs`, a heatmap of the decisions at
-    the low, median and high training quality (`q`) into `out_dir`."""
-
-    def __init__(self, q: torch.Tensor, out_dir: str | Path, every_n_epochs: int = 5):
-        self.q = torch.as_tensor(q, dtype=torch.float32)
-        self.out_dir, self.every = Path(out_dir), every_n_epochs
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        epoch = trainer.current_epoch
-        if not trainer.is_global_zero or (epoch + 1) % self.every and epoch + 1 != trainer.max_epochs:
-            return
-        q2b = pl_module.q2b
-        qs = torch.quantile(self.q, torch.tensor([0.1, 0.5, 0.9])).to(q2b.gate_bias.device)
-        with torch.no_grad():
-            tables = {f"q={float(v):.3g}": q2b(v.reshape(1))[0].cpu() for v in qs}
-        plot_bit_heatmaps(tables, q2b.layers, q2b.bit_options, self.out_dir / f"bits_epoch{epoch:03d}.png",
-                          title=f"Q2B bits, epoch {epoch}")
