@@ -41,9 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.calibration.data import CalibrationData, collect  # noqa: E402
 from data.prompts import load_prompts  # noqa: E402
 from pipeline.calibration.blocks import reconstruction_units, unit_layers  # noqa: E402
+from pipeline.calibration.data import CalibrationData, collect  # noqa: E402
 from pipeline.calibration.naive import calibrate_naive  # noqa: E402
 from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive  # noqa: E402
 from pipeline.calibration.ptqd import apply_ptqd, ptqd_statistics  # noqa: E402
@@ -52,8 +52,7 @@ from pipeline.calibration.reconstruction import Phase, fit_unit, rec_loss  # noq
 from pipeline.metrics import FrechetDistance, min_images  # noqa: E402
 from pipeline.metrics.fidelity import as_nchw, fidelity_to_fp  # noqa: E402
 from pipeline.models import load_pipeline  # noqa: E402
-from pipeline.quant import (QuantConfig, get_bit_policy, quantize_unet, set_bit_policy,  # noqa: E402
-                            set_quant_state, set_step)
+from pipeline.quant import QuantConfig, get_bit_policy, quantize_unet, set_bit_policy, set_quant_state, set_step  # noqa: E402
 from pipeline.quant.adaround import BetaSchedule, rounding_regularizer  # noqa: E402
 from pipeline.quant.state import assign_quantizer_tensors, quantizer_state  # noqa: E402
 from pipeline.sampling import generate  # noqa: E402

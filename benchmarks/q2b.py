@@ -202,8 +202,8 @@ def main(argv=None) -> None:
     methods.update(ablations)
 
     from data.prompts import load_prompts
-    from pipeline.qlip.train import spearman
     from pipeline.qlip.pipeline import QLIPPipeline
+    from pipeline.qlip.train import spearman
 
     qlip = QLIPPipeline.from_pretrained(q2b["qdiff+QLIP"], model=a.model)
     val = load_prompts("world", limit=a.n, split="val", seed=0)

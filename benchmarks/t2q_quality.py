@@ -46,12 +46,12 @@ def measured_richness(run_dir: Path, model: str, n_scenes: int, seed: int = 0) -
     import numpy as np
 
     from data.prompts import prompt_seed
-    from pipeline.models import load_pipeline
-    from pipeline.world.richness import richness_series
-    from pipeline.sampling import generate
     from pipeline.metrics.inception import inception_features
+    from pipeline.models import load_pipeline
     from pipeline.qlip.scoring import scored_set_giqa
+    from pipeline.sampling import generate
     from pipeline.stages.score import sampling_defaults
+    from pipeline.world.richness import richness_series
 
     giqa, normalize = scored_set_giqa(run_dir / "scored")
     steps, guidance = sampling_defaults(model, None, None)

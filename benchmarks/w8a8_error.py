@@ -24,10 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.models import tiny_pipeline  # noqa: E402
 from pipeline.metrics.cost import fab, layer_stats  # noqa: E402
-from pipeline.quant import (QuantConfig, act_banks, activation_sensitivity, get_bit_policy,  # noqa: E402
-                            layers_to_keep_high, observing, quantize_unet, set_bit_policy)
+from pipeline.models import tiny_pipeline  # noqa: E402
+from pipeline.quant import (  # noqa: E402
+    QuantConfig,
+    act_banks,
+    activation_sensitivity,
+    get_bit_policy,
+    layers_to_keep_high,
+    observing,
+    quantize_unet,
+    set_bit_policy,
+)
 
 TARGET = 0.02
 
@@ -93,8 +101,8 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> tuple[di
     sizes per unit, `iters_a` iterations; round-to-nearest weights: AdaRound matters at 4 bits, not 8),
     that recipe with conv_in's input at 16 bits (conv_in sees the raw latent x_t), and with the
     sensitivity-ranked layers at 16 bits (`mixed_a16`, whose full result is returned too)."""
-    from pipeline.calibration.data import CalibrationData, collect
     from data.prompts import load_prompts
+    from pipeline.calibration.data import CalibrationData, collect
     from pipeline.calibration.naive import calibrate_naive
     from pipeline.calibration.qdiff import calibrate_qdiff
     from pipeline.models import load_pipeline

@@ -35,12 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.plots import save_grid  # noqa: E402
 from data import world  # noqa: E402
-from pipeline.world import judge as E  # noqa: E402
 from pipeline.metrics.frechet import frechet_from_features  # noqa: E402
 from pipeline.metrics.giqa import GMMGIQA  # noqa: E402
 from pipeline.metrics.inception import inception_features  # noqa: E402
+from pipeline.plots import save_grid  # noqa: E402
+from pipeline.world import judge as E  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -104,8 +104,8 @@ def cached_features(images: np.ndarray, path: Path, desc: str) -> np.ndarray:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from pipeline.world.models import WORLD_SAMPLING
     from pipeline.sampling import generate
+    from pipeline.world.models import WORLD_SAMPLING
 
     steps = args.steps or WORLD_SAMPLING["num_inference_steps"]
     guidance = args.guidance if args.guidance is not None else WORLD_SAMPLING["guidance_scale"]

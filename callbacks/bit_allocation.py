@@ -11,6 +11,7 @@ import torch
 
 from pipeline.plots import plot_bit_heatmaps
 
+
 class BitAllocationCallback(L.Callback):
     """While Q2B trains: every `every_n_epochs`, a heatmap of the decisions at
     the low, median and high training quality (`q`) into `out_dir`."""

@@ -33,8 +33,8 @@ class WorldQualityMonitor(L.Callback):
     def measure(self, pl_module) -> dict:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        from pipeline.models import SD_SCHEDULER_CONFIG
         from data.tokenizer import clip_tokenizer
+        from pipeline.models import SD_SCHEDULER_CONFIG
         from pipeline.sampling import generate
         from pipeline.world.judge import classifier_accuracy
 

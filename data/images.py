@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 

@@ -24,8 +24,7 @@ from typing import Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from data.prompt_sources import (BUILTIN, DEFAULT_WORLD_N, KINDS, PromptSourceError,  # noqa: F401 (re-exported)
-                                 parse_spec, read_source)
+from data.prompt_sources import BUILTIN, DEFAULT_WORLD_N, KINDS, PromptSourceError, parse_spec, read_source  # noqa: F401 (re-exported)
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)

@@ -16,6 +16,15 @@ _SHORT = [("down_blocks.", "d"), ("up_blocks.", "u"), ("mid_block.", "m."), ("at
           ("time_embedding.", "temb.")]
 
 
+def save_images(images: np.ndarray, folder: str | Path) -> Path:
+    """uint8 images [N, H, W, 3] as folder/00000.png, 00001.png, ..."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return folder
+
+
 def save_grid(rows: Sequence[np.ndarray], path: str | Path, labels: Sequence[str] | None = None,
               scale: int = 1, pad: int = 2, label_width: int = 90) -> Path:
     """rows: each a uint8 array [N, H, W, 3]; all rows the same N, H, W."""

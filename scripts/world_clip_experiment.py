@@ -15,12 +15,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "world-v4exp"
 sys.path.insert(0, str(ROOT))
+from callbacks.world_quality import WorldQualityMonitor
 from data import world as W  # noqa: E402
-from pipeline.world import train as P
 from pipeline.models import load_pipeline
 from pipeline.stages.pretrain import _loader
+from pipeline.world import train as P
 from pipeline.world.judge import clip_zero_shot
-from callbacks.world_quality import WorldQualityMonitor
+
 torch.set_num_threads(2)
 OUT.mkdir(parents=True, exist_ok=True)
 out = {}
@@ -36,6 +37,7 @@ out["clip_s"] = time.time() - t0
 out["clip_zero_shot"] = clip_zero_shot(clip)
 print(out, flush=True)
 from safetensors.torch import save_file
+
 save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(OUT / "clip.safetensors"))
 vae = load_pipeline("embedded").vae.eval()
 latents = P.encode_latents(vae, train.images) * vae.config.scaling_factor

@@ -4,16 +4,23 @@ import json
 import pytest
 import torch
 
-from pipeline.calibration.data import CalibrationData, cali_step_indices, collect
 from data.prompts import load_prompts
 from pipeline.calibration import qdiff as qdiff_mod
 from pipeline.calibration.blocks import reconstruction_units, unit_layers
+from pipeline.calibration.data import CalibrationData, cali_step_indices, collect
 from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive, relaxed_steps
 from pipeline.calibration.ptqd import apply_ptqd, ptqd_statistics
 from pipeline.calibration.qdiff import calibrate_qdiff
 from pipeline.models import tiny_pipeline
-from pipeline.quant import (QuantConfig, act_banks, get_bit_policy, quant_layers, quantize_unet, set_quant_state,
-                            set_step)
+from pipeline.quant import (
+    QuantConfig,
+    act_banks,
+    get_bit_policy,
+    quant_layers,
+    quantize_unet,
+    set_quant_state,
+    set_step,
+)
 from pipeline.quant.state import quantizer_state
 
 STEPS = 6

@@ -64,12 +64,9 @@ def test_bad_input_is_named(tmp_path, flags, message):
 
 
 def test_bitops_stage_prints_the_reference_table(capsys):
-    from pipeline.stages import bitops
+    from pipeline.stages.bitops import BitopsConfig, bitops
 
-    class Cfg:
-        reference, resolution, bits, out, model = ["sd-v1-4"], 512, ["32/32", "8/8", "4/8"], None, None
-
-    rows = bitops.run(Cfg)
+    rows = bitops(BitopsConfig(reference=["sd-v1-4"], resolution=512, bits=["32/32", "8/8", "4/8"]))
     assert abs(rows[0]["W8A8"] - 43.31) / 43.31 < 0.005
     assert "sd-v1-4" in capsys.readouterr().out
 

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
+from pipeline.artifacts import RunDirError
 from pipeline.fit import main as stage
-from pipeline.runs import RunDirError
 
 SMALL = ["--n", "4", "--cali-n", "2", "--score-n", "24", "--q2b-n", "2", "--q2b-epochs", "1", "--iters-w", "2",
          "--iters-a", "2", "--steps", "4", "--eval-batch", "2", "--trainer.enable_progress_bar", "false"]

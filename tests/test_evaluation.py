@@ -11,8 +11,17 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline.evaluation import (EvalSettings, FPReference, PromptMismatchError, Split, StaticQuantState,
-                                 method_from_state, register_method, run_evaluation, validate)
+from pipeline.evaluation import (
+    EvalSettings,
+    FPReference,
+    PromptMismatchError,
+    Split,
+    StaticQuantState,
+    method_from_state,
+    register_method,
+    run_evaluation,
+    validate,
+)
 from pipeline.metrics import FAB, BitOPs, FrechetDistance, TooFewImagesError
 from pipeline.metrics.frechet import PrecomputedFeatures
 
@@ -312,8 +321,8 @@ class PromptLengthBits(StaticQuantState):
 
 
 def test_a_per_batch_policy_method_plugs_in(tmp_path):
-    from pipeline.quant import load_quantized
     from pipeline.models import tiny_pipeline
+    from pipeline.quant import load_quantized
 
     path = calibrated_state(tmp_path / "dyn", a_bit_options=[8, 16])
     meta = json.loads((path / "quant_config.json").read_text())

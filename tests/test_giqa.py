@@ -4,7 +4,7 @@ FID Inception, the score falls monotonically with blur and with noise."""
 import numpy as np
 import pytest
 
-from pipeline.metrics.giqa import GIQAReferenceError, GMMGIQA, KNNGIQA, make_giqa
+from pipeline.metrics.giqa import GMMGIQA, KNNGIQA, GIQAReferenceError, make_giqa
 
 
 def low_rank_reference(n=400, dim=64, rank=6, seed=0):

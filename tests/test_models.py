@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from pipeline.models import REFERENCE_UNET_PARAMS, ModelNotFoundError, load_pipeline, meta_unet, tiny_pipeline
 from data.tokenizer import clip_tokenizer
+from pipeline.models import REFERENCE_UNET_PARAMS, ModelNotFoundError, load_pipeline, meta_unet, tiny_pipeline
 
 
 def test_tokenizer_is_the_real_clip_bpe():

@@ -4,9 +4,20 @@ import json
 
 import pytest
 
-from data.prompts import (BUILTIN, EmptySplitError, PromptDataModule, PromptSourceError, assign_splits,
-                          count_truncated, load_prompts, normalize, parse_spec, prompt_seed, read_source,
-                          stable_unit)
+from data.prompts import (
+    BUILTIN,
+    EmptySplitError,
+    PromptDataModule,
+    PromptSourceError,
+    assign_splits,
+    count_truncated,
+    load_prompts,
+    normalize,
+    parse_spec,
+    prompt_seed,
+    read_source,
+    stable_unit,
+)
 from data.tokenizer import clip_tokenizer
 
 

@@ -182,8 +182,8 @@ def test_stage_refuses_bad_options_and_targets_before_loading(tmp_path, tiny_sta
 def tiny_state(tmp_path_factory):
     """A naive W4A8 state with options {8, 16, 32} for STEPS steps, and training
     items of 8 prompts at 16x16 pixels (latent 8x8) with q = 0, 1/7, ..., 1."""
-    from pipeline.calibration.data import CalibrationData, collect
     from data.prompts import load_prompts
+    from pipeline.calibration.data import CalibrationData, collect
     from pipeline.models import tiny_pipeline
     from pipeline.qlip.train import training_items
     from pipeline.quant import QuantConfig, act_banks, observing, quantize_unet, save_quantized
@@ -260,9 +260,9 @@ def test_the_quality_weighting_is_what_makes_bits_follow_q(tiny_state):
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_stage_generate_and_evaluate_end_to_end(tmp_path, capsys):
+    from data.tokenizer import clip_tokenizer
     from pipeline.fit import main
     from pipeline.qlip.sources import PromptLength
-    from data.tokenizer import clip_tokenizer
 
     common = ["--model", "tiny-random", "--run-dir", str(tmp_path)]
     main(["calibrate", *common, "--method", "naive", "--w-bits", "4", "--a-bits", "16", "--a-bit-options",

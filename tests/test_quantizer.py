@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.quant.quantizer import (WeightQuantizer, fake_quantize, lp_search_range, scale_zero_point)
 from pipeline.quant.layers import ActQuantBank
+from pipeline.quant.quantizer import WeightQuantizer, fake_quantize, lp_search_range, scale_zero_point
 
 
 def int_reference(x: np.ndarray, lo: float, hi: float, bits: int):

@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from pipeline.models import tiny_pipeline
-from pipeline.quant import (QuantConfig, act_banks, get_bit_policy, load_quantized, observing, quant_layers,
-                            quantize_unet, save_quantized, set_bit_policy)
+from pipeline.quant import (
+    QuantConfig,
+    act_banks,
+    get_bit_policy,
+    load_quantized,
+    observing,
+    quant_layers,
+    quantize_unet,
+    save_quantized,
+    set_bit_policy,
+)
 
 
 def _calibrate(unet, **cfg):
@@ -51,6 +60,7 @@ def test_state_of_another_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="calibrated on other weights"):
         load_quantized(tiny_pipeline(seed=1).unet, tmp_path / "q")
     from diffusers import UNet2DConditionModel
+
     from pipeline.models import TINY_UNET_CONFIG
 
     other = UNet2DConditionModel(**dict(TINY_UNET_CONFIG, block_out_channels=(32, 32)))

@@ -174,23 +174,23 @@ SCORE = ["score", "--model", "embedded", "--limit", "30", "--shard-size", "8", "
 @pytest.mark.slow
 @needs_world
 def test_score_stage_writes_a_resumable_scored_set(tmp_path, monkeypatch):
-    import pipeline.sampling
-    import pipeline.stages.score as stage
     from safetensors.torch import load_file
 
-    calls, real_generate = [], pipeline.sampling.generate
+    from pipeline.qlip import scoring as stage
+
+    calls, real_generate = [], stage.generate
 
     def counting(*a, **k):
         calls.append(len(a[1]))
         return real_generate(*a, **k)
 
-    monkeypatch.setattr(pipeline.sampling, "generate", counting)
-    real_finish = stage.finish
+    monkeypatch.setattr(stage, "generate", counting)
+    real_finish = stage.finish_scored_set
 
     def crash(*a, **k):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(stage, "finish", crash)
+    monkeypatch.setattr(stage, "finish_scored_set", crash)
     args = SCORE + ["--run-dir", str(tmp_path)]
     with pytest.raises(RuntimeError, match="killed"):
         main(args)  # interrupted after every shard was written, before scoring
@@ -200,7 +200,7 @@ def test_score_stage_writes_a_resumable_scored_set(tmp_path, monkeypatch):
     assert len(list((tmp_path / "scored" / "shards").glob("reference_*.safetensors"))) == 2  # 16 / 8
     shards[-1].unlink()  # as if killed during the last shard
     calls.clear()
-    monkeypatch.setattr(stage, "finish", real_finish)
+    monkeypatch.setattr(stage, "finish_scored_set", real_finish)
     main(args)  # resumes: only the missing shard is generated again
     assert len(calls) == 1
     out = tmp_path / "scored"
@@ -269,8 +269,8 @@ def test_score_stage_refusals(tmp_path):
     # an unfinished run is resumed only with the same settings
     d = tmp_path / "e" / "scored"
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({"steps": 99}))
-    with pytest.raises(FileExistsError, match="unfinished score run with other settings.*steps: unfinished run 99"):
+    (d / "meta.json").write_text(json.dumps({"signature": {"steps": 99}}))
+    with pytest.raises(FileExistsError, match="unfinished score run of other settings.*steps: 99 \\(now 4\\)"):
         main(SCORE + ["--run-dir", str(tmp_path / "e")])
 
 

@@ -271,9 +271,9 @@ def attribute_classifier():
 @pytest.fixture(scope="module")
 def judged_generations(attribute_classifier):
     """16 single-object test scenes at richness 2, generated with the world's sampler and judged."""
-    from pipeline.world.models import WORLD_SAMPLING
     from pipeline.sampling import generate
     from pipeline.world.judge import classifier_accuracy, render_single_objects
+    from pipeline.world.models import WORLD_SAMPLING
 
     renders, shapes, colours, scenes = render_single_objects(16, seed=11, split="test")
     r_shape, r_colour = classifier_accuracy(attribute_classifier, renders, shapes, colours)

@@ -4,9 +4,19 @@ import torch
 from torch import nn
 
 from pipeline.models import meta_unet, unet_example_inputs
-from pipeline.quant import (QuantAttnProcessor, QuantConfig, QuantLayer, act_banks, get_bit_policy, observing,
-                            quant_layers, quantize_unet, set_bit_policy, set_step,
-                            skip_concat_splits)
+from pipeline.quant import (
+    QuantAttnProcessor,
+    QuantConfig,
+    QuantLayer,
+    act_banks,
+    get_bit_policy,
+    observing,
+    quant_layers,
+    quantize_unet,
+    set_bit_policy,
+    set_step,
+    skip_concat_splits,
+)
 
 
 @pytest.mark.parametrize("name", ["sd-v1-4", "bk-sdm-tiny", "sdxl-base"])

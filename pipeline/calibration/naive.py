@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch.distributed as dist
 
+from pipeline.engine import make_trainer
 from pipeline.quant import act_banks, observing
 from pipeline.sampling import generate
 
@@ -71,7 +72,6 @@ def calibrate_naive(pipe, qcfg, prompts, steps: int, guidance: float, batch_size
     quantize_unet(pipe.unet, qcfg)
     module = NaiveCalibration(pipe, steps, guidance, qcfg.act_init, seed)
     loader = DataLoader(list(zip(prompts, range(len(prompts)))), batch_size=batch_size, shuffle=False)
-    kwargs = {"logger": False, "enable_model_summary": False, **(trainer_kwargs or {})}
-    trainer = L.Trainer(**kwargs)
+    trainer = make_trainer(trainer_kwargs, progress=True)
     trainer.predict(module, loader, return_predictions=False)
     return trainer

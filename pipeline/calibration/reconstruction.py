@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.calibration.blocks import unit_banks, unit_layers
+from pipeline.engine import make_trainer
 from pipeline.quant.adaround import BetaSchedule, rounding_regularizer
 
 
@@ -156,10 +157,9 @@ def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_
     total = sum(p.iters for p in phases)
     if total == 0:
         return module
-    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-              "enable_progress_bar": False, **trainer_kwargs, "max_steps": total, "max_epochs": 1,
-              "use_distributed_sampler": False, "num_sanity_val_steps": 0}
-    trainer = L.Trainer(**kwargs)
+    # one of many fits in a stage: the stage's own bar over units shows progress, not this Trainer's
+    trainer = make_trainer(trainer_kwargs, forced={"max_steps": total, "max_epochs": 1, "use_distributed_sampler": False,
+                                                   "num_sanity_val_steps": 0, "enable_progress_bar": False})
     n_slots = max((b.n_slots for b in module.banks), default=1)
     slot_of = (lambda step: min(step, n_slots - 1)) if n_slots > 1 else (lambda step: 0)
     sampler = PhaseSampler(items, phases, slot_of, seed=seed, rank=trainer.global_rank)

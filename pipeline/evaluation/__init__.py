@@ -1,8 +1,14 @@
 """QDiffBench evaluation (PCR's benchmark, DESIGN section 6): FP and quantized
 models on in-domain and prompt-generalization splits with identical seeds.
 `python -m pipeline.fit evaluate`; see docs/evaluation.md."""
-from pipeline.evaluation.methods import (METHOD_KINDS, EvalMethod, FullPrecision, StaticQuantState,
-                                         method_from_state, register_method)
+from pipeline.evaluation.methods import (
+    METHOD_KINDS,
+    EvalMethod,
+    FullPrecision,
+    StaticQuantState,
+    method_from_state,
+    register_method,
+)
 from pipeline.evaluation.reference import FPReference, PromptMismatchError
 from pipeline.evaluation.runner import run_evaluation, validate
 from pipeline.evaluation.settings import EvalSettings

@@ -180,10 +180,10 @@ class QLIPMethod(StaticQuantState):
 def method_from_state(path: str | Path, label: str | None = None) -> EvalMethod:
     """The EvalMethod for a quantized-state folder, by its recorded kind (a
     q2b-stage folder: QLIP)."""
-    from pipeline.qlip.q2b import META_FILE
+    from pipeline.qlip.q2b import Q2B_FORMAT
     from pipeline.quant.state import read_meta
 
-    if (Path(path) / META_FILE).is_file():
+    if (Path(path) / Q2B_FORMAT.meta).is_file():
         return METHOD_KINDS["qlip"](path, label=label)
     meta = read_meta(path)
     kind = meta.get("extra", {}).get("eval_method", "static")

@@ -73,8 +73,8 @@ class MethodEvaluation(L.LightningModule):
 
     # -- setup ----------------------------------------------------------------
     def on_predict_start(self) -> None:
-        from pipeline.metrics.cost import layer_stats, model_size_bytes
         from pipeline.metrics import FAB, BitOPs, FidelityToFP, FrechetDistance, Timing
+        from pipeline.metrics.cost import layer_stats, model_size_bytes
 
         s = self.settings
         with torch.inference_mode(False):  # quantizer state loaded here must stay a normal tensor

@@ -100,3 +100,20 @@ def write_grids(out: Path, grids: dict, splits: list[str], reference: str) -> di
 def write_json(path: Path, results: dict) -> Path:
     path.write_text(json.dumps(results, indent=1, allow_nan=False))
     return path
+
+
+def write_results(out: Path, model: str, plan, res: dict) -> str:
+    """results.json, results.md and the grids of one evaluation (`res`: run_evaluation's
+    return value); returns the markdown."""
+    settings, splits = plan.settings, plan.splits
+    results = {
+        "model": model, "world_size": res["world_size"], "settings": vars(settings), "feature_sets": plan.features,
+        "clip": settings.clip_path, "skipped": plan.skipped, "n_real_images": res["n_real_images"],
+        "splits": [{"name": s.name, "source": s.source, "n_prompts": len(s.prompts),
+                    "images_per_prompt": s.images_per_prompt, "n_images": s.n_images, "seed": s.seed,
+                    "prompts": s.prompts} for s in splits],
+        "methods": res["methods"], "rows": res["rows"], "wall_seconds": res["wall_seconds"],
+    }
+    results["grid_files"] = write_grids(out, res["grids"], [s.name for s in splits], reference="FP32")
+    write_json(out / "results.json", results)
+    return write_markdown(out / "results.md", results).read_text()

@@ -6,6 +6,7 @@ import time
 import warnings
 from typing import Sequence
 
+from pipeline.engine import make_trainer
 from pipeline.evaluation.methods import EvalMethod, FullPrecision, StaticQuantState
 from pipeline.evaluation.settings import EvalSettings
 from pipeline.evaluation.splits import Split, global_batches
@@ -54,18 +55,15 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
                    batch_size: int = 8, trainer_kwargs: dict | None = None, allow_download: bool = False) -> dict:
     """Evaluate FP and every method on every split. Returns
     {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "is_global_zero": bool, ...}."""
-    import lightning as L
 
     from pipeline.evaluation.module import MethodEvaluation, SharedState
 
     splits = list(splits)
     batches = global_batches(splits, batch_size)
-    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-              **(trainer_kwargs or {}),
-              # our sampler deals whole batches; no_grad instead of inference_mode keeps the quantizer
-              # state (loaded inside the loop) ordinary tensors
-              "use_distributed_sampler": False, "inference_mode": False}
-    trainer = L.Trainer(**kwargs)
+    # our sampler deals whole batches; no_grad instead of inference_mode keeps the quantizer
+    # state (loaded inside the loop) ordinary tensors
+    trainer = make_trainer(trainer_kwargs, progress=True,
+                           forced={"use_distributed_sampler": False, "inference_mode": False})
     if len(batches) < trainer.world_size:
         raise ValueError(f"{len(batches)} batches for {trainer.world_size} processes: every process needs at least "
                          f"one; lower --batch-size (now {batch_size}) or the number of devices")

@@ -147,6 +147,36 @@ def quantized_summary(unet: nn.Module, stats=None) -> dict:
     }
 
 
+def bitops_table(unets: Mapping[str, nn.Module], resolution: int | None, bits: Sequence[str]) -> list[dict]:
+    """Per UNet: layers, GMACs per image and BitOPs (T) of one CFG call at each "W/A" pair of `bits`."""
+    pairs = []
+    for pair in bits:
+        try:
+            w, a = (int(v) for v in pair.split("/"))
+        except ValueError:
+            raise ValueError(f"--bits {pair!r} must be W/A pairs such as 8/8 or 4/16") from None
+        pairs.append((w, a))
+    rows = []
+    for name, unet in unets.items():
+        res = resolution or unet.config.sample_size * 8
+        stats = layer_stats(unet, batch=2, resolution=res)
+        row = {"model": name, "resolution": res, "layers": len(stats),
+               "GMACs_per_image": sum(s.macs for s in stats.values()) / 2 / 1e9}
+        for w, a in pairs:
+            row[f"W{w}A{a}"] = bitops(stats, w, a) / 1e12
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of equal-keyed rows (floats to 2 decimals)."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(lines)
+
+
 def _policy_table(policy, n_layers: int) -> torch.Tensor:
     table = torch.as_tensor(policy, dtype=torch.float64)
     if table.dim() == 1:

@@ -19,10 +19,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
+from pipeline.artifacts import write_json_atomic
 from pipeline.models import load_quantized_pipeline
+from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
 from pipeline.qlip.sources import quality_source
-
 
 # ---------------------------------------------------------------------------
 # Quality sources: anything with predict(prompts) -> [N] tensor and memory_bytes()
@@ -134,3 +136,26 @@ class QLIPPipeline:
             batches.append(record)
         quality = torch.tensor([q for b in batches for q in b["q"]])
         return QLIPOutput(np.concatenate(images), quality, batches)
+
+
+def log_batch(i: int, record: dict) -> None:
+    """`on_batch` hook that prints what QLIP chose for a batch."""
+    shares = ", ".join(f"{b}-bit {s:.0%}" for b, s in record["shares"].items())
+    qs = ", ".join(f"{q:.3g}" for q in record["q"])
+    print(f"batch {i}: q = [{qs}] -> FAB {record['fab']:.2f} ({shares})")
+
+
+def write_bits(out: Path, result: QLIPOutput, qlip: QLIPPipeline) -> dict:
+    """The chosen bits into `out`: bits.json (summary and per batch), bits.safetensors
+    (each batch's [layers, steps] table), bits_heatmap.png and bit_shares.png. Returns the summary."""
+    q2b = qlip.q2b
+    tables = torch.stack([b["policy"] for b in result.batches])
+    save_file({"policies": tables.contiguous()}, str(out / "bits.safetensors"))
+    batches = [{k: v for k, v in b.items() if k != "policy"} for b in result.batches]
+    summary = {"fab": result.fab, "bit_options": q2b.bit_options, "criterion": q2b.meta.get("criterion"),
+               "n_batches": len(batches)}
+    write_json_atomic(out / "bits.json", {"summary": summary, "layers": q2b.layers, "batches": batches})
+    shown = {f"batch {i}: FAB {result.batches[i]['fab']:.2f}": tables[i] for i in range(min(3, len(tables)))}
+    plot_bit_heatmaps(shown, q2b.layers, q2b.bit_options, out / "bits_heatmap.png", title="QLIP bits per batch")
+    plot_bit_shares(tables, q2b.layers, q2b.bit_options, out / "bit_shares.png")
+    return summary

@@ -20,21 +20,18 @@ decrease as q grows: text-awareness is structural, the thresholds are learned.
 Stored as q2b.safetensors (fp16 tables, the deployed form) + q2b.json."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
 from pipeline.quant.quantizer import check_bits
 
-FORMAT = "qlip-q2b/1"
-WEIGHTS_FILE = "q2b.safetensors"
-META_FILE = "q2b.json"
+Q2B_FORMAT = ArtifactFormat("qlip-q2b", 1, "q2b.safetensors", "q2b.json", "train one with `python -m pipeline.fit q2b`")
 
 
 def check_target_fab(target: float, bit_options: Sequence[int]) -> float:
@@ -191,42 +188,31 @@ def save_q2b(module: Q2BModule, path: str | Path, extra: dict | None = None) -> 
     """Write q2b.safetensors (fp16 tables) + q2b.json into folder `path`. The
     module's parameters are rounded to fp16 in place first, so the module in
     memory decides exactly as the stored one will."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(p.half().float())
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach() for k, v in module.state_dict().items()}
     tensors = {k: v.half() if k in dict(module.named_parameters()) else v for k, v in tensors.items()}
-    save_file(tensors, str(path / WEIGHTS_FILE))
-    meta = {"format": FORMAT, "bit_options": module.bit_options, "n_steps": module.n_steps, "layers": module.layers,
+    meta = {"bit_options": module.bit_options, "n_steps": module.n_steps, "layers": module.layers,
             "memory_bytes": module.memory_bytes(), **(extra or {})}
-    (path / META_FILE).write_text(json.dumps(meta, indent=1))
-    return path
+    return save_artifact(path, Q2B_FORMAT, tensors, meta)
 
 
 def read_q2b_meta(path: str | Path) -> dict:
-    path = Path(path)
-    for f in (path / META_FILE, path / WEIGHTS_FILE):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: {path} is not a Q2B checkpoint (run `pipeline.fit q2b`)")
-    meta = json.loads((path / META_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path / META_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+    return read_artifact_meta(path, Q2B_FORMAT)
 
 
 def load_q2b(path: str | Path, bit_options: Sequence[int] | None = None, device="cpu") -> Q2BModule:
     """Load a Q2B checkpoint (`.meta` holds its JSON). `bit_options`, when given,
     must be those it was trained for."""
     meta = read_q2b_meta(path)
-    tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
+    tensors = load_artifact_tensors(path, Q2B_FORMAT, device)
     module = Q2BModule(meta["layers"], meta["n_steps"], meta["bit_options"], float(tensors["q_mean"]),
                        float(tensors["q_std"])).to(device)
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != have:
-        raise ValueError(f"{Path(path) / WEIGHTS_FILE} does not match its {META_FILE} (tensors {have} vs {want})")
+        raise ValueError(f"{Path(path) / Q2B_FORMAT.tensors} does not match its {Q2B_FORMAT.meta} (tensors {have} vs {want})")
     module.load_state_dict({k: v.float() for k, v in tensors.items()})
     module.meta = meta
     if bit_options is not None:

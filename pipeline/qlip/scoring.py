@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
+from data.reference import WORLD
+from data.scored import Normalizer, write_scored
+from pipeline.artifacts import check_progress, jsonable, write_json_atomic
+from pipeline.errors import RunDirError
 from pipeline.metrics.inception import inception_features
+from pipeline.models import EMBEDDED
+from pipeline.plots import save_grid
+from pipeline.world.models import WORLD_SAMPLING
 
 SHARDS = "shards"
 
@@ -97,3 +107,77 @@ def scored_set_giqa(scored_dir: str | Path):
     giqa = from_description(metrics["giqa"]).fit(load_file(str(d / "features.safetensors"))["reference"])
     norm = metrics["normalization"]
     return giqa, Normalizer(norm["lo"], norm["hi"], norm["quantile"])
+
+
+def sampling_defaults(model: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """The score stage's sampler settings: the world's own on the embedded model, else 50 steps at 7.5."""
+    world = model == EMBEDDED
+    return (steps or (WORLD_SAMPLING["num_inference_steps"] if world else 50),
+            guidance if guidance is not None else (WORLD_SAMPLING["guidance_scale"] if world else 7.5))
+
+
+def resolve_reference(reference: str, model: str) -> str:
+    """--reference auto: the world's renders on the embedded model; elsewhere a folder must be given."""
+    if reference != "auto":
+        return reference
+    if model == EMBEDDED:
+        return WORLD
+    raise ValueError(f"--reference auto means the world's renders, which only fit --model embedded; for "
+                     f"{model!r} pass --reference PATH, a folder of real images (e.g. COCO val2017 photos)")
+
+
+def refuse_finished(out: Path, overwrite: bool) -> None:
+    if (out / "manifest.json").is_file() and not overwrite:
+        raise RunDirError(f"{out} already holds results; pass --overwrite true to replace them, "
+                          f"or choose another --run-dir")
+
+
+def prepare_scored_dir(out: Path, signature: dict, overwrite: bool) -> None:
+    """Refuse finished results (unless overwrite); resume unfinished ones only with the same settings."""
+    refuse_finished(out, overwrite)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if check_progress(out / "meta.json", signature, "an unfinished score run") is not None:
+        print(f"resuming the unfinished score run in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "meta.json", {"signature": jsonable(signature)})
+
+
+def finish_scored_set(out: Path, shards: list[dict], n_reference: int, giqa, quantile: float) -> dict:
+    """Fit GIQA on the reference features, score, normalize over train, write the
+    scored set (scored.jsonl, features.safetensors, extremes.png); returns the metrics."""
+    gen = read_shards(out, [shard_name(s) for s in shards])
+    ref_feats = read_shards(out, [f"reference_{k:05d}" for k in range(n_reference)])
+    raw = giqa.fit(ref_feats).score(gen)
+    rows = []
+    for s in shards:
+        for i, p, seed in zip(s["indices"], s["prompts"], s["seeds"]):
+            rows.append({"index": len(rows), "split": s["split"], "prompt": p, "seed": seed,
+                         "image": image_name(s["split"], i)})
+    train = [v for v, r in zip(raw, rows) if r["split"] == "train"]
+    normalizer = Normalizer.fit(train if train else raw, quantile)
+    for r, v, q in zip(rows, raw, normalizer(raw)):
+        r["score_raw"], r["score"] = float(v), float(q)
+    write_scored(out, rows)
+    save_file({"generated": gen.contiguous(), "reference": ref_feats.contiguous()}, str(out / "features.safetensors"),
+              metadata={"giqa": json.dumps(giqa.describe()), "rows": "scored.jsonl order"})
+    shutil.rmtree(out / SHARDS, ignore_errors=True)  # merged into features.safetensors
+    save_extremes(out, rows)
+    per_split = {s: {"n": int(sum(r["split"] == s for r in rows)),
+                     "raw_mean": float(np.mean([r["score_raw"] for r in rows if r["split"] == s])),
+                     "score_mean": float(np.mean([r["score"] for r in rows if r["split"] == s]))}
+                 for s in dict.fromkeys(r["split"] for r in rows)}
+    return {"per_split": per_split, "normalization": vars(normalizer) | {"over": "train" if train else "all"},
+            "giqa": giqa.describe(), "n_rows": len(rows)}
+
+
+def save_extremes(out: Path, rows: list[dict], n: int = 8) -> None:
+    """extremes.png: the n best-scored images (top row) and the n worst (bottom row)."""
+    if len(rows) < 2:
+        return
+    order = sorted(rows, key=lambda r: r["score_raw"])
+    k = min(n, len(rows) // 2)
+    load = lambda rs: np.stack([np.asarray(Image.open(out / r["image"]).convert("RGB")) for r in rs])  # noqa: E731
+    best, worst = load(order[::-1][:k]), load(order[:k])
+    save_grid([best, worst], out / "extremes.png", labels=["best GIQA", "worst GIQA"],
+              scale=max(1, 96 // best.shape[1]))

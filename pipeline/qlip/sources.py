@@ -9,10 +9,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.models import load_pipeline
-from pipeline.sampling import generate
-
-
 CRITERIA = ("t2q", "length", "complexity")
 
 

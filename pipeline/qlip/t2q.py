@@ -16,7 +16,6 @@ projection, both come from a CLIPTextModelWithProjection folder (`clip=`).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,9 +24,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional import mean_squared_error, pearson_corrcoef, spearman_corrcoef
 
-WEIGHTS, CONFIG = "t2q.safetensors", "t2q.json"
-FORMAT = "qlip-t2q/1"
+from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
+
+T2Q_FORMAT = ArtifactFormat("qlip-t2q", 1, "t2q.safetensors", "t2q.json", "train one with `python -m pipeline.fit t2q`")
 HIDDEN = 512
 
 
@@ -51,8 +52,8 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
     CLIPTextModelWithProjection folder) when given, else from the embedded world."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
     from data.tokenizer import clip_tokenizer
+    from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
 
     if clip:
         path = Path(clip)
@@ -179,18 +180,12 @@ class T2QModule(L.LightningModule):
 # safetensors + JSON (no pickle)
 # ---------------------------------------------------------------------------
 def save_t2q(module: T2QModule, out_dir: str | Path, extra: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {f"projection.{k}": v for k, v in module.projection.state_dict().items()}
     state.update({f"head.{k}": v for k, v in module.head.state_dict().items()})
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / WEIGHTS))
-    config = {"format": FORMAT, "text_tower": module.source, "embed_dim": module.projection.in_features,
+    config = {"text_tower": module.source, "embed_dim": module.projection.in_features,
               "proj_dim": module.projection.out_features, "hidden": module.hparams.hidden,
               "memory_bytes": module.memory_bytes(), **(extra or {})}
-    (out / CONFIG).write_text(json.dumps(config, indent=1))
-    return out
+    return save_artifact(out_dir, T2Q_FORMAT, state, config)
 
 
 def load_t2q(path: str | Path, model: str | None = None, clip: str | None = None) -> T2QModule:
@@ -199,19 +194,14 @@ def load_t2q(path: str | Path, model: str | None = None, clip: str | None = None
     `model` / `clip` default to what it was trained with. A tower whose CLIP
     projection differs from the saved one (another or a retrained model) is
     refused: the head's inputs would mean something else."""
-    from safetensors.torch import load_file
-
     d = Path(path)
-    for f in (WEIGHTS, CONFIG):
-        if not (d / f).is_file():
-            raise FileNotFoundError(f"{d / f} is missing: {d} is not a T2Q folder (train one with "
-                                    f"`python -m pipeline.fit t2q`)")
-    config = json.loads((d / CONFIG).read_text())
-    if config.get("format") != FORMAT:
-        raise T2QCheckpointError(f"{d / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
+    try:
+        config = read_artifact_meta(d, T2Q_FORMAT)
+    except ValueError as e:
+        raise T2QCheckpointError(str(e)) from e
     src = config["text_tower"]
     tower = load_text_tower(model or src["model"], clip if clip is not None else src.get("clip"))
-    state = load_file(str(d / WEIGHTS))
+    state = load_artifact_tensors(d, T2Q_FORMAT)
     saved = state["projection.weight"]
     if saved.shape != tower.projection.weight.shape or not torch.allclose(saved, tower.projection.weight.float(),
                                                                            atol=1e-5):
@@ -221,6 +211,13 @@ def load_t2q(path: str | Path, model: str | None = None, clip: str | None = None
     module = T2QModule(tower, hidden=config["hidden"])
     module.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
     return module.eval()
+
+
+def t2q_metrics(module: T2QModule, prompts: Sequence[str], targets) -> dict:
+    """MSE / Pearson / Spearman of the module on (prompts, targets), torchmetrics' definitions."""
+    pred, y = module.predict(prompts), torch.as_tensor(targets, dtype=torch.float32)
+    return {"mse": float(mean_squared_error(pred, y)), "pearson": float(pearson_corrcoef(pred, y)),
+            "spearman": float(spearman_corrcoef(pred, y))}
 
 
 # ---------------------------------------------------------------------------

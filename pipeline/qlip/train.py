@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.engine import make_trainer
 from pipeline.metrics.cost import weighted_fab
 from pipeline.qlip.q2b import Q2BModule
 from pipeline.quant import bit_mixture, get_bit_policy, set_bit_policy, set_quant_state, set_step
@@ -168,9 +169,7 @@ def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, 
     w_norm = float(torch.exp(kappa * (q_all - q2b.q_mean.cpu()) / q2b.q_std.cpu()).mean())
     module = Q2BTraining(unet, q2b, fab_weights, target_fab, guidance, d_ref, w_norm, **hparams)
     L.seed_everything(seed, verbose=False)
-    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False, "max_epochs": epochs,
-              "callbacks": callbacks or [], **(trainer_kwargs or {})}
-    trainer = L.Trainer(**kwargs)
+    trainer = make_trainer(trainer_kwargs, progress=True, defaults={"max_epochs": epochs, "callbacks": callbacks or []})
     loader = DataLoader(items, batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(module, loader)
     return module

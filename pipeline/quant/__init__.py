@@ -2,9 +2,19 @@
 from pipeline.quant.attention import QuantAttnProcessor
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer
-from pipeline.quant.policy import (act_banks, activation_sensitivity, bit_mixture, get_bit_policy,
-                                   layers_to_keep_high, observing, quant_layers, set_bit_policy, set_quant_state,
-                                   set_schedule, set_step)
+from pipeline.quant.policy import (
+    act_banks,
+    activation_sensitivity,
+    bit_mixture,
+    get_bit_policy,
+    layers_to_keep_high,
+    observing,
+    quant_layers,
+    set_bit_policy,
+    set_quant_state,
+    set_schedule,
+    set_step,
+)
 from pipeline.quant.quantizer import SUPPORTED_BITS, WeightQuantizer, check_bits, fake_quantize
 from pipeline.quant.state import load_quantized, save_quantized
 from pipeline.quant.wrap import quantize_unet, skip_concat_splits

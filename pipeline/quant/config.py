@@ -7,6 +7,16 @@ from dataclasses import dataclass, field
 from pipeline.quant.quantizer import check_bits
 
 
+def parse_bits(text: str | None, flag: str = "--a-bit-options") -> list[int] | None:
+    """'8,16,32' -> [8, 16, 32]; None or '' -> None."""
+    if text in (None, ""):
+        return None
+    try:
+        return [int(b) for b in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be comma-separated integers such as 8,16,32") from None
+
+
 @dataclass
 class QuantConfig:
     """How to quantize a UNet.

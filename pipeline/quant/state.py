@@ -8,15 +8,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.layers import ActQuantBank
 from pipeline.quant.quantizer import WeightQuantizer
 
-STATE_FILE = "quant_state.safetensors"
-META_FILE = "quant_config.json"
+QUANT_STATE = ArtifactFormat("qlip-quant-state", 1, "quant_state.safetensors", "quant_config.json",
+                            "run `python -m pipeline.fit calibrate`")
 
 
 def model_fingerprint(unet: nn.Module) -> dict:
@@ -65,36 +65,24 @@ def assign_quantizer_tensors(unet: nn.Module, tensors: dict[str, torch.Tensor]) 
 
 def save_quantized(unet: nn.Module, path: str | Path, extra: dict | None = None,
                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `quant_state.safetensors` + `quant_config.json` into folder `path`."""
+    """Write the state (quant_state.safetensors + quant_config.json) into folder `path`."""
     from pipeline.quant.policy import quant_layers
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = quantizer_state(unet)
     for k, v in (extra_tensors or {}).items():
-        tensors[f"extra.{k}"] = v.detach().contiguous().cpu()
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(path / STATE_FILE))
+        tensors[f"extra.{k}"] = v
     meta = {
-        "format": "qlip-quant-state/1",
         "quant_config": unet.quant_config.to_dict(),
         "layers": list(quant_layers(unet)),
         "policy": {n: m.policy for n, m in quant_layers(unet).items()},
         "model": model_fingerprint(unet),
         "extra": extra or {},
     }
-    (path / META_FILE).write_text(json.dumps(meta, indent=1))
-    return path
+    return save_artifact(path, QUANT_STATE, tensors, meta)
 
 
 def read_meta(path: str | Path) -> dict:
-    path = Path(path)
-    for f in (path / META_FILE, path / STATE_FILE):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: {path} is not a quantized state (run the calibrate stage)")
-    try:
-        return json.loads((path / META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / META_FILE} is corrupted: {e}") from e
+    return read_artifact_meta(path, QUANT_STATE)
 
 
 def check_same_model(meta: dict, unet: nn.Module, path) -> None:
@@ -123,13 +111,13 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_model: bool = True)
         check_same_model(meta, unet, path)
     cfg = QuantConfig.from_dict(meta["quant_config"])
     quantize_unet(unet, cfg, only=meta["layers"], init_weights=False)
-    tensors = load_file(str(path / STATE_FILE), device=str(next(unet.parameters()).device))
+    tensors = load_artifact_tensors(path, QUANT_STATE, device=next(unet.parameters()).device)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
     expected = set(quantizer_state(unet))
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"{path / STATE_FILE} does not match the quantized model: "
+        raise ValueError(f"{path / QUANT_STATE.tensors} does not match the quantized model: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     assign_quantizer_tensors(unet, tensors)
     for name, layer in quant_layers(unet).items():

@@ -6,7 +6,6 @@ import torch
 
 from data.tokenizer import clip_tokenizer
 
-
 WORLD_TEXT_CONFIG = dict(
     vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
     max_position_embeddings=77, projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,

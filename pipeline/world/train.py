@@ -18,17 +18,34 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
 
+from data import world
 from data.world import swap_shapes
+from pipeline.artifacts import versions
+from pipeline.engine import make_trainer
 from pipeline.models import SD_SCHEDULER_CONFIG
-from pipeline.world.models import WORLD_TEXT_CONFIG, WORLD_VISION_CONFIG, tokenize, world_unet_config, world_vae_config
+from pipeline.world.io import _text_encoder_from_clip, folder_size, save_world_pipeline
+from pipeline.world.judge import clip_zero_shot
+from pipeline.world.models import (
+    WORLD_SAMPLING,
+    WORLD_TEXT_CONFIG,
+    WORLD_VISION_CONFIG,
+    tokenize,
+    world_unet_config,
+    world_vae_config,
+)
 
 # ---------------------------------------------------------------------------
 # Architectures
@@ -211,3 +228,181 @@ def encode_latents(vae, images_uint8: torch.Tensor, batch: int = 256) -> torch.T
 # ---------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------
+# The recipe: render, then CLIP, VAE and UNet in order, save, reload and sample
+# ---------------------------------------------------------------------------
+@dataclass
+class WorldRecipe:
+    """How the embedded world is trained (the pretrain stage's flags)."""
+
+    resolution: int = 32
+    """world resolution (32 or 64)"""
+    n_train: int = 20000
+    """rendered training scenes"""
+    n_val: int = 1024
+    """rendered validation scenes"""
+    clip_steps: int = 4000
+    """CLIP steps (shape is learned late, docs/embedded_world.md)"""
+    vae_steps: int = 1500
+    """VAE steps"""
+    unet_steps: int = 2500
+    """UNet steps"""
+    clip_batch_size: int = 64
+    """CLIP batch"""
+    vae_batch_size: int = 32
+    """VAE batch"""
+    unet_batch_size: int = 64
+    """UNet batch"""
+    clip_lr: float = 1e-3
+    """CLIP learning rate"""
+    clip_hard_negatives: bool = True
+    """also contrast each image with its caption's shapes swapped"""
+    vae_lr: float = 2e-3
+    """VAE learning rate"""
+    unet_lr: float = 1e-3
+    """UNet learning rate"""
+    cond_dropout: float = 0.1
+    """caption -> empty prompt rate (CFG)"""
+    threads: int = 2
+    """torch CPU threads (2 on an idle 2-core machine; 1 if other jobs share the cores)"""
+    monitor_every: int = 500
+    """judge shape/colour of 40 EMA generations every N UNet steps (0: never)"""
+
+
+def _trainer(trainer: dict | None, steps: int, log_dir: Path, name: str, callbacks=()):
+    """One fit of `steps` steps; --trainer.max_steps N caps each of the three fits at N."""
+    kw = {k: v for k, v in (trainer or {}).items() if v is not None}
+    cap = kw.pop("max_steps", -1)
+    steps = min(steps, cap) if cap and cap > 0 else steps
+    for k in ("max_epochs", "min_epochs", "min_steps", "limit_val_batches", "num_sanity_val_steps"):
+        kw.pop(k, None)
+    fitter = make_trainer(kw, progress=True, defaults={"log_every_n_steps": 25},
+                          forced={"max_steps": steps, "max_epochs": -1, "limit_val_batches": 0,
+                                  "num_sanity_val_steps": 0, "enable_checkpointing": False,
+                                  "logger": CSVLogger(str(log_dir), name=name, version=""),
+                                  "callbacks": list(callbacks)})
+    return fitter, steps
+
+
+def loader(ds, batch_size: int, seed: int, shuffle: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=g)
+
+
+def _last(trainer, key: str) -> float | None:
+    v = trainer.callback_metrics.get(key)
+    return None if v is None else float(v)
+
+
+def train_world(recipe: WorldRecipe, out: Path, art: Path, trainer: dict | None = None, seed: int = 0,
+                overwrite: bool = False, unet_callbacks: Callable[[torch.nn.Module], list] | None = None) -> dict:
+    """Train the world into the pipeline folder `out` (logs, samples in `art`); returns the metrics.
+    `unet_callbacks(vae)`: Callbacks that watch the UNet fit (they may decode with the trained VAE)."""
+    torch.set_num_threads(max(1, recipe.threads))
+    world.check_resolution(recipe.resolution)
+    t_start = time.time()
+    timings, metrics = {}, {}
+    L.seed_everything(seed, workers=True)
+
+    # -- data ---------------------------------------------------------------
+    t0 = time.time()
+    print(f"[pretrain] rendering {recipe.n_train} train + {recipe.n_val} val scenes at {recipe.resolution}px ...", flush=True)
+    train = world.WorldDataset("train", recipe.n_train, seed, recipe.resolution)
+    val = world.WorldDataset("val", recipe.n_val, seed, recipe.resolution)
+    timings["render_s"] = time.time() - t0
+
+    # -- 1. CLIP ------------------------------------------------------------
+    t0 = time.time()
+    L.seed_everything(seed)
+    fit, steps = _trainer(trainer, recipe.clip_steps, art, "clip")
+    clip_mod = WorldCLIP(recipe.resolution, lr=recipe.clip_lr, total_steps=recipe.clip_steps,
+                           hard_negatives=recipe.clip_hard_negatives, seed=seed)
+    fit.fit(clip_mod, loader(train, recipe.clip_batch_size, seed))
+    clip = clip_mod.clip.eval()
+    metrics.update(clip_loss=_last(fit, "clip/loss"), clip_train_acc=_last(fit, "clip/acc"))
+    with torch.no_grad():
+        n = min(256, len(val))
+        batch = [val[i] for i in range(n)]
+        o = clip(input_ids=tokenize([b["caption"] for b in batch], pad_to_longest=True),
+                 pixel_values=torch.stack([b["image"] for b in batch]), return_loss=True)
+        metrics["clip_val_loss"] = float(o.loss)
+        # retrieval among the val batch, counting any caption identical to the true one as correct
+        caps = [b["caption"] for b in batch]
+        pick = o.logits_per_image.argmax(-1).tolist()
+        metrics["clip_val_i2t_acc"] = sum(caps[p] == caps[i] for i, p in enumerate(pick)) / n
+    zero_shot = clip_zero_shot(clip, seed=seed, resolution=recipe.resolution)
+    metrics.update(clip_zero_shot_shape=zero_shot["shape"], clip_zero_shot_colour=zero_shot["colour"])
+    timings["clip_s"] = time.time() - t0
+    print(f"[pretrain] CLIP done in {timings['clip_s']:.0f}s: {metrics}", flush=True)
+
+    # -- 2. VAE -------------------------------------------------------------
+    t0 = time.time()
+    L.seed_everything(seed + 1)
+    fit, _ = _trainer(trainer, recipe.vae_steps, art, "vae")
+    vae_mod = WorldVAE(recipe.resolution, lr=recipe.vae_lr, total_steps=recipe.vae_steps)
+    fit.fit(vae_mod, loader(train, recipe.vae_batch_size, seed + 1))
+    vae = vae_mod.vae.eval()
+    metrics["vae_loss"] = _last(fit, "vae/loss")
+    with torch.no_grad():
+        x = val.images[:256].float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        metrics["vae_val_mse"] = float(((rec - x) ** 2).mean())
+        metrics["vae_val_psnr"] = float(10 * torch.log10(4.0 / ((rec - x) ** 2).mean()))
+    latents = encode_latents(vae, train.images)
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    metrics["vae_scaling_factor"] = scaling
+    timings["vae_s"] = time.time() - t0
+    print(f"[pretrain] VAE done in {timings['vae_s']:.0f}s: mse {metrics['vae_val_mse']:.4f}, "
+          f"psnr {metrics['vae_val_psnr']:.1f} dB, scaling {scaling:.3f}", flush=True)
+
+    # -- 3. UNet ------------------------------------------------------------
+    t0 = time.time()
+    L.seed_everything(seed + 2)
+    watchers = unet_callbacks(vae) if unet_callbacks else []
+    fit, _ = _trainer(trainer, recipe.unet_steps, art, "unet", callbacks=watchers)
+    unet_mod = WorldUNet(_text_encoder_from_clip(clip), recipe.resolution, lr=recipe.unet_lr,
+                           total_steps=recipe.unet_steps, cond_dropout=recipe.cond_dropout)
+    fit.fit(unet_mod, loader(LatentDataset(latents * scaling, train.captions), recipe.unet_batch_size,
+                                  seed + 2))
+    metrics["unet_loss"] = _last(fit, "unet/loss")
+    metrics["unet_mse"] = _last(fit, "unet/mse")
+    with torch.no_grad():  # held-out epsilon MSE of the EMA weights, fixed noise and timesteps
+        g = torch.Generator().manual_seed(seed)
+        vl = encode_latents(vae, val.images[:256]) * scaling
+        noise = torch.randn(vl.shape, generator=g)
+        t = torch.randint(0, 1000, (len(vl),), generator=g)
+        a = unet_mod.alphas_cumprod[t].view(-1, 1, 1, 1)
+        ctx = unet_mod.encode_text(val.captions[:256])
+        pred = unet_mod.ema.eval()(a.sqrt() * vl + (1 - a).sqrt() * noise, t, ctx).sample
+        metrics["unet_val_mse_ema"] = float(((pred - noise) ** 2).mean())
+    timings["unet_s"] = time.time() - t0
+    print(f"[pretrain] UNet done in {timings['unet_s']:.0f}s: val eps-MSE (EMA) {metrics['unet_val_mse_ema']:.4f}",
+          flush=True)
+
+    # -- save -----------------------------------------------------------------
+    world_info = {
+        "world": "data.world", "resolution": recipe.resolution, "seed": seed, "n_train": recipe.n_train,
+        "sampling": WORLD_SAMPLING, "shapes": list(world.SHAPES), "colours": list(world.COLOURS),
+        "held_out_pairs": sorted(map(list, world.HELD_OUT_PAIRS)),
+        "steps": {"clip": recipe.clip_steps, "vae": recipe.vae_steps, "unet": recipe.unet_steps}, "versions": versions(),
+    }
+    save_world_pipeline(out, clip, vae, unet_mod.ema, recipe.resolution, world_info, overwrite)
+    metrics["checkpoint_bytes"] = folder_size(out)
+    timings["total_s"] = time.time() - t_start
+
+    # -- smoke check: reload through diffusers and sample -----------------------
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [world.object_phrase(dict(shape=s, colour=c), 1) for s, c in
+               zip(world.SHAPES + world.SHAPES[:3], ["red", "green", "blue", "yellow", "white", "cyan", "orange", "purple"])]
+    t0 = time.time()
+    imgs = pipe(prompts, generator=torch.Generator().manual_seed(seed), output_type="np", **WORLD_SAMPLING).images
+    timings["sample_8_s"] = time.time() - t0
+    grid = (np.concatenate(list(imgs), axis=1) * 255).round().astype("uint8")
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(art / "samples.png")
+    (art / "samples.txt").write_text("\n".join(prompts) + "\n")
+    metrics["timings"] = timings
+    print(f"[pretrain] saved {out} ({metrics['checkpoint_bytes'] / 1e6:.1f} MB) in {timings['total_s'] / 60:.1f} min; "
+          f"8 samples in {timings['sample_8_s']:.1f}s\n{json.dumps(metrics, indent=1)}", flush=True)
+    return metrics

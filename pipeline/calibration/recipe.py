@@ -1,0 +1,81 @@
+"""The calibration recipe of the calibrate stage: which method fills the
+quantizers, in which order, with what resumes.
+
+  naive:  min-max (or L_p) ranges observed on FP trajectories, round-to-nearest;
+  qdiff:  calibration data, then BRECQ/AdaRound reconstruction unit by unit
+          and LSQ activation step sizes (Q-Diffusion); resumable per unit;
+  ptqd:   qdiff, then PTQD's noise-correction statistics;
+  --progressive (PCR): time-aware step sizes learned step by step on the
+          quantized trajectory (after qdiff's weights), resumable per step;
+  relaxing (PCR): some steps at a higher activation bit-width."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.calibration.data import CalibrationData, collect
+from pipeline.calibration.naive import calibrate_naive
+from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive, relaxed_steps
+from pipeline.calibration.ptqd import ptqd_statistics
+from pipeline.calibration.qdiff import calibrate_qdiff
+from pipeline.engine import is_global_zero
+from pipeline.quant import QuantConfig, check_bits, quantize_unet
+
+METHODS = ("naive", "qdiff", "ptqd")  # ptqd = qdiff + PTQD noise correction
+LEARNED = ("qdiff", "ptqd")
+
+
+def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: list[int] | None, steps: int,
+                     time_aware: bool, bos_aware: bool, softmax_bits: int, act_init: str, weight_init: str,
+                     relax_tau: float = 0.0, relax_bits: int = 10, relax_end: str = "x0") -> QuantConfig:
+    """The QuantConfig a method calibrates (validates every bit option first)."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r} is not available; choose one of {METHODS}")
+    options = a_bit_options or [a_bits]
+    if relax_tau:
+        relaxed_steps(steps, relax_tau, relax_end)  # validates tau and end
+        check_bits(relax_bits, "relax_bits")
+        options = sorted(set(options) | {relax_bits})  # the relaxed steps need their own quantizers
+    learned = method in LEARNED
+    return QuantConfig(
+        w_bits=w_bits, a_bits=a_bits, a_bit_options=options, n_steps=steps, time_aware=time_aware,
+        bos_aware=bos_aware, softmax_bits=softmax_bits,
+        act_init="lp" if learned and act_init == "minmax" else act_init,
+        weight_init="lp" if learned and weight_init == "minmax" else weight_init,
+        weight_rounding="adaround" if learned else "nearest",
+    )
+
+
+def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str], *, steps: int, guidance: float,
+                       batch_size: int, seed: int, cali_st: int, iters_w: int, iters_a: int, progressive: bool,
+                       relax_tau: float, relax_bits: int, relax_end: str, cali_dir: str | Path,
+                       partial_dir: str | Path, trainer: dict | None, signature: dict) -> tuple[dict, dict]:
+    """Quantize `pipe.unet` with `qcfg` and calibrate it by `method`.
+
+    Returns (extra tensors for the state, e.g. PTQD's statistics; metrics).
+    `signature` (model id, prompts) ties resumable progress to this run."""
+    t0 = time.time()
+    extra_tensors, metrics = {}, {}
+    if method == "naive":
+        calibrate_naive(pipe, qcfg, prompts, steps, guidance, batch_size, seed, trainer)
+        if progressive:
+            calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size)
+    else:
+        collect(pipe, prompts, cali_dir, steps=steps, cali_st=cali_st, guidance=guidance, batch_size=batch_size,
+                seed=seed)
+        data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance)
+        quantize_unet(pipe.unet, qcfg)
+        # with --progressive, the step sizes are learned step by step afterwards instead (PCR)
+        metrics["units"] = calibrate_qdiff(pipe.unet, data, partial_dir, iters_w, 0 if progressive else iters_a,
+                                           trainer_kwargs=trainer or {}, seed=seed, is_rank_zero=is_global_zero(),
+                                           signature=signature)
+        if progressive:
+            calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size, iters_a=iters_a,
+                                  trainer_kwargs=trainer or {}, partial_dir=partial_dir,
+                                  is_rank_zero=is_global_zero(), signature={"model": signature.get("model")})
+        if method == "ptqd":
+            extra_tensors = ptqd_statistics(pipe.unet, data)
+    if relax_tau:
+        metrics["relaxed_steps"] = apply_relaxing(pipe.unet, relax_tau, relax_bits, relax_end)
+    metrics["calibration_seconds"] = time.time() - t0
+    return extra_tensors, metrics

@@ -1,0 +1,94 @@
+"""The q2b stage's recipe: from a calibrated state and a quality source to a
+trained, measured Q2B.
+
+1. quality of the training and validation prompts, and the FP targets
+   (calibration data at every step of the training prompts' trajectories);
+2. the calibrated state loaded into the UNet, then Q2B trained against it;
+3. what was learned, measured on the stored (fp16) module: FAB and
+   Spearman(q, FAB) on train and val, and the bit-allocation pictures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from callbacks.bit_allocation import BitAllocationCallback
+from pipeline.calibration.data import CalibrationData, collect
+from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
+from pipeline.models import quantize_pipeline
+from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
+from pipeline.qlip.q2b import Q2BModule, check_target_fab
+from pipeline.qlip.sources import CRITERIA
+from pipeline.qlip.train import fit_q2b, spearman, training_items
+from pipeline.quant import quant_layers
+from pipeline.quant.config import parse_bits
+
+RELAXATIONS = ("gumbel", "ste")
+
+
+def q2b_options(meta: dict, state_path: str, bit_options: str | None, criterion: str, t2q: str | None, relax: str,
+                target_fab: float) -> list[int]:
+    """Everything cheap, before anything is loaded: the bit options Q2B chooses from."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"--criterion {criterion!r} is not available; choose one of {CRITERIA}")
+    if relax not in RELAXATIONS:
+        raise ValueError(f"--relax {relax!r}: use one of {RELAXATIONS}")
+    if criterion == "t2q" and not t2q:
+        raise ValueError("--criterion t2q needs --t2q (a T2Q folder written by `python -m pipeline.fit t2q`)")
+    qcfg = meta["quant_config"]
+    options = sorted(parse_bits(bit_options, "--bit-options") or qcfg["a_bit_options"])
+    lacking = [b for b in options if b not in qcfg["a_bit_options"]]
+    if lacking:
+        raise ValueError(f"--quant-state {state_path} lacks the {lacking}-bit activation quantizers that Q2B "
+                         f"may choose (it has {qcfg['a_bit_options']}); calibrate with --a-bit-options "
+                         f"{','.join(map(str, sorted(set(options) | set(qcfg['a_bit_options']))))}")
+    if len(options) < 2:
+        raise ValueError(f"Q2B needs at least two bit options, got {options}")
+    check_target_fab(target_fab, options)
+    if qcfg["n_steps"] < 2:
+        raise ValueError(f"--quant-state {state_path} addresses a single step; calibrate with --steps > 1")
+    return options
+
+
+def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, prompts: list[str], val: list[str], *,
+                       steps: int, guidance: float, batch_size: int, resolution: int | None, cali_dir: str | Path,
+                       target_fab: float, epochs: int, seed: int, trainer: dict | None, plot_dir: Path,
+                       plot_every: int, **hparams):
+    """Steps 1 and 2 on the FP `pipe` (quantized in place). Returns (q2b, training module, q_train, q_val, fab_w)."""
+    q_train = source.predict(prompts).float().cpu()
+    q_val = source.predict(val).float().cpu() if val else torch.zeros(0)
+    collect(pipe, prompts, cali_dir, steps=steps, cali_st=steps, guidance=guidance, batch_size=batch_size,
+            seed=seed, resolution=resolution)
+    data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance, resolution=resolution)
+    items = training_items(pipe.unet, data, q_train)  # FP targets: before the state is loaded
+
+    quantize_pipeline(pipe, quant_state)
+    layers = list(quant_layers(pipe.unet))
+    q2b = Q2BModule(layers, steps, options, float(q_train.mean()), float(q_train.std()))
+    fab_w = fab_weights(layer_stats(pipe.unet), layers)
+    module = fit_q2b(pipe.unet, q2b, items, fab_w, target_fab, guidance, epochs=epochs, seed=seed,
+                     trainer_kwargs=trainer, callbacks=[BitAllocationCallback(q_train, plot_dir, plot_every)],
+                     **hparams)
+    return q2b, module, q_train, q_val, fab_w
+
+
+@torch.no_grad()
+def measure_q2b(q2b: Q2BModule, q_train: torch.Tensor, q_val: torch.Tensor, fab_w: torch.Tensor, out: Path) -> dict:
+    """Step 3: FAB and Spearman(q, FAB) of the stored module, bit_shares.png and bits_heatmap.png in `out`."""
+    layers, options = q2b.layers, q2b.bit_options
+    fab_train = weighted_fab(q2b(q_train).double(), fab_w)
+    metrics = {"fab_train": float(fab_train.mean()), "spearman_q_fab_train": spearman(q_train, fab_train)}
+    shown = q_train
+    if len(q_val):
+        val_tables = q2b(q_val)
+        fab_val = weighted_fab(val_tables.double(), fab_w)
+        metrics.update({"fab_val": float(fab_val.mean()), "spearman_q_fab_val": spearman(q_val, fab_val)})
+        plot_bit_shares(val_tables, layers, options, out / "bit_shares.png",
+                        title=f"bit proportion per layer over {len(q_val)} validation prompts")
+        shown = q_val
+    panels = {}
+    for name, v in zip(("low", "median", "high"), torch.quantile(shown, torch.tensor([0.1, 0.5, 0.9]))):
+        table = q2b(v.reshape(1))[0]
+        panels[f"{name} q={float(v):.3g}, FAB {float(weighted_fab(table.double(), fab_w)):.2f}"] = table
+    plot_bit_heatmaps(panels, layers, options, out / "bits_heatmap.png", title="Q2B bit allocation")
+    return metrics
