@@ -3,10 +3,8 @@ trains (the pictures themselves are pipeline.plots)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 
 from pipeline.plots import plot_bit_heatmaps

@@ -12,6 +12,12 @@ import time
 import lightning as L
 import torch
 
+from data import world
+from data.tokenizer import clip_tokenizer
+from pipeline.models import SD_SCHEDULER_CONFIG
+from pipeline.sampling import generate
+from pipeline.world.judge import classifier_accuracy, render_single_objects, train_attribute_classifier
+
 
 class WorldQualityMonitor(L.Callback):
     def __init__(self, vae, every_n_steps: int = 500, n: int = 40, richness: int = 2, steps: int = 20,
@@ -22,8 +28,6 @@ class WorldQualityMonitor(L.Callback):
         self._judge = None
 
     def _setup(self):
-        from data import world
-        from pipeline.world.judge import render_single_objects, train_attribute_classifier
 
         self._judge = train_attribute_classifier()
         _, self.shapes, self.colours, scenes = render_single_objects(self.n, seed=self.seed, split="test")
@@ -33,10 +37,6 @@ class WorldQualityMonitor(L.Callback):
     def measure(self, pl_module) -> dict:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        from data.tokenizer import clip_tokenizer
-        from pipeline.models import SD_SCHEDULER_CONFIG
-        from pipeline.sampling import generate
-        from pipeline.world.judge import classifier_accuracy
 
         with torch.random.fork_rng():
             if self._judge is None:

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from data import world
+
 # A few captions in the embedded world's style, for smoke runs without it.
 BUILTIN = [
     "a red circle", "a blue square on a white background", "two green triangles", "a small yellow star",
@@ -172,7 +174,6 @@ def read_source(source: str, n_world: int | None = None, world_split: str = "tra
     if kind == "builtin":
         return list(BUILTIN)
     if kind == "world":
-        from data import world
 
         split = rest or world_split
         out = []

@@ -25,6 +25,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from data.prompt_sources import BUILTIN, DEFAULT_WORLD_N, KINDS, PromptSourceError, parse_spec, read_source  # noqa: F401 (re-exported)
+from data.tokenizer import clip_tokenizer
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -184,7 +185,6 @@ class PromptDataModule(L.LightningDataModule):
         splits = assign_splits(prompts, self.fractions, self.limit, self.salt)
         kept = [p for s in SPLITS for p in splits[s]]
         if self.tokenizer is None:
-            from data.tokenizer import clip_tokenizer
 
             self.tokenizer = clip_tokenizer()
         count_truncated(kept, self.tokenizer, stats)

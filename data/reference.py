@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from data.images import list_images, load_square
+from data.world import check_resolution, render_split
+
 WORLD = "world"
 WORLD_SPLIT = "test"  # the scored prompts come from world train scenes
 
@@ -27,7 +30,6 @@ class ReferenceImages(Dataset):
                 raise ValueError(f"--n-reference {n} must be >= 1 for world renders")
             self.files, self.n = None, n
         else:
-            from data.images import list_images
 
             if not Path(spec).is_dir():
                 raise FileNotFoundError(f"reference image folder {spec} does not exist; pass a folder of real "
@@ -44,11 +46,9 @@ class ReferenceImages(Dataset):
     def __getitem__(self, k: int) -> dict:
         idx = list(range(k * self.shard_size, min((k + 1) * self.shard_size, self.n)))
         if self.files is None:
-            from data.world import check_resolution, render_split
 
             images, _ = render_split(WORLD_SPLIT, len(idx), self.seed + 1, check_resolution(self.side), start=idx[0])
         else:
-            from data.images import load_square
 
             images = np.stack([load_square(self.files[i], self.side) for i in idx])
         return {"kind": "reference", "shard": k, "indices": idx, "images": images}

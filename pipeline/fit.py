@@ -17,6 +17,7 @@ import re
 import sys
 import typing
 from dataclasses import dataclass
+
 import lightning
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 

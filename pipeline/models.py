@@ -4,15 +4,15 @@ published UNet configs of SD v1.4, BK-SDM-Tiny and SDXL-base for
 architecture tests on the meta device."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from data.tokenizer import clip_tokenizer
+from pipeline.calibration.ptqd import apply_ptqd
+from pipeline.quant import load_quantized
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = REPO_ROOT / "checkpoints"
@@ -242,7 +242,6 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
 
 def load_quantized_pipeline(model: str, quant_state: str | None, allow_download: bool = False):
     """The pipeline with its UNet quantized as recorded in `quant_state`; FP when None."""
-    from pipeline.models import load_pipeline
 
     pipe = load_pipeline(model, allow_download=allow_download)
     return quantize_pipeline(pipe, quant_state) if quant_state else pipe
@@ -251,11 +250,9 @@ def load_quantized_pipeline(model: str, quant_state: str | None, allow_download:
 def quantize_pipeline(pipe, quant_state: str | Path):
     """Load a calibrated state into `pipe.unet` in place; PTQD states also get
     their noise correction (a hook on the UNet output)."""
-    from pipeline.quant import load_quantized
 
     _, _, extra = load_quantized(pipe.unet, quant_state)
     if "ptqd_k" in extra:
-        from pipeline.calibration.ptqd import apply_ptqd
 
         apply_ptqd(pipe.unet, extra)
     return pipe

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.quant import set_schedule
+
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, steps: int = 20,
              guidance: float = 5.0, batch_size: int = 8, resolution: int | None = None,
@@ -31,7 +33,6 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, s
     unet = pipe.unet
     quantized = getattr(unet, "quant_config", None) is not None
     if quantized:
-        from pipeline.quant import set_schedule
 
         pipe.scheduler.set_timesteps(steps)
         set_schedule(unet, pipe.scheduler.timesteps)
@@ -103,7 +104,6 @@ def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tenso
     sched = pipe.scheduler
     sched.set_timesteps(steps)
     if getattr(unet, "quant_config", None) is not None:
-        from pipeline.quant import set_schedule
 
         set_schedule(unet, sched.timesteps)
     device = cond.device

@@ -1,6 +1,5 @@
 """BitOPs / FAB accounting against PCR Table 1 and hand computations."""
 import pytest
-import torch
 from torch import nn
 
 from pipeline.metrics.cost import bitops, fab, layer_stats, model_size_bytes

@@ -17,6 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.quant.state import model_fingerprint
+from pipeline.sampling import denoise, encode_prompts, initial_latents
+
 META = "meta.json"
 
 
@@ -30,7 +33,6 @@ def cali_step_indices(steps: int, cali_st: int) -> list[int]:
 
 
 def data_signature(pipe, steps: int, guidance: float, resolution: int) -> dict:
-    from pipeline.quant.state import model_fingerprint
 
     pipe.scheduler.set_timesteps(steps)
     fp = model_fingerprint(pipe.unet)
@@ -53,7 +55,6 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
     """Record calibration data for `prompts` into `out_dir` (resumable).
 
     `shard_ids` restricts the work to some prompt batches (one DDP rank's share)."""
-    from pipeline.sampling import denoise, encode_prompts, initial_latents
 
     if not prompts:
         raise ValueError("no calibration prompts")

@@ -7,7 +7,7 @@ import lightning as L
 import torch.distributed as dist
 
 from pipeline.engine import make_trainer
-from pipeline.quant import act_banks, observing
+from pipeline.quant import act_banks, observing, quantize_unet
 from pipeline.sampling import generate
 
 
@@ -67,7 +67,6 @@ def calibrate_naive(pipe, qcfg, prompts, steps: int, guidance: float, batch_size
     """Quantize `pipe.unet` with `qcfg` and calibrate it on FP trajectories of `prompts`."""
     from torch.utils.data import DataLoader
 
-    from pipeline.quant import quantize_unet
 
     quantize_unet(pipe.unet, qcfg)
     module = NaiveCalibration(pipe, steps, guidance, qcfg.act_init, seed)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
-from pipeline.quant import act_banks, set_bit_policy, set_quant_state
+from pipeline.quant import act_banks, get_bit_policy, set_bit_policy, set_quant_state
 from pipeline.quant.state import assign_quantizer_tensors, model_fingerprint, quantizer_state
 from pipeline.sampling import denoise, encode_prompts, initial_latents
 
@@ -148,7 +148,6 @@ def apply_relaxing(unet, tau: float, relax_bits: int, end: str = "x0") -> list[i
     if relax_bits not in cfg.a_bit_options:
         raise ValueError(f"--relax-bits {relax_bits} has no calibrated quantizer; options are {cfg.a_bit_options}")
     steps = relaxed_steps(cfg.n_steps, tau, end)
-    from pipeline.quant import get_bit_policy
 
     table = get_bit_policy(unet).clone()
     table[:, steps] = relax_bits

@@ -26,6 +26,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from pipeline.models import load_pipeline, load_quantized_pipeline
+from pipeline.qlip.pipeline import QLIPPipeline
+from pipeline.qlip.q2b import Q2B_FORMAT, follow_link, load_q2b
+from pipeline.quant import get_bit_policy, quant_layers
+from pipeline.quant.state import check_same_model, read_meta
+
 METHOD_KINDS: dict[str, type] = {}
 
 
@@ -53,7 +59,6 @@ class EvalMethod:
         self.label = label
 
     def load(self, model: str, allow_download: bool = False):
-        from pipeline.models import load_pipeline
 
         return load_pipeline(model, allow_download=allow_download)
 
@@ -91,7 +96,6 @@ class StaticQuantState(EvalMethod):
     is_reference = False
 
     def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
-        from pipeline.quant.state import read_meta
 
         self.path = Path(path)
         self.meta = meta or read_meta(self.path)
@@ -101,7 +105,6 @@ class StaticQuantState(EvalMethod):
 
     def check_model(self, unet) -> None:
         """Raise ValueError when the state belongs to another model."""
-        from pipeline.quant.state import check_same_model
 
         check_same_model(self.meta, unet, self.path)
 
@@ -111,22 +114,18 @@ class StaticQuantState(EvalMethod):
                              f"{steps}; evaluate with --steps {self.n_steps}")
 
     def load(self, model: str, allow_download: bool = False):
-        from pipeline.models import load_quantized_pipeline
 
         return load_quantized_pipeline(model, self.path, allow_download)  # PTQD states with their correction
 
     def policy(self, pipe) -> torch.Tensor:
-        from pipeline.quant import get_bit_policy
 
         return get_bit_policy(pipe.unet)
 
     def policy_layers(self, pipe) -> list[str]:
-        from pipeline.quant import quant_layers
 
         return list(quant_layers(pipe.unet))
 
     def weight_bits(self, pipe) -> dict[str, int]:
-        from pipeline.quant import quant_layers
 
         return {n: m.w_quant.n_bits for n, m in quant_layers(pipe.unet).items()}
 
@@ -147,7 +146,6 @@ class QLIPMethod(StaticQuantState):
     by T2Q -> Q2B (docs/q2b.md). Label: "<base method>+QLIP"."""
 
     def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
-        from pipeline.qlip.q2b import follow_link, load_q2b
 
         self.q2b_path = Path(path)
         self.q2b = load_q2b(self.q2b_path)
@@ -160,7 +158,6 @@ class QLIPMethod(StaticQuantState):
         self.qlip = None
 
     def load(self, model: str, allow_download: bool = False):
-        from pipeline.qlip.pipeline import QLIPPipeline
 
         self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, allow_download=allow_download)
         return self.qlip.pipe
@@ -180,8 +177,6 @@ class QLIPMethod(StaticQuantState):
 def method_from_state(path: str | Path, label: str | None = None) -> EvalMethod:
     """The EvalMethod for a quantized-state folder, by its recorded kind (a
     q2b-stage folder: QLIP)."""
-    from pipeline.qlip.q2b import Q2B_FORMAT
-    from pipeline.quant.state import read_meta
 
     if (Path(path) / Q2B_FORMAT.meta).is_file():
         return METHOD_KINDS["qlip"](path, label=label)

@@ -18,10 +18,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from data.images import list_images
 from pipeline.evaluation.methods import EvalMethod
+from pipeline.evaluation.real_images import real_features
 from pipeline.evaluation.reference import FPReference
 from pipeline.evaluation.settings import EvalSettings
 from pipeline.evaluation.splits import BatchDataset, Split, identity
+from pipeline.metrics import FAB, BitOPs, FidelityToFP, FrechetDistance, Timing
+from pipeline.metrics.clip import clip_score_metric
+from pipeline.metrics.cost import layer_stats, model_size_bytes
+from pipeline.metrics.inception import shared_backbone
+from pipeline.sampling import generate
 
 
 @dataclass
@@ -73,8 +80,6 @@ class MethodEvaluation(L.LightningModule):
 
     # -- setup ----------------------------------------------------------------
     def on_predict_start(self) -> None:
-        from pipeline.metrics import FAB, BitOPs, FidelityToFP, FrechetDistance, Timing
-        from pipeline.metrics.cost import layer_stats, model_size_bytes
 
         s = self.settings
         with torch.inference_mode(False):  # quantizer state loaded here must stay a normal tensor
@@ -102,16 +107,12 @@ class MethodEvaluation(L.LightningModule):
                 if self.shared.real_features.shape[0]:
                     m["fid_real"].update(features=self.shared.real_features, real=True)
             if s.clip_path:
-                from pipeline.metrics.clip import clip_score_metric
 
                 m["clip"] = clip_score_metric(s.clip_path)
             self.split_metrics[split.name] = m
         self.split_metrics.to(self.device)
 
     def _load_real_features(self, side: int) -> None:
-        from data.images import list_images
-        from pipeline.evaluation.real_images import real_features
-        from pipeline.metrics.inception import shared_backbone
 
         files = list_images(self.settings.real_images)
         mine = files[self.trainer.global_rank::self.trainer.world_size]
@@ -123,8 +124,6 @@ class MethodEvaluation(L.LightningModule):
 
     # -- one batch --------------------------------------------------------------
     def predict_step(self, batch, batch_idx):
-        from pipeline.metrics.inception import shared_backbone
-        from pipeline.sampling import generate
 
         s = self.settings
         split, idx, prompts, seeds = batch["split"], batch["indices"], batch["prompts"], batch["seeds"]

@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.plots import save_grid
+
 MAIN_COLUMNS = [("Method", "method"), ("Bit options", "bit_options"), ("FAB", "fab"), ("BitOPs (T)", "bitops_T"),
                 ("FID", "fid_to_fp"), ("sFID", "sfid_to_fp"), ("CLIP score", "clip_score")]
 EXTRA_COLUMNS = [("Method", "method"), ("FAB (unweighted)", "fab_unweighted"), ("FID to real", "fid_to_real"),
@@ -73,7 +75,6 @@ def write_markdown(path: Path, results: dict) -> Path:
 
 def write_grids(out: Path, grids: dict, splits: list[str], reference: str) -> dict[str, str]:
     """One PNG per non-reference method: for each split, the FP row then its row."""
-    from pipeline.plots import save_grid
 
     files = {}
     fp = grids.get(reference, {})

@@ -6,18 +6,21 @@ import time
 import warnings
 from typing import Sequence
 
+from data.images import list_images
 from pipeline.engine import make_trainer
 from pipeline.evaluation.methods import EvalMethod, FullPrecision, StaticQuantState
+from pipeline.evaluation.module import MethodEvaluation, SharedState
 from pipeline.evaluation.settings import EvalSettings
 from pipeline.evaluation.splits import Split, global_batches
+from pipeline.metrics.frechet import check_enough_images
+from pipeline.metrics.inception import feature_dims
+from pipeline.models import load_pipeline
 
 
 def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split], settings: EvalSettings,
              allow_download: bool = False, fp_unet=None) -> None:
     """Fail before generating anything: bad settings, too few images for the
     Frechet metrics, a quantized state of another model or step count."""
-    from pipeline.metrics.frechet import check_enough_images
-    from pipeline.metrics.inception import feature_dims
 
     settings.check()
     if not splits:
@@ -32,7 +35,6 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
         if settings.sfid:
             check_enough_images(s.n_images, feature_dims("spatial", settings.sfid_grid), "sFID", where)
     if settings.real_images:
-        from data.images import list_images
 
         n_real = len(list_images(settings.real_images))
         check_enough_images(n_real, settings.fid_dims, "FID to real", f"--real-images {settings.real_images}")
@@ -41,7 +43,6 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
         m.check_steps(settings.steps)
     if quantized:
         if fp_unet is None:
-            from pipeline.models import load_pipeline
 
             fp_unet = load_pipeline(model, allow_download=allow_download).unet
         for m in quantized:
@@ -56,7 +57,6 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
     """Evaluate FP and every method on every split. Returns
     {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "is_global_zero": bool, ...}."""
 
-    from pipeline.evaluation.module import MethodEvaluation, SharedState
 
     splits = list(splits)
     batches = global_batches(splits, batch_size)

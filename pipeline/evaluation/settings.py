@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.metrics.inception import POOL_DIMS, SPATIAL_SIDE
+
 
 @dataclass
 class EvalSettings:
@@ -34,7 +36,6 @@ class EvalSettings:
         return taps
 
     def check(self) -> None:
-        from pipeline.metrics.inception import POOL_DIMS, SPATIAL_SIDE
 
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be >= 1")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
 
+from data.prompts import load_prompts
+
 
 @dataclass
 class Split:
@@ -42,7 +44,6 @@ def parse_source(spec: str, default_split: str = "val") -> tuple[str, str]:
 
 
 def load_split(name: str, spec: str, n: int | None, images_per_prompt: int, seed: int) -> Split:
-    from data.prompts import load_prompts
 
     source, split = parse_source(spec)
     prompts = load_prompts(source, limit=n, split=split, seed=seed)

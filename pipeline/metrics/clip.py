@@ -21,6 +21,10 @@ import torch
 from torch import nn
 from torchmetrics.multimodal.clip_score import CLIPScore
 
+from data.tokenizer import clip_tokenizer
+from pipeline.models import EMBEDDED_DIR
+from pipeline.world.io import load_world_clip
+
 AUTO, NONE = "auto", "none"
 
 
@@ -29,7 +33,6 @@ class ClipUnavailable(Exception):
 
 
 def world_clip_path() -> Path:
-    from pipeline.models import EMBEDDED_DIR
 
     return EMBEDDED_DIR / "clip"
 
@@ -87,7 +90,6 @@ def _processor_for(path: Path, model, norm: dict | None = None):
     if (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer is None:
-        from data.tokenizer import clip_tokenizer
 
         tokenizer = clip_tokenizer(model.config.text_config.max_position_embeddings)
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -104,7 +106,6 @@ def load_clip(path: str):
     try:
         info = json.loads((Path(path) / "config.json").read_text())
         if "clip_config" in info:  # the embedded world's CLIP: its text tower is the pipeline's text encoder
-            from pipeline.world.io import load_world_clip
 
             model, info = load_world_clip(Path(path).parent)
             norm = {"image_mean": info["image_mean"], "image_std": info["image_std"]}

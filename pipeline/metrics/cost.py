@@ -24,6 +24,8 @@ from torch import nn
 from torchmetrics import Metric
 
 from pipeline.models import unet_example_inputs
+from pipeline.quant.layers import QuantLayer
+from pipeline.quant.policy import get_bit_policy, quant_layers
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,6 @@ def fab(stats, policy: torch.Tensor, layers: list[str]) -> dict:
 def model_size_bytes(unet: nn.Module) -> int:
     """Storage of the UNet with quantized weights at their bits (plus one fp32
     scale and zero point per channel) and everything else at its dtype size."""
-    from pipeline.quant.layers import QuantLayer
 
     total, counted = 0.0, set()
     for m in unet.modules():
@@ -133,7 +134,6 @@ def model_size_bytes(unet: nn.Module) -> int:
 
 def quantized_summary(unet: nn.Module, stats=None) -> dict:
     """BitOPs (T), FAB and size of a quantized UNet under its current policy."""
-    from pipeline.quant.policy import get_bit_policy, quant_layers
 
     stats = stats or layer_stats(unet)
     layers = quant_layers(unet)

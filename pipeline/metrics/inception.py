@@ -203,7 +203,6 @@ def inception_features(images: np.ndarray, backbone=None, batch: int = 32, desc:
     """Pool features [N, 2048] (CPU float32) of uint8 images [N, H, W, 3]; `desc` shows a progress bar."""
     from tqdm.auto import tqdm
 
-    from pipeline.metrics.inception import shared_backbone
 
     backbone = backbone or shared_backbone()
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)

@@ -22,9 +22,13 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.artifacts import write_json_atomic
-from pipeline.models import load_quantized_pipeline
+from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
+from pipeline.models import load_pipeline, load_quantized_pipeline
 from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
+from pipeline.qlip.q2b import follow_link, load_q2b
 from pipeline.qlip.sources import quality_source
+from pipeline.quant import set_bit_policy
+from pipeline.sampling import encode_prompts_pooled, generate
 
 # ---------------------------------------------------------------------------
 # Quality sources: anything with predict(prompts) -> [N] tensor and memory_bytes()
@@ -52,7 +56,6 @@ class QLIPPipeline:
     source and a Q2B module; `__call__` generates with text-aware bits."""
 
     def __init__(self, pipe, q2b, quality, steps: int | None = None, guidance: float = 5.0):
-        from pipeline.metrics.cost import fab_weights, layer_stats
 
         q2b.check_unet(pipe.unet)
         self.pipe, self.q2b, self.quality_source = pipe, q2b, quality
@@ -68,7 +71,6 @@ class QLIPPipeline:
     def from_pretrained(cls, q2b_path: str | Path, model: str | None = None, quant_state: str | None = None,
                         t2q: str | None = None, allow_download: bool = False) -> "QLIPPipeline":
         """Everything from a q2b-stage folder; `model` / `quant_state` / `t2q` override what it recorded."""
-        from pipeline.qlip.q2b import follow_link, load_q2b
 
         q2b = load_q2b(q2b_path)
         meta = q2b.meta
@@ -77,7 +79,6 @@ class QLIPPipeline:
         criterion = meta["criterion"]
         fp_pipe = None
         if criterion == "complexity":  # needs FP images: a second, unquantized pipeline
-            from pipeline.models import load_pipeline
 
             fp_pipe = load_pipeline(model, allow_download=allow_download)
         quality = quality_source(criterion, model, fp_pipe or pipe, t2q or follow_link(q2b_path, meta.get("t2q")),
@@ -85,7 +86,6 @@ class QLIPPipeline:
         return cls(pipe, q2b, quality, meta["steps"], meta["guidance"])
 
     def fab_of(self, tables: torch.Tensor) -> torch.Tensor:
-        from pipeline.metrics.cost import weighted_fab
 
         return weighted_fab(torch.as_tensor(tables, dtype=torch.float64), self.fab_w)
 
@@ -94,7 +94,6 @@ class QLIPPipeline:
         """Predict quality, decide bits, and put the batch's policy in force. `pooled`: the
         prompts' pooled text embeddings from `encode_prompts_pooled`, used when the quality
         source shares the pipeline's text encoder (else it encodes the prompts itself)."""
-        from pipeline.quant import set_bit_policy
 
         if pooled is not None and self.shares_text_encoder:
             q = self.quality_source.predict_pooled(pooled).float().cpu()
@@ -111,7 +110,6 @@ class QLIPPipeline:
         """`set_bits` for a batch, through one text-encoder pass when the quality source shares the
         pipeline's encoder; returns the record and the (cond, uncond) embeddings generation should
         reuse (None: generation encodes the prompts itself)."""
-        from pipeline.sampling import encode_prompts_pooled
 
         if not self.shares_text_encoder:
             return self.set_bits(prompts), None
@@ -120,7 +118,6 @@ class QLIPPipeline:
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, batch_size: int = 1,
                  guidance: float | None = None, progress: bool = True, on_batch=None) -> QLIPOutput:
-        from pipeline.sampling import generate
 
         prompts = list(prompts)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
+from pipeline.quant.policy import act_banks, quant_layers
 from pipeline.quant.quantizer import check_bits
 
 Q2B_FORMAT = ArtifactFormat("qlip-q2b", 1, "q2b.safetensors", "q2b.json", "train one with `python -m pipeline.fit q2b`")
@@ -150,7 +151,6 @@ class Q2BModule(nn.Module):
     def check_unet(self, unet: nn.Module) -> None:
         """check_layout on a quantized UNet, plus: every bank holds calibrated
         quantizers for every option Q2B may choose."""
-        from pipeline.quant.policy import act_banks, quant_layers
 
         cfg = unet.quant_config
         self.check_layout(list(quant_layers(unet)), cfg.n_steps, cfg.a_bit_options)

@@ -24,9 +24,11 @@ from data.reference import WORLD
 from data.scored import Normalizer, write_scored
 from pipeline.artifacts import check_progress, jsonable, write_json_atomic
 from pipeline.errors import RunDirError
-from pipeline.metrics.inception import inception_features
+from pipeline.metrics.giqa import from_description
+from pipeline.metrics.inception import inception_features, shared_backbone
 from pipeline.models import EMBEDDED
 from pipeline.plots import save_grid
+from pipeline.sampling import generate
 from pipeline.world.models import WORLD_SAMPLING
 
 SHARDS = "shards"
@@ -48,7 +50,6 @@ class FPFeatures(L.LightningModule):
         self.written = 0
 
     def on_predict_start(self) -> None:
-        from pipeline.metrics.inception import shared_backbone
 
         if self.pipe is not None:
             self.pipe.to(self.device)
@@ -61,7 +62,6 @@ class FPFeatures(L.LightningModule):
         from PIL import Image
         from safetensors.torch import save_file
 
-        from pipeline.sampling import generate
 
         path = self.out / SHARDS / f"{shard_name(batch)}.safetensors"
         if path.is_file():
@@ -99,8 +99,6 @@ def scored_set_giqa(scored_dir: str | Path):
     scores new images on the same scale as the scored set."""
     from safetensors.torch import load_file
 
-    from data.scored import Normalizer
-    from pipeline.metrics.giqa import from_description
 
     d = Path(scored_dir)
     metrics = json.loads((d / "manifest.json").read_text())["metrics"]

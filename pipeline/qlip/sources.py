@@ -9,6 +9,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipeline.models import load_pipeline
+from pipeline.qlip.t2q import load_t2q
+from pipeline.sampling import generate
+
 CRITERIA = ("t2q", "length", "complexity")
 
 
@@ -36,7 +40,6 @@ class ImageComplexity:
         self.pipe, self.steps, self.guidance = fp_pipe, steps, guidance
 
     def predict(self, prompts: Sequence[str]) -> torch.Tensor:
-        from pipeline.sampling import generate
 
         images = generate(self.pipe, list(prompts), [0] * len(prompts), steps=self.steps, guidance=self.guidance,
                           progress=False)
@@ -62,10 +65,8 @@ def quality_source(criterion: str, model: str, pipe=None, t2q: str | None = None
             raise ValueError("criterion 't2q' needs a T2Q folder (--t2q runs/x/t2q, written by `pipeline.fit t2q`)")
         if not Path(t2q).is_dir():
             raise FileNotFoundError(f"T2Q folder {t2q} does not exist; train it with `python -m pipeline.fit t2q`")
-        from pipeline.qlip.t2q import load_t2q
 
         return load_t2q(t2q, model=model)
-    from pipeline.models import load_pipeline
 
     if criterion == "length":
         return PromptLength((pipe or load_pipeline(model, allow_download=allow_download)).tokenizer)

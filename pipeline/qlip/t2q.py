@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional import mean_squared_error, pearson_corrcoef, spearman_corrcoef
 
+from data.tokenizer import clip_tokenizer
 from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
+from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
+from pipeline.world.io import load_world_clip
 
 T2Q_FORMAT = ArtifactFormat("qlip-t2q", 1, "t2q.safetensors", "t2q.json", "train one with `python -m pipeline.fit t2q`")
 HIDDEN = 512
@@ -52,8 +55,6 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
     CLIPTextModelWithProjection folder) when given, else from the embedded world."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from data.tokenizer import clip_tokenizer
-    from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
 
     if clip:
         path = Path(clip)
@@ -69,7 +70,6 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
         raise ModelNotFoundError(
             f"model {model!r} has no CLIP text projection ({root / 'clip'} is missing; SD text encoders have "
             f"none): pass --clip PATH, a local CLIPTextModelWithProjection folder matching its text encoder")
-    from pipeline.world.io import load_world_clip
 
     world_clip, _ = load_world_clip(root)
     encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"))

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.engine import make_trainer
 from pipeline.metrics.cost import weighted_fab
-from pipeline.qlip.q2b import Q2BModule
+from pipeline.qlip.q2b import Q2BModule, check_target_fab
 from pipeline.quant import bit_mixture, get_bit_policy, set_bit_policy, set_quant_state, set_step
 
 
@@ -156,7 +156,6 @@ def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, 
             guidance: float, epochs: int = 20, seed: int = 0, trainer_kwargs: dict | None = None,
             callbacks: list | None = None, **hparams) -> Q2BTraining:
     """Train `q2b` on `items` (training_items) against the quantized `unet`."""
-    from pipeline.qlip.q2b import check_target_fab
 
     check_target_fab(target_fab, q2b.bit_options)
     q2b.check_unet(unet)

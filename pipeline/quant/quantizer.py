@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.quant.adaround import init_alpha, rectified_sigmoid
+
 SUPPORTED_BITS = tuple(range(2, 17)) + (32,)  # 32 = pass-through (full precision)
 
 
@@ -126,7 +128,6 @@ class WeightQuantizer(nn.Module):
 
     # -- AdaRound -----------------------------------------------------------
     def start_learning_rounding(self, weight: torch.Tensor) -> nn.Parameter:
-        from pipeline.quant.adaround import init_alpha
 
         if self.rounding != "adaround":
             raise ValueError("this weight quantizer rounds to nearest; build it with rounding='adaround'")
@@ -149,7 +150,6 @@ class WeightQuantizer(nn.Module):
         if self.rounding == "nearest":
             return fake_quantize(w, self.scale, self.zero_point, self.n_bits)
         if self.alpha is not None:
-            from pipeline.quant.adaround import rectified_sigmoid
 
             offset = rectified_sigmoid(self.alpha)
         else:

@@ -13,7 +13,9 @@ from torch import nn
 from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.layers import ActQuantBank
+from pipeline.quant.policy import quant_layers
 from pipeline.quant.quantizer import WeightQuantizer
+from pipeline.quant.wrap import quantize_unet
 
 QUANT_STATE = ArtifactFormat("qlip-quant-state", 1, "quant_state.safetensors", "quant_config.json",
                             "run `python -m pipeline.fit calibrate`")
@@ -66,7 +68,6 @@ def assign_quantizer_tensors(unet: nn.Module, tensors: dict[str, torch.Tensor]) 
 def save_quantized(unet: nn.Module, path: str | Path, extra: dict | None = None,
                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the state (quant_state.safetensors + quant_config.json) into folder `path`."""
-    from pipeline.quant.policy import quant_layers
 
     tensors = quantizer_state(unet)
     for k, v in (extra_tensors or {}).items():
@@ -102,8 +103,6 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_model: bool = True)
     """Quantize `unet` as recorded in `path` and load the quantizer tensors.
 
     Returns (unet, meta, extra_tensors)."""
-    from pipeline.quant.policy import quant_layers
-    from pipeline.quant.wrap import quantize_unet
 
     path = Path(path)
     meta = read_meta(path)

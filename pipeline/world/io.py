@@ -76,7 +76,6 @@ def write_tokenizer_files(tok_dir: Path) -> None:
     """vocab.json + merges.txt (the real CLIP BPE) in place of tokenizer.json; checks the round trip."""
     from transformers import CLIPTokenizer
 
-    from data.tokenizer import write_clip_tokenizer_files
 
     write_clip_tokenizer_files(tok_dir)
     (Path(tok_dir) / "tokenizer.json").unlink(missing_ok=True)
@@ -95,7 +94,6 @@ def load_world_clip(path: str | Path | None = None):
     from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPModel
 
-    from pipeline.models import EMBEDDED_DIR, ModelNotFoundError, _check_safetensors
 
     root = Path(path or EMBEDDED_DIR)
     cfg_path, w_path, te_path = root / "clip" / "config.json", root / "clip" / "model.safetensors", \

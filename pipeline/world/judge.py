@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import world
+from pipeline.world.models import tokenize
 
 
 # ---------------------------------------------------------------------------
@@ -115,7 +116,6 @@ def clip_zero_shot(clip, n: int = 200, seed: int = 0, resolution: int = 32) -> d
     Shape: the image against "a <its colour> <shape>" for every shape; colour the
     same way over colours. A text tower that cannot tell shapes apart here cannot
     steer the UNet to the asked shape either."""
-    from pipeline.world.models import tokenize
 
     def features(fn, **kw):
         f = fn(**kw)

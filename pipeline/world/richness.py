@@ -10,12 +10,13 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from data.world import RICHNESS_LEVELS, make_scene, recaption
+
 Column = Callable[[Sequence[str]], Sequence[float]]
 
 
 def richness_series(n_scenes: int = 100, seed: int = 0, split: str = "test") -> list[list[str]]:
     """n_scenes caption series; series[i][r] = scene i captioned at richness r."""
-    from data.world import RICHNESS_LEVELS, make_scene, recaption
 
     scenes = [make_scene(seed, split, i) for i in range(n_scenes)]
     return [[recaption(s, r) for r in RICHNESS_LEVELS] for s in scenes]
