@@ -42,19 +42,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.prompts import load_prompts  # noqa: E402
+from pipeline.calibration.analysis import adaround_gains, eps_relative_error, reference_outputs  # noqa: E402
 from pipeline.calibration.blocks import reconstruction_units, unit_layers  # noqa: E402
 from pipeline.calibration.data import CalibrationData, collect  # noqa: E402
 from pipeline.calibration.naive import calibrate_naive  # noqa: E402
 from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive  # noqa: E402
 from pipeline.calibration.ptqd import apply_ptqd, ptqd_statistics  # noqa: E402
-from pipeline.calibration.qdiff import calibrate_qdiff, capture_unit_io  # noqa: E402
+from pipeline.calibration.qdiff import calibrate_qdiff, capture_unit_io, learn_adaround_weights  # noqa: E402
 from pipeline.calibration.reconstruction import Phase, fit_unit, rec_loss  # noqa: E402
-from pipeline.metrics import FrechetDistance, min_images  # noqa: E402
-from pipeline.metrics.fidelity import as_nchw, fidelity_to_fp  # noqa: E402
+from pipeline.metrics import min_images  # noqa: E402
+from pipeline.metrics.fidelity import fidelity_to_fp  # noqa: E402
+from pipeline.metrics.frechet import frechet_from_features  # noqa: E402
+from pipeline.metrics.inception import inception_features  # noqa: E402
 from pipeline.models import load_pipeline  # noqa: E402
-from pipeline.quant import QuantConfig, get_bit_policy, quantize_unet, set_bit_policy, set_quant_state, set_step  # noqa: E402
+from pipeline.quant import QuantConfig, get_bit_policy, quantize_unet, set_bit_policy, set_quant_state  # noqa: E402
 from pipeline.quant.adaround import BetaSchedule, rounding_regularizer  # noqa: E402
-from pipeline.quant.state import assign_quantizer_tensors, quantizer_state  # noqa: E402
+from pipeline.quant.state import assign_quantizer_tensors  # noqa: E402
 from pipeline.sampling import generate  # noqa: E402
 
 NO_PROGRESS = {"enable_progress_bar": False}
@@ -101,12 +104,11 @@ def setup(a) -> Bench:
     collect(fp, held_prompts, work / "held", steps=a.steps, cali_st=a.cali_st, guidance=a.guidance, batch_size=8,
             seed=1)
     held = CalibrationData(work / "held")
-    with torch.no_grad():
-        held_fp = [fp.unet(*args).sample for _, args in held.unet_calls()]
+    held_fp = reference_outputs(fp.unet, held.unet_calls())
     fp_images = sample(fp, eval_prompts, seeds, a)
     fp_features = None
     if a.n_images >= min_images(a.fid_dims):
-        fp_features = inception_features(fp_images, a.fid_dims)
+        fp_features = features(fp_images, a.fid_dims)
     return Bench(a, work, fp, prompts, CalibrationData(work / "cali"), held, held_fp, eval_prompts, seeds,
                  fp_images, fp_features)
 
@@ -116,34 +118,19 @@ def sample(pipe, prompts, seeds, a) -> np.ndarray:
     return generate(pipe, prompts, seeds, steps=a.steps, guidance=a.guidance, batch_size=16, progress=False)
 
 
-def inception_features(images: np.ndarray, dims: int, chunk: int = 16) -> torch.Tensor:
-    net = FrechetDistance(dims).inception
-    x = as_nchw(images)
-    return torch.cat([net(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-
-
-def unet_rel_error(unet, b: Bench) -> float:
-    """||eps_q - eps_fp|| / ||eps_fp|| over the held-out calibration UNet calls (any output hook applies)."""
-    num = den = 0.0
-    with torch.no_grad():
-        for (step, args), ref in zip(b.held.unet_calls(), b.held_fp):
-            set_step(unet, step)
-            num += float((unet(*args).sample - ref).pow(2).sum())
-            den += float(ref.pow(2).sum())
-    return (num / den) ** 0.5
+def features(images: np.ndarray, dims: int) -> torch.Tensor:
+    """The `dims`-d Inception pool tap (the FID features of --fid-dims), 16 images a pass."""
+    return inception_features(images, batch=16, tap=dims)
 
 
 def measure(pipe, b: Bench) -> dict:
-    """UNet error, then images of the eval prompts and seeds vs the FP images."""
-    row = {"unet_rel_error": unet_rel_error(pipe.unet, b)}
+    """UNet error on the held-out calibration calls, then images of the eval prompts and seeds vs the FP images."""
+    row = {"unet_rel_error": eps_relative_error(pipe.unet, b.held.unet_calls(), b.held_fp)}
     images = sample(pipe, b.eval_prompts, b.seeds, b.a)
     row.update({f"{k}_to_fp": v for k, v in fidelity_to_fp(b.fp_images, images).items()})
     row["fid_to_fp"] = None
     if b.fp_features is not None:
-        fid = FrechetDistance(b.a.fid_dims)
-        fid.update(features=b.fp_features, real=True)
-        fid.update(features=inception_features(images, b.a.fid_dims), real=False)
-        row["fid_to_fp"] = float(fid.compute())
+        row["fid_to_fp"] = frechet_from_features(b.fp_features, features(images, b.a.fid_dims))
     return row
 
 
@@ -161,14 +148,9 @@ def adaround_weights(b: Bench, w_bits: int) -> dict:
     per-block MSE (held-out items) of AdaRound vs round-to-nearest and seconds per block."""
     pipe = b.load()
     quantize_unet(pipe.unet, b.qconfig(w_bits, 32, a_bit_options=[32]))
-    units = calibrate_qdiff(pipe.unet, b.data, b.work / f"weights_w{w_bits}", b.a.iters_w, 0, w_lr=b.a.w_lr,
-                            trainer_kwargs=NO_PROGRESS)
-    tensors = {k: v for k, v in quantizer_state(pipe.unet).items() if ".w_quant." in k}
-    gains = {n: 1 - m["mse_adaround"] / m["mse_rtn"] for n, m in units.items() if m.get("mse_rtn", 0) > 0}
-    g = list(gains.values())
-    stats = {"block_mse_reduction_mean": float(np.mean(g)), "block_mse_reduction_median": float(np.median(g)),
-             "block_mse_reduction_min": float(np.min(g)),
-             "blocks_with_30pct_reduction": f"{sum(x >= 0.3 for x in g)}/{len(g)}"}
+    tensors, units = learn_adaround_weights(pipe.unet, b.data, b.work / f"weights_w{w_bits}", b.a.iters_w,
+                                            w_lr=b.a.w_lr, trainer_kwargs=NO_PROGRESS)
+    gains, stats = adaround_gains(units)
     return {"tensors": tensors, "units": units, "gains": gains, "stats": stats,
             "seconds": {n: m["seconds"] for n, m in units.items()}}
 
@@ -244,7 +226,7 @@ def relax_row(b: Bench, qdiff_pipe, qdiff: dict, relax_bits: int) -> dict:
 # -- Lightning vs plain AdaRound iteration ------------------------------------------
 def plain_adaround(unit, layers, items, iters: int) -> None:
     """The same math as UnitReconstruction's weight phase in a bare PyTorch loop."""
-    opt = torch.optim.Adam([l.w_quant.alpha for l in layers], lr=1e-3)
+    opt = torch.optim.Adam([layer.w_quant.alpha for layer in layers], lr=1e-3)
     beta = BetaSchedule(iters)
     for it in range(iters):
         item = items[it % len(items)]
@@ -252,7 +234,7 @@ def plain_adaround(unit, layers, items, iters: int) -> None:
         loss = rec_loss(out[0] if isinstance(out, tuple) else out, item["out"])
         bt, active = beta(it)
         if active:
-            loss = loss + 0.01 * sum(rounding_regularizer(l.w_quant.alpha, bt) for l in layers)
+            loss = loss + 0.01 * sum(rounding_regularizer(layer.w_quant.alpha, bt) for layer in layers)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -272,16 +254,16 @@ def iteration_times(b: Bench, w_bits: int, iters: int, rounds: int) -> dict:
     set_quant_state(unet, True, False)
 
     def run(mode: str) -> float:
-        for l in layers:
-            l.w_quant.start_learning_rounding(l.weight)
+        for layer in layers:
+            layer.w_quant.start_learning_rounding(layer.weight)
         t = time.perf_counter()
         if mode == "lightning":
             fit_unit(unit, unet.quant_context, items, [Phase("weight", iters)], 1e-3, NO_PROGRESS, 0, name)
         else:
             plain_adaround(unit, layers, items, iters)
         seconds = (time.perf_counter() - t) / iters
-        for l in layers:
-            l.w_quant.finish_learning_rounding()
+        for layer in layers:
+            layer.w_quant.finish_learning_rounding()
         return seconds
 
     run("plain"), run("lightning")  # warm-up

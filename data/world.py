@@ -166,7 +166,8 @@ def make_caption(objects: list[dict], background: str, richness: int, template: 
 
 
 _SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
-_POS_RE = re.compile(r"^\s*(" + "|".join(re.escape(p) for p in sorted(POSITION_PHRASES.values(), key=len, reverse=True)) + r")")
+_POS_RE = re.compile(
+    r"^\s*(" + "|".join(re.escape(p) for p in sorted(POSITION_PHRASES.values(), key=len, reverse=True)) + r")")
 _BG_RE = re.compile(r"\b(" + "|".join(BACKGROUNDS) + r") (?:background|backdrop)\b")
 
 

@@ -91,7 +91,7 @@ def plot_bit_heatmaps(tables: Mapping[str, torch.Tensor], layers: Sequence[str],
         ax.set_xlabel("sampling step")
     every = max(1, len(layers) // 60)
     axes[0][0].set_yticks(range(0, len(layers), every))
-    axes[0][0].set_yticklabels([short_name(l) for l in layers][::every], fontsize=5)
+    axes[0][0].set_yticklabels([short_name(layer) for layer in layers][::every], fontsize=5)
     for tick, layer in zip(axes[0][0].get_yticklabels(), list(layers)[::every]):
         tick.set_color("tab:red" if is_cross_attention_block(layer) else "black")
     bar = fig.colorbar(im, ax=axes[0].tolist(), ticks=range(len(opts)), fraction=0.03)
@@ -120,7 +120,7 @@ def plot_bit_shares(tables: torch.Tensor, layers: Sequence[str], bit_options: Se
         ax.bar(range(len(layers)), share, bottom=bottom, color=c, width=0.9, label=f"{b} bit")
         bottom += share
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([short_name(l) for l in layers], rotation=90, fontsize=4)
+    ax.set_xticklabels([short_name(layer) for layer in layers], rotation=90, fontsize=4)
     for tick, layer in zip(ax.get_xticklabels(), layers):
         tick.set_color("tab:red" if is_cross_attention_block(layer) else "black")
     ax.set_ylabel("proportion")

@@ -21,7 +21,7 @@ def test_pcr_table1_sd14(sd14_stats, w, a, paper):
 def test_macs_match_hand_formula():
     unet = tiny_pipeline(0).unet
     stats = layer_stats(unet, batch=2, resolution=128)  # 16x16 latents
-    conv_in = unet.conv_in  # 4 -> 32, 3x3, output 2x32x16x16
+    # conv_in: 4 -> 32, 3x3, output 2x32x16x16
     assert stats["conv_in"].macs == 2 * 32 * 16 * 16 * 4 * 9
     assert stats["conv_in"].in_numel == 2 * 4 * 16 * 16
     lin = unet.time_embedding.linear_1

@@ -166,7 +166,7 @@ def test_progress_of_other_settings_is_refused(cali_dir, tmp_path):
     calibrate_qdiff(u, data, tmp_path / "p", iters_w=2, iters_a=0)
     v = tiny_pipeline(0).unet
     quantize_unet(v, qcfg(w_bits=3))
-    with pytest.raises(ValueError, match="progress of other settings.*quant_config"):
+    with pytest.raises(FileExistsError, match="progress of other settings.*quant_config"):
         calibrate_qdiff(v, data, tmp_path / "p", iters_w=2, iters_a=0)
 
 
@@ -261,7 +261,8 @@ def test_progressive_learns_step_sizes_per_step_and_resumes(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         calibrate_progressive(fresh(), prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
     assert json.loads((tmp_path / "cut" / "progressive.json").read_text())["done"] == 2
-    monkeypatch.setattr(pcr, "denoise", lambda *a, stop=None, **k: stops.append(stop) or real_denoise(*a, stop=stop, **k))
+    monkeypatch.setattr(pcr, "denoise",
+                        lambda *a, stop=None, **k: stops.append(stop) or real_denoise(*a, stop=stop, **k))
     stops.clear()
     resumed = fresh()
     calibrate_progressive(resumed, prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
@@ -270,11 +271,11 @@ def test_progressive_learns_step_sizes_per_step_and_resumes(tmp_path, monkeypatc
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-7), k
-    with pytest.raises(ValueError, match="iters_a=0"):
+    with pytest.raises(FileExistsError, match="iters_a: 0"):
         calibrate_progressive(fresh(), prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut", iters_a=6)
-    with pytest.raises(ValueError, match="prompts="):
+    with pytest.raises(FileExistsError, match="prompts: "):
         calibrate_progressive(fresh(), prompts[:2], 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
     other_start = fresh()
     quant_layers(other_start.unet)["conv_in"].w_quant.scale.data.mul_(1.01)  # e.g. other Q-Diffusion weights
-    with pytest.raises(ValueError, match="start_state_sha256"):
+    with pytest.raises(FileExistsError, match="start_state_sha256: "):
         calibrate_progressive(other_start, prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")

@@ -81,9 +81,79 @@ def test_calibrate_under_ddp_with_two_cpu_processes(tmp_path, method):
            "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Starting with 2 processes" in out.stdout + out.stderr
+    assert "MEMBER: 2/2" in out.stdout + out.stderr  # both processes joined the process group
     from pipeline.models import tiny_pipeline
     from pipeline.quant import load_quantized
 
     unet, meta, _ = load_quantized(tiny_pipeline(0).unet, tmp_path / "quant")
     assert meta["extra"]["method"] == method
+
+
+def _cli(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "pipeline.fit", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args,named", [
+    (["calibrate", "--w-bits", "0"], "w_bits=0 is not supported"),
+    (["calibrate", "--bogus", "3"], "unrecognized arguments: --bogus"),
+    (["calibrate", "--w-bits", "x"], "--w-bits: Expected a <class 'int'>"),
+    (["q2b"], "--quant-state is required"),
+])
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path, args, named):
+    res = _cli(*args, "--run-dir", str(tmp_path))
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    debug = _cli(*args, "--run-dir", str(tmp_path), env={"QLIP_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_existing_results_are_one_line_naming_overwrite(tmp_path):
+    args = ["calibrate", "--model", "tiny-random", "--prompts", "builtin", "--cali-n", "1", "--steps", "2",
+            "--run-dir", str(tmp_path)]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    # one stage, one progress bar: no Lightning banner, tip or deprecation line
+    for noise in ("GPU available", "TPU available", "Tip:", "LeafSpec", "predict returned None"):
+        assert noise not in first.stdout + first.stderr, noise
+    again = _cli(*args)
+    assert again.returncode == 2 and "already holds results; pass --overwrite true" in again.stderr
+    assert len([line for line in again.stderr.splitlines() if line.strip()]) == 1
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_flags_are_generated_from_the_stage_config(name):
+    """Each field of the stage's config is one flag (dashes), with the field's docstring as its help:
+    each default and help text exists once."""
+    import dataclasses
+
+    from pipeline.fit import build_parser, config_class, field_docs
+
+    cls = config_class(STAGES[name])
+    docs = field_docs(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    assert set(fields) <= set(docs), f"fields without a docstring: {set(fields) - set(docs)}"
+    sub = build_parser({name})._subcommands_action.choices[name]
+    flags = {a.dest: a for a in sub._actions if a.option_strings and a.dest in fields}
+    assert set(flags) == set(fields)
+    for f in dataclasses.fields(cls):
+        assert flags[f.name].option_strings[0] == "--" + f.name.replace("_", "-")
+        assert flags[f.name].help == docs[f.name]
+    defaults = cls()
+    for f in fields:
+        assert sub.get_defaults()[f] == getattr(defaults, f), f
+
+
+def test_print_config_round_trips(tmp_path):
+    res = _cli("calibrate", "--w-bits", "4", "--a-bit-options", "8,16", "--print_config")
+    assert res.returncode == 0, res.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(res.stdout)
+    from pipeline.fit import build_parser
+
+    ns = build_parser({"calibrate"}).parse_args(["calibrate", "--config", str(cfg)])
+    assert ns.calibrate.w_bits == 4 and ns.calibrate.a_bit_options == "8,16"

@@ -141,7 +141,8 @@ def test_swap_shapes_changes_only_the_shape_words():
 
 
 def test_clip_hard_negatives_are_seeded():
-    """Without hard negatives the loss is CLIP's own symmetric loss; with them, the same step draws the same negatives."""
+    """Without hard negatives the loss is CLIP's own symmetric loss; with them, the same step draws the same
+    negatives."""
     from pipeline.world.train import WorldCLIP
 
     ds = world.WorldDataset("train", 4, seed=0)

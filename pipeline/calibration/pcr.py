@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.artifacts import check_progress, jsonable, write_json_atomic
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.quant import act_banks, get_bit_policy, set_bit_policy, set_quant_state
@@ -108,17 +109,13 @@ def _state_hash(unet) -> str:
 
 def _load_progress(unet, partial_dir, signature: dict) -> int:
     """Number of steps already done in `partial_dir` (their quantizers loaded), else 0."""
-    if partial_dir is None or not (Path(partial_dir) / "progressive.json").is_file():
+    if partial_dir is None:
         return 0
-    meta = json.loads((Path(partial_dir) / "progressive.json").read_text())
-    old = meta.get("signature", {})
-    diff = sorted(k for k in signature if old.get(k) != signature[k])
-    if diff:
-        shown = ", ".join(f"{k}={old.get(k)!r:.40} (now {signature[k]!r:.40})" for k in diff[:3])
-        raise ValueError(f"{partial_dir} holds progressive calibration of other settings: {shown}; "
-                         f"pass --overwrite true to start over, or use another --run-dir")
+    record = check_progress(Path(partial_dir) / "progressive.json", signature, "progressive calibration")
+    if record is None:
+        return 0
     assign_quantizer_tensors(unet, load_file(str(Path(partial_dir) / "progressive.safetensors")))
-    return int(meta["done"])
+    return int(record["done"])
 
 
 def _save_progress(unet, partial_dir, done: int, signature: dict) -> None:
@@ -126,10 +123,11 @@ def _save_progress(unet, partial_dir, done: int, signature: dict) -> None:
         return
     d = Path(partial_dir)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in quantizer_state(unet).items()}, str(d / "progressive.safetensors"))
-    tmp = d / "progressive.tmp"
-    tmp.write_text(json.dumps({"done": done, "signature": signature}))
-    tmp.replace(d / "progressive.json")  # written last: a kill leaves the previous step's record
+    tmp = d / "progressive.safetensors.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in quantizer_state(unet).items()}, str(tmp))
+    tmp.replace(d / "progressive.safetensors")
+    # written last: a kill leaves the previous step's record
+    write_json_atomic(d / "progressive.json", {"done": done, "signature": jsonable(signature)})
 
 
 def relaxed_steps(n_steps: int, tau: float, end: str = "x0") -> list[int]:

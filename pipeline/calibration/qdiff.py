@@ -6,7 +6,6 @@ quantizer tensors per finished unit: a rerun loads those and continues with
 the first unfinished unit, recomputing nothing already done."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.artifacts import check_progress, jsonable, write_json_atomic
 from pipeline.calibration.blocks import BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers
 from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
 from pipeline.quant import set_quant_state
@@ -52,16 +52,16 @@ def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_
         p.requires_grad_(False)
     metrics = {"items": len(items)}
     # 1. weights (activations off inside the unit)
-    for l in layers:
-        l.quant_weight = l.w_quant.n_bits < 32
+    for layer in layers:
+        layer.quant_weight = layer.w_quant.n_bits < 32
     set_unit_act(unit, False)
     if iters_w > 0 and cfg.w_bits < 32:
         metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
-        for l in layers:
-            l.w_quant.start_learning_rounding(l.weight)
+        for layer in layers:
+            layer.w_quant.start_learning_rounding(layer.weight)
         module = fit_unit(unit, ctx, train, [Phase("weight", iters_w)], w_lr, trainer_kwargs or {}, seed, name)
-        for l in layers:
-            l.w_quant.finish_learning_rounding()
+        for layer in layers:
+            layer.w_quant.finish_learning_rounding()
         metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
         metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
     # 2.-3. activation ranges, then LSQ step sizes
@@ -83,8 +83,8 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
     cfg = unet.quant_config
     ctx = unet.quant_context
     layers = unit_layers(unit)
-    for l in layers:  # weights as reconstructed, activations on
-        l.quant_weight = l.w_quant.n_bits < 32
+    for layer in layers:  # weights as reconstructed, activations on
+        layer.quant_weight = layer.w_quant.n_bits < 32
     banks = unit_banks(unit)
     set_unit_act(unit, True)
     for b in banks:
@@ -106,15 +106,15 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
         per = max(1, iters_a // len(slots))
         phases = [Phase("act", per, k=k, slot=s) for k in learn_options for s in slots]
         metrics["mse_act_init"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
-        saved = [list(l.policy) for l in layers]
+        saved = [list(layer.policy) for layer in layers]
         for b in learn_banks:
             b.scale.requires_grad_(True)
         fit_unit(unit, ctx, train, phases, a_lr, trainer_kwargs or {}, seed + 1, name, banks=learn_banks)
         for b in learn_banks:
             b.scale.requires_grad_(False)
             b.scale.data.clamp_(min=1e-8)
-        for l, pol in zip(layers, saved):
-            l.policy = pol
+        for layer, pol in zip(layers, saved):
+            layer.policy = pol
         metrics["mse_act_lsq"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
     return metrics
 
@@ -132,16 +132,11 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     partial = Path(partial_dir)
     (partial / "units").mkdir(parents=True, exist_ok=True)
     progress_file = partial / "progress.json"
-    signature = json.loads(json.dumps({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a,
-                                       "w_lr": w_lr, "a_lr": a_lr, "seed": seed,
-                                       "data": data.meta["signature"],  # the model's weight hash among others
-                                       **(signature or {})}))
-    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {
+    signature = jsonable({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a, "w_lr": w_lr,
+                          "a_lr": a_lr, "seed": seed, "data": data.meta["signature"],  # the model's weight hash
+                          **(signature or {})})
+    progress = check_progress(progress_file, signature, "reconstruction progress") or {
         "signature": signature, "done": [], "metrics": {}}
-    if progress["signature"] != signature:
-        diff = sorted(k for k in signature if progress["signature"].get(k) != signature[k])
-        raise ValueError(f"{partial} holds reconstruction progress of other settings ({', '.join(diff)}); "
-                         f"pass --overwrite true to start over, or use another --run-dir")
     units = reconstruction_units(unet)
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
@@ -153,8 +148,19 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
             save_file({k: v.cpu() for k, v in quantizer_state(unit, prefix=name).items()}, str(path))
             progress["done"].append(name)
             progress["metrics"][name] = metrics
-            tmp = progress_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(progress, indent=1))
-            tmp.replace(progress_file)  # atomic: a kill never leaves a half-written progress file
+            write_json_atomic(progress_file, progress)  # a kill never leaves a half-written progress file
     set_quant_state(unet, weight=True, act=True)
     return progress["metrics"]
+
+
+def learn_adaround_weights(unet, data, partial_dir: str | Path, iters_w: int, w_lr: float = 1e-3,
+                           trainer_kwargs: dict | None = None) -> tuple[dict, dict]:
+    """Q-Diffusion's weight phase alone (AdaRound, no LSQ) on an already-wrapped `unet`, to share its result.
+
+    The weight phase sees FP unit inputs with the unit's activation quantization off, so what it learns does
+    not depend on the activation setting: one run (the UNet wrapped at A32) serves every A-bits at these
+    W-bits. Returns the learned weight-quantizer tensors (`assign_quantizer_tensors` puts them into another
+    UNet wrapped with the same W-bits) and `calibrate_qdiff`'s per-unit metrics; resumable in `partial_dir`."""
+    units = calibrate_qdiff(unet, data, partial_dir, iters_w, 0, w_lr=w_lr, trainer_kwargs=trainer_kwargs)
+    tensors = {k: v for k, v in quantizer_state(unet).items() if ".w_quant." in k}
+    return tensors, units

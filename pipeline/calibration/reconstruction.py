@@ -92,8 +92,10 @@ class UnitReconstruction(L.LightningModule):
         """One Adam per phase: each (bit option, slot) keeps its own moment estimates."""
         opts = []
         for p in self.phases:
-            params = ([l.w_quant.alpha for l in self.layers if l.w_quant.alpha is not None] if p.kind == "weight"
-                      else [b.scale for b in self.banks])
+            if p.kind == "weight":
+                params = [layer.w_quant.alpha for layer in self.layers if layer.w_quant.alpha is not None]
+            else:
+                params = [b.scale for b in self.banks]
             opts.append(torch.optim.Adam(params, lr=self.lr))
         return opts
 
@@ -119,8 +121,8 @@ class UnitReconstruction(L.LightningModule):
         if phase.kind == "weight":
             beta, active = BetaSchedule(phase.iters)(it)
             if active:
-                reg = sum(rounding_regularizer(l.w_quant.alpha, beta) for l in self.layers
-                          if l.w_quant.alpha is not None)
+                reg = sum(rounding_regularizer(layer.w_quant.alpha, beta) for layer in self.layers
+                          if layer.w_quant.alpha is not None)
                 loss = loss + self.reg_weight * reg
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite reconstruction loss in {self.unit_name} at step {self.global_step} "
@@ -135,19 +137,19 @@ class UnitReconstruction(L.LightningModule):
 def held_out_mse(unit: nn.Module, ctx, items: list[dict], k: int | None = None) -> float:
     """Mean reconstruction loss of the unit on `items` under its current state."""
     layers = unit_layers(unit)
-    saved = [list(l.policy) for l in layers]
+    saved = [list(layer.policy) for layer in layers]
     total = 0.0
     with torch.no_grad():
         for it in items:
             ctx.step = int(it["step"])
             if k is not None:
-                for l in layers:
-                    l.policy = [k] * len(l.policy)
+                for layer in layers:
+                    layer.policy = [k] * len(layer.policy)
             out = unit(*it["args"], **it["kwargs"])
             out = out[0] if isinstance(out, tuple) else out
             total += float(rec_loss(out, it["out"]))
-    for l, p in zip(layers, saved):
-        l.policy = p
+    for layer, p in zip(layers, saved):
+        layer.policy = p
     return total / max(1, len(items))
 
 
@@ -158,8 +160,9 @@ def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_
     if total == 0:
         return module
     # one of many fits in a stage: the stage's own bar over units shows progress, not this Trainer's
-    trainer = make_trainer(trainer_kwargs, forced={"max_steps": total, "max_epochs": 1, "use_distributed_sampler": False,
-                                                   "num_sanity_val_steps": 0, "enable_progress_bar": False})
+    trainer = make_trainer(trainer_kwargs, forced={"max_steps": total, "max_epochs": 1,
+                                                   "use_distributed_sampler": False, "num_sanity_val_steps": 0,
+                                                   "enable_progress_bar": False})
     n_slots = max((b.n_slots for b in module.banks), default=1)
     slot_of = (lambda step: min(step, n_slots - 1)) if n_slots > 1 else (lambda step: 0)
     sampler = PhaseSampler(items, phases, slot_of, seed=seed, rank=trainer.global_rank)

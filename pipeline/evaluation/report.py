@@ -13,8 +13,9 @@ MAIN_COLUMNS = [("Method", "method"), ("Bit options", "bit_options"), ("FAB", "f
                 ("FID", "fid_to_fp"), ("sFID", "sfid_to_fp"), ("CLIP score", "clip_score")]
 EXTRA_COLUMNS = [("Method", "method"), ("FAB (unweighted)", "fab_unweighted"), ("FID to real", "fid_to_real"),
                  ("PSNR to FP (dB)", "psnr"), ("SSIM to FP", "ssim"), ("LPIPS to FP", "lpips"),
-                 ("Size (bytes)", "size_bytes"), ("Size (MiB)", "size_mib"), ("s / image (generate)", "seconds_per_image"),
-                 ("s / image (metrics)", "metric_seconds_per_image"), ("Images", "n_images")]
+                 ("Size (bytes)", "size_bytes"), ("Size (MiB)", "size_mib"),
+                 ("s / image (generate)", "seconds_per_image"), ("s / image (metrics)", "metric_seconds_per_image"),
+                 ("Images", "n_images")]
 
 
 def slug(text: str) -> str:

@@ -199,13 +199,22 @@ def describe(tap: int | str, spatial_grid: int = SPATIAL_SIDE) -> str:
     return f"{block} spatial mean, {tap} dims (pytorch-fid --dims {tap}; low-rank, not comparable to papers)"
 
 
-def inception_features(images: np.ndarray, backbone=None, batch: int = 32, desc: str | None = None) -> torch.Tensor:
-    """Pool features [N, 2048] (CPU float32) of uint8 images [N, H, W, 3]; `desc` shows a progress bar."""
+def inception_features(images: np.ndarray, backbone=None, batch: int = 32, desc: str | None = None,
+                       tap: int | str = 2048) -> torch.Tensor:
+    """Features (CPU float32) of uint8 images [N, H, W, 3] at one Inception tap: pool_3 [N, 2048] by
+    default, or any other of `InceptionBackbone.taps` (64 / 192 / 768 low-rank pool taps, "spatial");
+    `desc` shows a progress bar."""
     from tqdm.auto import tqdm
 
 
+    if tap not in _TAP_BLOCK:
+        raise ValueError(f"unknown Inception tap {tap!r}; choose from {list(_TAP_BLOCK)}")
     backbone = backbone or shared_backbone()
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     device = next(backbone.parameters(), torch.empty(0)).device
     starts = tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=desc is None)
-    return torch.cat([backbone(x[i:i + batch].to(device)).float().cpu() for i in starts])
+
+    def features(chunk: torch.Tensor) -> torch.Tensor:
+        return backbone(chunk) if tap == 2048 else backbone.taps(chunk, [tap])[tap]
+
+    return torch.cat([features(x[i:i + batch].to(device)).float().cpu() for i in starts])

@@ -28,5 +28,6 @@ class Timing(Metric):
     def compute(self) -> dict:
         n = self.n_images.clamp(min=1)
         total = self.generate_seconds + self.metric_seconds
-        return {"n_images": self.n_images, "seconds_per_image": self.generate_seconds / n, "metric_seconds_per_image": self.metric_seconds / n,
+        return {"n_images": self.n_images, "seconds_per_image": self.generate_seconds / n,
+                "metric_seconds_per_image": self.metric_seconds / n,
                 "generate_share": self.generate_seconds / total if total > 0 else torch.tensor(float("nan"))}

@@ -212,7 +212,8 @@ def load_q2b(path: str | Path, bit_options: Sequence[int] | None = None, device=
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != have:
-        raise ValueError(f"{Path(path) / Q2B_FORMAT.tensors} does not match its {Q2B_FORMAT.meta} (tensors {have} vs {want})")
+        raise ValueError(f"{Path(path) / Q2B_FORMAT.tensors} does not match its {Q2B_FORMAT.meta} "
+                         f"(tensors {have} vs {want})")
     module.load_state_dict({k: v.float() for k, v in tensors.items()})
     module.meta = meta
     if bit_options is not None:

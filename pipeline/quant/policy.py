@@ -87,7 +87,8 @@ def get_bit_policy(unet: nn.Module) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int16)
 
 
-def activation_sensitivity(unet: nn.Module, error: Callable[[], float], low: int, high: int) -> "OrderedDict[str, float]":
+def activation_sensitivity(unet: nn.Module, error: Callable[[], float], low: int,
+                           high: int) -> "OrderedDict[str, float]":
     """`error()` with one layer's activations at `low` bits and every other layer's at `high`, per layer
     (the policy in force is restored). Independent rounding noise adds in quadrature, so the all-`low`
     error is close to sqrt(e_high^2 + sum_l (e_l^2 - e_high^2)); the ranking says which layers to keep high."""

@@ -59,7 +59,8 @@ def save_world_pipeline(out: Path, clip, vae, unet, resolution: int, world_info:
     # The CLIP vision tower and projections (the text tower is text_encoder/).
     clip_dir = tmp / "clip"
     clip_dir.mkdir()
-    state = {k: v.detach().float().contiguous() for k, v in clip.state_dict().items() if not k.startswith("text_model.")}
+    state = {k: v.detach().float().contiguous() for k, v in clip.state_dict().items()
+             if not k.startswith("text_model.")}
     save_file(state, str(clip_dir / "model.safetensors"), metadata={"format": "pt"})
     (clip_dir / "config.json").write_text(json.dumps({
         "clip_config": clip.config.to_dict(), "text_tower": "../text_encoder",

@@ -306,7 +306,8 @@ def train_world(recipe: WorldRecipe, out: Path, art: Path, trainer: dict | None 
 
     # -- data ---------------------------------------------------------------
     t0 = time.time()
-    print(f"[pretrain] rendering {recipe.n_train} train + {recipe.n_val} val scenes at {recipe.resolution}px ...", flush=True)
+    print(f"[pretrain] rendering {recipe.n_train} train + {recipe.n_val} val scenes at {recipe.resolution}px ...",
+          flush=True)
     train = world.WorldDataset("train", recipe.n_train, seed, recipe.resolution)
     val = world.WorldDataset("val", recipe.n_val, seed, recipe.resolution)
     timings["render_s"] = time.time() - t0
@@ -385,7 +386,8 @@ def train_world(recipe: WorldRecipe, out: Path, art: Path, trainer: dict | None 
         "world": "data.world", "resolution": recipe.resolution, "seed": seed, "n_train": recipe.n_train,
         "sampling": WORLD_SAMPLING, "shapes": list(world.SHAPES), "colours": list(world.COLOURS),
         "held_out_pairs": sorted(map(list, world.HELD_OUT_PAIRS)),
-        "steps": {"clip": recipe.clip_steps, "vae": recipe.vae_steps, "unet": recipe.unet_steps}, "versions": versions(),
+        "steps": {"clip": recipe.clip_steps, "vae": recipe.vae_steps, "unet": recipe.unet_steps},
+        "versions": versions(),
     }
     save_world_pipeline(out, clip, vae, unet_mod.ema, recipe.resolution, world_info, overwrite)
     metrics["checkpoint_bytes"] = folder_size(out)
@@ -395,7 +397,8 @@ def train_world(recipe: WorldRecipe, out: Path, art: Path, trainer: dict | None 
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     prompts = [world.object_phrase(dict(shape=s, colour=c), 1) for s, c in
-               zip(world.SHAPES + world.SHAPES[:3], ["red", "green", "blue", "yellow", "white", "cyan", "orange", "purple"])]
+               zip(world.SHAPES + world.SHAPES[:3],
+                   ["red", "green", "blue", "yellow", "white", "cyan", "orange", "purple"])]
     t0 = time.time()
     imgs = pipe(prompts, generator=torch.Generator().manual_seed(seed), output_type="np", **WORLD_SAMPLING).images
     timings["sample_8_s"] = time.time() - t0
