@@ -8,6 +8,7 @@ demo: setup
 	python -m pipeline.fit demo --run-dir runs/demo --overwrite true
 
 test: setup
+	ruff check .
 	python -m pytest -q -ra tests
 
 bench: setup

@@ -1,1 +1,2 @@
-"""What observes without being the model: image grids, plots, metric loggers."""
+"""Lightning Callbacks: what observes a fit without being the model (training
+heatmaps of Q2B, the world-quality monitor). Stages attach them."""

@@ -39,6 +39,7 @@ class ArtifactFormat:
     version: int
     tensors: str  # safetensors file name
     meta: str  # JSON file name
+    title: str  # what a user calls it, for error messages
     made_by: str  # how a user makes one, for error messages
 
     @property
@@ -64,7 +65,7 @@ def read_artifact_meta(folder: str | Path, fmt: ArtifactFormat) -> dict:
     folder = Path(folder)
     for f in (folder / fmt.meta, folder / fmt.tensors):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: {folder} is not a {fmt.name} artifact ({fmt.made_by})")
+            raise FileNotFoundError(f"{f} is missing: {folder} is not a {fmt.title} ({fmt.made_by})")
     try:
         meta = json.loads((folder / fmt.meta).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

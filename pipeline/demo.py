@@ -12,9 +12,10 @@ A workflow over the stage functions, each run into its own folder of --run-dir:
   demo/                      report.md: the evaluation table, the bits QLIP chose, grids
 
 Sizes are small so that the chain runs in minutes on a laptop CPU; every size
-is a flag. Without --overwrite, a rerun resumes: finished steps are kept and
-an interrupted stage continues from its own partial results. With --overwrite
-true every step is recomputed."""
+is a flag. Without --overwrite, a rerun resumes: finished steps are kept, and
+an interrupted calibrate or score continues from its own partial results (an
+interrupted t2q or q2b must have its folder removed first; docs/architecture.md).
+With --overwrite true every step is recomputed."""
 from __future__ import annotations
 
 import json
@@ -75,7 +76,8 @@ def demo(cfg: DemoConfig, trainer: dict | None = None) -> Path:
             shutil.rmtree(root / name, ignore_errors=True)
     world = cfg.model == EMBEDDED
     passed = {k: v for k, v in (trainer or {}).items() if k in PASSED_ON}
-    common = {"model": cfg.model, "seed": cfg.seed, "allow_download": cfg.allow_download}
+    common = {"model": cfg.model, "seed": cfg.seed, "allow_download": cfg.allow_download, "scheduler": cfg.scheduler,
+              "allow_pickle": cfg.allow_pickle}
     prompts = "world" if world else "builtin"
     timings = {}
 

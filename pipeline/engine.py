@@ -30,6 +30,14 @@ class StageConfig:
     """replace results already in --run-dir"""
     seed: int = 0
     """seed of everything random (noise, sampling order)"""
+    scheduler: str | None = None
+    """sampler: pndm | ddim | ddpm | euler | euler-ancestral | heun | dpm++ | lcm (default: the model's own)"""
+    allow_pickle: bool = False
+    """load pickle-only (.bin) model weights; unpickling can run arbitrary code, so only for trusted files"""
+
+    def load_options(self) -> dict:
+        """How this stage loads the model (pipeline.models.load_pipeline's keywords)."""
+        return {"allow_download": self.allow_download, "scheduler": self.scheduler, "allow_pickle": self.allow_pickle}
 
 
 def is_global_zero() -> bool:

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import diffusers
 import torch
 
 from data.tokenizer import clip_tokenizer
@@ -156,8 +157,9 @@ def default_model() -> str:
     return EMBEDDED if (EMBEDDED_DIR / "model_index.json").is_file() else TINY_RANDOM
 
 
-def check_pipeline_dir(path: Path) -> None:
-    """Refuse a pipeline folder with a missing or unreadable part, naming the file."""
+def check_pipeline_dir(path: Path, allow_pickle: bool = False) -> None:
+    """Refuse a pipeline folder with a missing or unreadable part, naming the file, and
+    one whose weights are pickle-only unless `allow_pickle`."""
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder: {index} is missing")
@@ -179,6 +181,11 @@ def check_pipeline_dir(path: Path) -> None:
         weights = list(sub.glob("*.safetensors")) + list(sub.glob("*.bin"))
         if not weights:
             raise ModelNotFoundError(f"no weights in {sub}: expected a *.safetensors file for {name!r}")
+        if not allow_pickle and all(w.suffix == ".bin" for w in weights):
+            raise ModelNotFoundError(
+                f"{sub} holds only pickle weights ({weights[0].name}): unpickling can run arbitrary code, so they "
+                f"are not loaded by default; convert them to safetensors, or pass --allow-pickle true if you "
+                f"trust the files")
         for w in weights:
             if w.suffix == ".safetensors":
                 _check_safetensors(w)
@@ -198,17 +205,47 @@ def _check_safetensors(path: Path) -> None:
         raise ModelNotFoundError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
 
 
-def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_download: bool = False, seed: int = 0):
+# --scheduler NAME -> the diffusers class; its config comes from the model's own scheduler
+SCHEDULERS = {
+    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler",
+}
+
+
+def set_scheduler(pipe, name: str | None):
+    """Swap `pipe.scheduler` for scheduler `name` built from the model's own scheduler config
+    (its betas, prediction type and steps_offset); None keeps the model's own."""
+    if name is None:
+        return pipe
+    if name not in SCHEDULERS:
+        raise ValueError(f"--scheduler {name!r} is not supported; choose one of {', '.join(SCHEDULERS)} "
+                         f"(or leave it out for the model's own scheduler)")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    extra = {"skip_prk_steps": True} if name == "pndm" else {}  # PLMS, as SD's own PNDM config
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    return pipe
+
+
+def scheduler_name(pipe) -> str:
+    """The --scheduler name of the pipeline's scheduler (its class name when not in SCHEDULERS)."""
+    cls = type(pipe.scheduler).__name__
+    return next((k for k, v in SCHEDULERS.items() if v == cls), cls)
+
+
+def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_download: bool = False, seed: int = 0,
+                  scheduler: str | None = None, allow_pickle: bool = False):
     """Load a text-to-image pipeline from a name, a local folder or a hub id.
 
     `model` is "embedded" (the shipped tiny world), "tiny-random" (seeded random
     tiny pipeline), a local diffusers folder, or a hub id already in the local
-    Hugging Face cache (pass `allow_download=True` to fetch it)."""
-    from diffusers import DiffusionPipeline
-
+    Hugging Face cache (pass `allow_download=True` to fetch it). `scheduler`
+    swaps the model's scheduler (SCHEDULERS). Weights load from safetensors
+    only: a folder with pickle-only (.bin) weights is refused unless
+    `allow_pickle`, since unpickling can run arbitrary code."""
     model = model or default_model()
     if model == TINY_RANDOM:
-        return tiny_pipeline(seed)
+        return set_scheduler(tiny_pipeline(seed), scheduler)
     if model == EMBEDDED:
         if not (EMBEDDED_DIR / "model_index.json").is_file():
             raise ModelNotFoundError(
@@ -217,13 +254,14 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
             )
         model = str(EMBEDDED_DIR)
     path = Path(model).expanduser()
+    safe = {} if allow_pickle else {"use_safetensors": True}  # opted in: safetensors where present, else .bin
     if path.exists():
-        check_pipeline_dir(path)
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None)
+        check_pipeline_dir(path, allow_pickle)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None, **safe)
     elif _HUB_ID.match(model):
         try:
-            pipe = DiffusionPipeline.from_pretrained(
-                model, torch_dtype=dtype, local_files_only=not allow_download, safety_checker=None
+            pipe = diffusers.DiffusionPipeline.from_pretrained(
+                model, torch_dtype=dtype, local_files_only=not allow_download, safety_checker=None, **safe
             )
         except Exception as e:
             raise ModelNotFoundError(
@@ -237,13 +275,13 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
             f"or a hub id such as nota-ai/bk-sdm-tiny"
         )
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return set_scheduler(pipe, scheduler)
 
 
-def load_quantized_pipeline(model: str, quant_state: str | None, allow_download: bool = False):
-    """The pipeline with its UNet quantized as recorded in `quant_state`; FP when None."""
-
-    pipe = load_pipeline(model, allow_download=allow_download)
+def load_quantized_pipeline(model: str, quant_state: str | None, **load):
+    """The pipeline (`load`: load_pipeline's options) with its UNet quantized as recorded in
+    `quant_state`; FP when None."""
+    pipe = load_pipeline(model, **load)
     return quantize_pipeline(pipe, quant_state) if quant_state else pipe
 
 
@@ -253,6 +291,5 @@ def quantize_pipeline(pipe, quant_state: str | Path):
 
     _, _, extra = load_quantized(pipe.unet, quant_state)
     if "ptqd_k" in extra:
-
         apply_ptqd(pipe.unet, extra)
     return pipe

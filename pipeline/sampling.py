@@ -1,23 +1,30 @@
 """Generation with a diffusers pipeline whose UNet may be quantized.
 
-The quantized UNet learns its step index from the scheduler's timesteps
-(registered here), so the standard pipeline `__call__` drives it unchanged."""
+The quantized UNet counts its calls against the scheduler's timesteps
+(registered here, `set_schedule`), so the standard pipeline `__call__` and any
+diffusers scheduler drive it unchanged.
+
+Seeds: prompt i owns one CPU generator seeded with seeds[i]; it draws the
+initial latents and then every per-step noise of a stochastic sampler (DDPM,
+Euler ancestral, DDIM with eta > 0, LCM), so a (prompt, seed) gets the same
+noise on any device, in any batch, for the FP and every quantized model."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.quant import set_schedule
+from pipeline.quant import call_steps, set_schedule
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, steps: int = 20,
              guidance: float = 5.0, batch_size: int = 8, resolution: int | None = None,
              on_step: Callable | None = None, progress: bool = True,
-             prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
-    """Images as uint8 [N, H, W, 3]; prompt i always uses seed seeds[i].
+             prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None, eta: float = 0.0) -> np.ndarray:
+    """Images as uint8 [N, H, W, 3]; prompt i always uses seed seeds[i]. `eta`: DDIM's noise (0: deterministic).
 
     `prompt_embeds` = (cond, uncond) rows of the prompts, already encoded (e.g. by
     `encode_prompts_pooled`): the pipeline then skips its own text-encoder pass."""
@@ -33,7 +40,6 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, s
     unet = pipe.unet
     quantized = getattr(unet, "quant_config", None) is not None
     if quantized:
-
         pipe.scheduler.set_timesteps(steps)
         set_schedule(unet, pipe.scheduler.timesteps)
     side = resolution or unet.config.sample_size * pipe.vae_scale_factor
@@ -41,11 +47,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, s
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         chunk = prompts[i:i + batch_size]
         device = unet.device if unet.device.type != "meta" else "cpu"
-        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        # draw initial latents per prompt on the CPU so a seed gives the same image on any device
-        shape = (unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
-        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, unet.dtype)
-        kwargs = {}
+        gens = noise_generators(seeds[i:i + batch_size])
+        latents = initial_latents(pipe, generators=gens, resolution=side).to(device, unet.dtype)
+        kwargs = {"generator": gens, "eta": eta}  # the same generators then draw each step's noise
         if on_step is not None:
             kwargs["callback_on_step_end"] = on_step
         if prompt_embeds is not None:
@@ -82,40 +86,60 @@ def encode_prompts_pooled(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, t
     return cond, uncond, out.pooler_output
 
 
-def initial_latents(pipe, seeds: Sequence[int], resolution: int | None = None) -> torch.Tensor:
-    """The per-seed starting noise `generate` uses (drawn on the CPU)."""
+def noise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per prompt: its initial latents, then its per-step sampler noise."""
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+
+def initial_latents(pipe, seeds: Sequence[int] | None = None, resolution: int | None = None,
+                    generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """The per-seed starting noise `generate` uses (drawn on the CPU, first from each seed's
+    generator; pass `generators` to keep drawing the per-step noise from them afterwards)."""
     unet = pipe.unet
     side = (resolution or unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
     shape = (unet.config.in_channels, side, side)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    gens = noise_generators(seeds) if generators is None else generators
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
 def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor, steps: int, guidance: float,
-            stop: int | None = None, on_unet_input: Callable | None = None, unet=None) -> torch.Tensor:
-    """The pipeline's classifier-free-guidance sampling loop, step by step.
+            stop: int | None = None, on_unet_input: Callable | None = None, unet=None,
+            generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """The pipeline's classifier-free-guidance sampling loop, call by call.
 
     Runs steps [0, stop) of a `steps`-step schedule and returns the latents
-    that enter step `stop` (or the final latents). `on_unet_input(i, x, t)` sees
-    each step's (scaled, conditional-half) UNet input before it runs; `unet`
-    overrides pipe.unet. SD 1.x/2.x-style UNets (no added conditioning)."""
+    that enter step `stop` (or the final latents). A step may take several UNet
+    calls (PNDM's warm-up, Heun): `on_unet_input(i, x, t)` sees the (scaled,
+    conditional-half) input of the first call of each step i. `unet` overrides
+    pipe.unet. `generators` (one per row, e.g. the ones `initial_latents` drew
+    from) draw a stochastic sampler's per-step noise, so every model consumes
+    the same noise. SD 1.x/2.x-style UNets (no added conditioning)."""
     unet = unet or pipe.unet
     if getattr(unet.config, "addition_embed_type", None):
         raise NotImplementedError("denoise() drives SD 1.x/2.x UNets; SDXL's added conditioning is not wired in")
     sched = pipe.scheduler
     sched.set_timesteps(steps)
     if getattr(unet, "quant_config", None) is not None:
-
         set_schedule(unet, sched.timesteps)
+    step_of = call_steps(sched.timesteps)
     device = cond.device
     x = latents.to(device) * sched.init_noise_sigma
     emb = torch.cat([uncond, cond])
     stop = steps if stop is None else stop
+    extra = {"generator": list(generators)} if generators is not None and _takes_generator(sched) else {}
     with torch.no_grad():
-        for i, t in enumerate(sched.timesteps[:stop]):
+        for k, t in enumerate(sched.timesteps):
+            i = step_of[k]
+            if i >= stop:
+                break
             model_in = sched.scale_model_input(torch.cat([x, x]), t)
-            if on_unet_input is not None:
+            if on_unet_input is not None and (k == 0 or step_of[k - 1] != i):
                 on_unet_input(i, model_in[: len(x)], t)
             eps_u, eps_c = unet(model_in, t, encoder_hidden_states=emb).sample.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x).prev_sample
+            x = sched.step(eps, t, x, **extra).prev_sample
     return x
+
+
+def _takes_generator(scheduler) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.quant import call_steps
 from pipeline.quant.state import model_fingerprint
-from pipeline.sampling import denoise, encode_prompts, initial_latents
+from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators
 
 META = "meta.json"
 
@@ -37,8 +38,14 @@ def data_signature(pipe, steps: int, guidance: float, resolution: int) -> dict:
     pipe.scheduler.set_timesteps(steps)
     fp = model_fingerprint(pipe.unet)
     return {"weights_sha256": fp["weights_sha256"], "unet_class": type(pipe.unet).__name__,
-            "resolution": resolution, "steps": steps, "timesteps": [int(t) for t in pipe.scheduler.timesteps],
+            "resolution": resolution, "steps": steps, "timesteps": [_plain(t) for t in pipe.scheduler.timesteps],
             "scheduler": type(pipe.scheduler).__name__, "guidance": guidance}
+
+
+def _plain(t) -> int | float:
+    """A timestep as JSON: an int where it is one (DDIM, PNDM), else the float (Euler, DPM-Solver)."""
+    t = float(t)
+    return int(t) if t.is_integer() else t
 
 
 def check_signature(meta: dict, want: dict, path) -> None:
@@ -88,8 +95,9 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
             if i in indices:
                 records[i] = x.detach().cpu().contiguous()
 
-        denoise(pipe, cond, uncond, initial_latents(pipe, seeds, resolution), steps, guidance,
-                stop=indices[-1] + 1, on_unet_input=record)
+        gens = noise_generators(seeds)  # initial latents, then a stochastic sampler's step noise
+        denoise(pipe, cond, uncond, initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance,
+                stop=indices[-1] + 1, on_unet_input=record, generators=gens)
         for i in indices:  # the last index is written last: its presence marks a finished shard
             save_file({"x": records[i]}, str(out / f"x_{b:05d}_{i:03d}.safetensors"))
     return out
@@ -110,7 +118,9 @@ class CalibrationData:
                                   resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
             check_signature(self.meta, want, self.path)
         self.steps = self.meta["cali_steps"]
-        self.timesteps = self.meta["signature"]["timesteps"]
+        calls = self.meta["signature"]["timesteps"]  # one per UNet call; a step's first call is its input
+        mapping = call_steps(calls)
+        self.timesteps = [calls[mapping.index(i)] for i in range(mapping[-1] + 1)]
         missing = [b for b in range(self.meta["n_shards"])
                    if not (self.path / f"x_{b:05d}_{self.steps[-1]:03d}.safetensors").is_file()]
         if missing:

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import check_progress, jsonable, write_json_atomic
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
-from pipeline.quant import act_banks, get_bit_policy, set_bit_policy, set_quant_state
+from pipeline.quant import act_banks, call_steps, get_bit_policy, set_bit_policy, set_quant_state
 from pipeline.quant.state import assign_quantizer_tensors, model_fingerprint, quantizer_state
-from pipeline.sampling import denoise, encode_prompts, initial_latents
+from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators
 
 
 class _StepCalls:
@@ -68,15 +68,17 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
         chunk = prompts[b:b + batch_size]
         cond, uncond = encode_prompts(pipe, chunk)
         seeds = [seed * 1_000_003 + b + j for j in range(len(chunk))]
-        batches.append((cond, uncond, initial_latents(pipe, seeds, resolution)))
+        batches.append((cond, uncond, seeds))
     for i in tqdm(range(done, steps), desc="progressive", initial=done, total=steps, leave=False):
         for bank in banks.values():
             bank.observing = False
         set_quant_state(unet, True, True)
         calls = []
-        for cond, uncond, lat in batches:  # steps 0..i-1 run quantized (slots already calibrated)
-            x = denoise(pipe, cond, uncond, lat, steps, guidance, stop=i)
-            t = pipe.scheduler.timesteps[i]
+        for cond, uncond, seeds in batches:  # steps 0..i-1 run quantized (slots already calibrated)
+            gens = noise_generators(seeds)  # the same noise on every rerun of the trajectory
+            x = denoise(pipe, cond, uncond, initial_latents(pipe, resolution=resolution, generators=gens), steps,
+                        guidance, stop=i, generators=gens)
+            t = pipe.scheduler.timesteps[call_steps(pipe.scheduler.timesteps).index(i)]  # step i's first call
             calls.append((pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t, torch.cat([uncond, cond])))
         if iters_a > 0:
             per_step = max(1, iters_a // steps)

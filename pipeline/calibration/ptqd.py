@@ -32,7 +32,7 @@ def ptqd_statistics(unet, data, device="cpu") -> dict[str, torch.Tensor]:
     for s in steps:
         d, e = torch.cat(acc[s]["d"]).double(), torch.cat(acc[s]["e"]).double()
         raw.append(float((d * e).sum() / (e * e).sum()))
-        k = max(0.0, raw[-1])  # DESIGN: clipped at 0 (the raw slope is kept for reports)
+        k = max(0.0, raw[-1])  # clipped at 0 (docs/calibration.md#ptqd) (the raw slope is kept for reports)
         r = d - k * e
         bias = r.mean(dim=(0, 2, 3))
         ks.append(k)

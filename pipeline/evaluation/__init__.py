@@ -1,4 +1,4 @@
-"""QDiffBench evaluation (PCR's benchmark, DESIGN section 6): FP and quantized
+"""QDiffBench evaluation (PCR's benchmark, docs/evaluation.md#metrics): FP and quantized
 models on in-domain and prompt-generalization splits with identical seeds.
 `python -m pipeline.fit evaluate`; see docs/evaluation.md."""
 from pipeline.evaluation.methods import (

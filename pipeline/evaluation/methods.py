@@ -58,9 +58,9 @@ class EvalMethod:
     def __init__(self, label: str = "FP32"):
         self.label = label
 
-    def load(self, model: str, allow_download: bool = False):
+    def load(self, model: str, load: dict | None = None):
 
-        return load_pipeline(model, allow_download=allow_download)
+        return load_pipeline(model, **(load or {}))
 
     def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Set the bit policy for this prompt batch (no-op for static methods); return the
@@ -113,9 +113,9 @@ class StaticQuantState(EvalMethod):
             raise ValueError(f"quantized state {self.path} addresses {self.n_steps} sampling steps but --steps is "
                              f"{steps}; evaluate with --steps {self.n_steps}")
 
-    def load(self, model: str, allow_download: bool = False):
+    def load(self, model: str, load: dict | None = None):
 
-        return load_quantized_pipeline(model, self.path, allow_download)  # PTQD states with their correction
+        return load_quantized_pipeline(model, self.path, **(load or {}))  # PTQD states with their correction
 
     def policy(self, pipe) -> torch.Tensor:
 
@@ -157,9 +157,9 @@ class QLIPMethod(StaticQuantState):
         self.q2b.check_layout(self.meta["layers"], qcfg["n_steps"], qcfg["a_bit_options"], f"quantized state {state}")
         self.qlip = None
 
-    def load(self, model: str, allow_download: bool = False):
+    def load(self, model: str, load: dict | None = None):
 
-        self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, allow_download=allow_download)
+        self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, load=load)
         return self.qlip.pipe
 
     def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:

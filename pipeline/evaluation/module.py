@@ -55,9 +55,9 @@ def _float(v):
 
 class MethodEvaluation(L.LightningModule):
     def __init__(self, method: EvalMethod, model: str, splits: list[Split], batches: list[dict],
-                 settings: EvalSettings, shared: SharedState, allow_download: bool = False):
+                 settings: EvalSettings, shared: SharedState, load: dict | None = None):
         super().__init__()
-        self.method, self.model_name, self.allow_download = method, model, allow_download
+        self.method, self.model_name, self.load_options = method, model, load or {}
         self.splits, self.batches, self.settings, self.shared = splits, batches, settings, shared
         self.pipe = None
         self.split_metrics = nn.ModuleDict()
@@ -83,7 +83,7 @@ class MethodEvaluation(L.LightningModule):
 
         s = self.settings
         with torch.inference_mode(False):  # quantizer state loaded here must stay a normal tensor
-            self.pipe = self.method.load(self.model_name, self.allow_download)
+            self.pipe = self.method.load(self.model_name, self.load_options)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         unet = self.pipe.unet

@@ -18,7 +18,7 @@ from pipeline.models import load_pipeline
 
 
 def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split], settings: EvalSettings,
-             allow_download: bool = False, fp_unet=None) -> None:
+             load: dict | None = None, fp_unet=None) -> None:
     """Fail before generating anything: bad settings, too few images for the
     Frechet metrics, a quantized state of another model or step count."""
 
@@ -44,7 +44,7 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
     if quantized:
         if fp_unet is None:
 
-            fp_unet = load_pipeline(model, allow_download=allow_download).unet
+            fp_unet = load_pipeline(model, **(load or {})).unet
         for m in quantized:
             try:
                 m.check_model(fp_unet)
@@ -53,7 +53,7 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
 
 
 def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split], settings: EvalSettings,
-                   batch_size: int = 8, trainer_kwargs: dict | None = None, allow_download: bool = False) -> dict:
+                   batch_size: int = 8, trainer_kwargs: dict | None = None, load: dict | None = None) -> dict:
     """Evaluate FP and every method on every split. Returns
     {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "is_global_zero": bool, ...}."""
 
@@ -71,7 +71,7 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
     shared = SharedState()
     rows, grids, walls = [], {}, {}
     for method in everything:
-        module = MethodEvaluation(method, model, splits, batches, settings, shared, allow_download)
+        module = MethodEvaluation(method, model, splits, batches, settings, shared, load)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -69,20 +69,21 @@ class QLIPPipeline:
 
     @classmethod
     def from_pretrained(cls, q2b_path: str | Path, model: str | None = None, quant_state: str | None = None,
-                        t2q: str | None = None, allow_download: bool = False) -> "QLIPPipeline":
+                        t2q: str | None = None, load: dict | None = None) -> "QLIPPipeline":
         """Everything from a q2b-stage folder; `model` / `quant_state` / `t2q` override what it recorded."""
 
         q2b = load_q2b(q2b_path)
         meta = q2b.meta
         model = model or meta["model"]
-        pipe = load_quantized_pipeline(model, quant_state or follow_link(q2b_path, meta["quant_state"]), allow_download)
+        load = load or {}
+        pipe = load_quantized_pipeline(model, quant_state or follow_link(q2b_path, meta["quant_state"]), **load)
         criterion = meta["criterion"]
         fp_pipe = None
         if criterion == "complexity":  # needs FP images: a second, unquantized pipeline
 
-            fp_pipe = load_pipeline(model, allow_download=allow_download)
+            fp_pipe = load_pipeline(model, **load)
         quality = quality_source(criterion, model, fp_pipe or pipe, t2q or follow_link(q2b_path, meta.get("t2q")),
-                                 meta["steps"], meta["guidance"], allow_download)
+                                 meta["steps"], meta["guidance"], load)
         return cls(pipe, q2b, quality, meta["steps"], meta["guidance"])
 
     def fab_of(self, tables: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Q2B (QLIP): predicted quality q -> layer- and step-wise activation bits.
 
-The project's reading of supplementary Fig. S2 (DESIGN section 5). The K
+The project's reading of supplementary Fig. S2 (docs/q2b.md#q2b-as-built). The K
 sorted bit options are split into a low side and a high side of ceil(K/2)
 options each (they share the middle option when K is odd):
 
@@ -32,7 +32,8 @@ from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artif
 from pipeline.quant.policy import act_banks, quant_layers
 from pipeline.quant.quantizer import check_bits
 
-Q2B_FORMAT = ArtifactFormat("qlip-q2b", 1, "q2b.safetensors", "q2b.json", "train one with `python -m pipeline.fit q2b`")
+Q2B_FORMAT = ArtifactFormat("qlip-q2b", 1, "q2b.safetensors", "q2b.json", "Q2B checkpoint",
+                            "train one with `python -m pipeline.fit q2b`")
 
 
 def check_target_fab(target: float, bit_options: Sequence[int]) -> float:

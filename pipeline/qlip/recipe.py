@@ -8,11 +8,11 @@ trained, measured Q2B.
    Spearman(q, FAB) on train and val, and the bit-allocation pictures."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from callbacks.bit_allocation import BitAllocationCallback
 from pipeline.calibration.data import CalibrationData, collect
 from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
 from pipeline.models import quantize_pipeline
@@ -52,9 +52,11 @@ def q2b_options(meta: dict, state_path: str, bit_options: str | None, criterion:
 
 def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, prompts: list[str], val: list[str], *,
                        steps: int, guidance: float, batch_size: int, resolution: int | None, cali_dir: str | Path,
-                       target_fab: float, epochs: int, seed: int, trainer: dict | None, plot_dir: Path,
-                       plot_every: int, **hparams):
-    """Steps 1 and 2 on the FP `pipe` (quantized in place). Returns (q2b, training module, q_train, q_val, fab_w)."""
+                       target_fab: float, epochs: int, seed: int, trainer: dict | None,
+                       callbacks: Callable[[torch.Tensor], list] | None = None, **hparams):
+    """Steps 1 and 2 on the FP `pipe` (quantized in place). Returns (q2b, training module, q_train, q_val, fab_w).
+
+    `callbacks(q_train)` makes the Lightning callbacks of the Q2B Trainer (the stage attaches them)."""
     q_train = source.predict(prompts).float().cpu()
     q_val = source.predict(val).float().cpu() if val else torch.zeros(0)
     collect(pipe, prompts, cali_dir, steps=steps, cali_st=steps, guidance=guidance, batch_size=batch_size,
@@ -67,7 +69,7 @@ def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, promp
     q2b = Q2BModule(layers, steps, options, float(q_train.mean()), float(q_train.std()))
     fab_w = fab_weights(layer_stats(pipe.unet), layers)
     module = fit_q2b(pipe.unet, q2b, items, fab_w, target_fab, guidance, epochs=epochs, seed=seed,
-                     trainer_kwargs=trainer, callbacks=[BitAllocationCallback(q_train, plot_dir, plot_every)],
+                     trainer_kwargs=trainer, callbacks=callbacks(q_train) if callbacks else [],
                      **hparams)
     return q2b, module, q_train, q_val, fab_w
 

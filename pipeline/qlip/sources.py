@@ -57,7 +57,7 @@ def image_complexity(images: np.ndarray) -> torch.Tensor:
 
 
 def quality_source(criterion: str, model: str, pipe=None, t2q: str | None = None, steps: int = 20,
-                   guidance: float = 5.0, allow_download: bool = False):
+                   guidance: float = 5.0, load: dict | None = None):
     """The quality predictor of a criterion. `pipe` (FP) is borrowed for its
     tokenizer / images when given; `t2q` is the T2Q folder for criterion t2q."""
     if criterion == "t2q":
@@ -69,7 +69,7 @@ def quality_source(criterion: str, model: str, pipe=None, t2q: str | None = None
         return load_t2q(t2q, model=model)
 
     if criterion == "length":
-        return PromptLength((pipe or load_pipeline(model, allow_download=allow_download)).tokenizer)
+        return PromptLength((pipe or load_pipeline(model, **(load or {}))).tokenizer)
     if criterion == "complexity":
-        return ImageComplexity(pipe or load_pipeline(model, allow_download=allow_download), steps, guidance)
+        return ImageComplexity(pipe or load_pipeline(model, **(load or {})), steps, guidance)
     raise ValueError(f"unknown quality criterion {criterion!r}; choose one of {CRITERIA}")

@@ -31,7 +31,8 @@ from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artif
 from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
 from pipeline.world.io import load_world_clip
 
-T2Q_FORMAT = ArtifactFormat("qlip-t2q", 1, "t2q.safetensors", "t2q.json", "train one with `python -m pipeline.fit t2q`")
+T2Q_FORMAT = ArtifactFormat("qlip-t2q", 1, "t2q.safetensors", "t2q.json", "T2Q folder",
+                            "train one with `python -m pipeline.fit t2q`")
 HIDDEN = 512
 
 

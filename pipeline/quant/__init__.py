@@ -6,6 +6,7 @@ from pipeline.quant.policy import (
     act_banks,
     activation_sensitivity,
     bit_mixture,
+    call_steps,
     get_bit_policy,
     layers_to_keep_high,
     observing,
@@ -21,7 +22,8 @@ from pipeline.quant.wrap import quantize_unet, skip_concat_splits
 
 __all__ = [
     "ActQuantBank", "QuantAttnProcessor", "QuantConfig", "QuantContext", "QuantLayer", "SUPPORTED_BITS",
-    "WeightQuantizer", "act_banks", "activation_sensitivity", "bit_mixture", "check_bits", "fake_quantize",
-    "get_bit_policy", "layers_to_keep_high", "load_quantized", "observing", "quant_layers", "quantize_unet",
-    "save_quantized", "set_bit_policy", "set_quant_state", "set_schedule", "set_step", "skip_concat_splits",
+    "WeightQuantizer", "act_banks", "activation_sensitivity", "bit_mixture", "call_steps", "check_bits",
+    "fake_quantize", "get_bit_policy", "layers_to_keep_high", "load_quantized", "observing", "quant_layers",
+    "quantize_unet", "save_quantized", "set_bit_policy", "set_quant_state", "set_schedule", "set_step",
+    "skip_concat_splits",
 ]

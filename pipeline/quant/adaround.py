@@ -2,7 +2,7 @@
 
 h(alpha) = clip(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1) is the soft
 rounding offset added to floor(w / s); the regularizer pushes h to 0 or 1 as
-beta anneals from 20 to 2. DESIGN defaults: gamma -0.1, zeta 1.1, lambda 0.01,
+beta anneals from 20 to 2. Defaults (docs/calibration.md#q-diffusion): gamma -0.1, zeta 1.1, lambda 0.01,
 warm-up 20% of the iterations without the regularizer."""
 from __future__ import annotations
 

@@ -36,10 +36,16 @@ def mix_options(quantize, indices: list[int], weights: torch.Tensor, like: torch
 
 @dataclass
 class QuantContext:
-    """Per-model runtime state: the current sampling-step index and schedule."""
+    """Per-model runtime state: the current sampling-step index and schedule.
+
+    With a schedule registered (`set_schedule`), the step index comes from the
+    sampler's own call counter: call k of a run is step `call_steps[k]`, and
+    `timesteps[k]` is the timestep that call must carry (a check, not a lookup)."""
 
     step: int = 0
-    timesteps: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)  # per UNet call of one sampling run
+    call_steps: list[int] = field(default_factory=list)  # step index of each call
+    calls: int = 0  # calls made in the current run
 
 
 class ActQuantBank(nn.Module):

@@ -119,20 +119,39 @@ def layers_to_keep_high(sensitivity: Mapping[str, float], floor: float, target: 
     return ranked
 
 
+def call_steps(timesteps: Sequence) -> list[int]:
+    """The step index of each UNet call of a sampling run, one call per scheduler timestep.
+
+    A step is a noise level: a call at the same timestep as the call before it
+    belongs to the same step. So PNDM's PLMS warm-up (its second call repeats the
+    first step's successor timestep: 7 calls for 6 steps) and Heun's
+    second-order evaluations (2N-1 calls for N steps) map onto N steps, and
+    every call at one noise level uses that step's quantizers and bits."""
+    steps, prev = [], None
+    for t in (float(t) for t in timesteps):
+        steps.append(steps[-1] + (t != prev) if steps else 0)
+        prev = t
+    return steps
+
+
 def set_schedule(unet: nn.Module, timesteps: Sequence) -> None:
-    """Register the sampler's timesteps so each UNet call knows its step index."""
+    """Register the sampler's timesteps (after `scheduler.set_timesteps`): the UNet's
+    calls are then counted and call k runs as step `call_steps(timesteps)[k]`; the
+    count wraps after a whole run, so one registration serves many runs."""
     cfg = _require_quantized(unet)
     ts = [float(t) for t in timesteps]
-    if cfg.n_steps > 1 and len(ts) != cfg.n_steps:
-        raise ValueError(f"the schedule has {len(ts)} steps but the quantized UNet was configured for "
-                         f"n_steps={cfg.n_steps}; sample with {cfg.n_steps} steps")
-    unet.quant_context.timesteps = ts
-    unet.quant_context.step = 0
+    mapping = call_steps(ts)
+    n = mapping[-1] + 1 if mapping else 0
+    if cfg.n_steps > 1 and n != cfg.n_steps:
+        raise ValueError(f"the schedule has {n} steps ({len(ts)} UNet calls) but the quantized UNet was "
+                         f"calibrated for {cfg.n_steps}; sample with --steps {cfg.n_steps}")
+    ctx = unet.quant_context
+    ctx.timesteps, ctx.call_steps, ctx.calls, ctx.step = ts, mapping, 0, 0
 
 
 def set_step(unet: nn.Module, step: int) -> None:
     _require_quantized(unet)
-    unet.quant_context.timesteps = []  # explicit steps override the schedule hook
+    unet.quant_context.timesteps = []  # explicit steps override the schedule's call counter
     unet.quant_context.step = int(step)
 
 

@@ -18,7 +18,7 @@ from pipeline.quant.quantizer import WeightQuantizer
 from pipeline.quant.wrap import quantize_unet
 
 QUANT_STATE = ArtifactFormat("qlip-quant-state", 1, "quant_state.safetensors", "quant_config.json",
-                            "run `python -m pipeline.fit calibrate`")
+                            "quantized state", "run the calibrate stage: `python -m pipeline.fit calibrate`")
 
 
 def model_fingerprint(unet: nn.Module) -> dict:

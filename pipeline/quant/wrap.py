@@ -47,19 +47,28 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _step_pre_hook(module, args, kwargs):
-    """Map the UNet's timestep argument to the step index of the registered schedule."""
+    """Count the UNet's calls: call k of the registered schedule runs as its step index.
+
+    The timestep argument is only checked against the one the schedule expects
+    for this call, so repeated timesteps (PNDM, Heun) and float timesteps
+    (Euler, DPM-Solver) need no lookup; a mismatch means the run and the
+    registration disagree (another step count, or an interrupted run)."""
     ctx: QuantContext = module.quant_context
     if not ctx.timesteps:
         return None
+    k = ctx.calls % len(ctx.timesteps)
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if t is None:
-        return None
-    t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-    try:
-        ctx.step = ctx.timesteps.index(t)
-    except ValueError:
-        raise ValueError(f"timestep {t} is not in the registered schedule {ctx.timesteps}; "
-                         f"call set_schedule(unet, scheduler.timesteps) after scheduler.set_timesteps") from None
+    if t is not None:
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if t != ctx.timesteps[k]:
+            if k != 0 and t == ctx.timesteps[0]:  # a new run after an interrupted one
+                k = ctx.calls = 0
+            else:
+                raise ValueError(f"UNet call {k} of the registered schedule expects timestep {ctx.timesteps[k]}, "
+                                 f"got {t}; call set_schedule(unet, scheduler.timesteps) after "
+                                 f"scheduler.set_timesteps with the steps this run uses")
+    ctx.step = ctx.call_steps[k]
+    ctx.calls += 1
     return None
 
 

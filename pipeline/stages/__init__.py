@@ -1,1 +1,3 @@
-"""One module per CLI stage: `add_arguments(parser)` and `run(cfg)`."""
+"""One module per CLI stage: a config dataclass (one field per flag, its docstring the
+help) and a function `stage(cfg, trainer=None)` of wiring; the science is in the library.
+No stage imports another (docs/architecture.md)."""

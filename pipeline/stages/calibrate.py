@@ -72,8 +72,9 @@ class CalibrateConfig(StageConfig):
 
 
 def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
-    qcfg = quant_config_for(cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits, a_bit_options=parse_bits(cfg.a_bit_options),
-                            steps=cfg.steps, time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
+    qcfg = quant_config_for(cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                            a_bit_options=parse_bits(cfg.a_bit_options), steps=cfg.steps,
+                            time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
                             softmax_bits=cfg.softmax_bits, act_init=cfg.act_init, weight_init=cfg.weight_init,
                             relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end)
     run_dir = Path(cfg.run_dir)
@@ -82,7 +83,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         shutil.rmtree(run_dir / PARTIAL, ignore_errors=True)  # start the reconstruction over
     L.seed_everything(cfg.seed, verbose=False)
     prompts = load_prompts(cfg.prompts, limit=cfg.cali_n, split="train", seed=cfg.seed)
-    pipe = load_pipeline(cfg.model, allow_download=cfg.allow_download)
+    pipe = load_pipeline(cfg.model, **cfg.load_options())
     extra_tensors, metrics = calibrate_pipeline(
         pipe, qcfg, cfg.method, prompts, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,

@@ -68,11 +68,11 @@ def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
                             sfid=cfg.sfid, lpips=cfg.lpips, real_images=cfg.real_images, grid_n=cfg.grid_n)
     plan = plan_evaluation(cfg.model, cfg.quant_states, cfg.labels, cfg.in_domain, cfg.generalization, cfg.n,
                            cfg.images_per_prompt, cfg.seed, settings, cfg.fid_dims, cfg.sfid_grid, cfg.clip)
-    validate(cfg.model, plan.methods, plan.splits, plan.settings, cfg.allow_download)
+    validate(cfg.model, plan.methods, plan.splits, plan.settings, cfg.load_options())
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["evaluate"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     res = run_evaluation(cfg.model, plan.methods, plan.splits, plan.settings, cfg.batch_size, trainer,
-                         cfg.allow_download)
+                         cfg.load_options())
     if not res["is_global_zero"]:
         return out
     md = write_results(out, cfg.model, plan, res)

@@ -48,10 +48,10 @@ def generate(cfg: GenerateConfig) -> Path:
     qlip = None
     if cfg.q2b:
         qlip = QLIPPipeline.from_pretrained(cfg.q2b, model=cfg.model, quant_state=cfg.quant_state, t2q=cfg.t2q,
-                                            allow_download=cfg.allow_download)
+                                            load=cfg.load_options())
         pipe = qlip.pipe
     else:
-        pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, cfg.allow_download)
+        pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, **cfg.load_options())
     n_steps = pipe.unet.quant_config.n_steps if getattr(pipe.unet, "quant_config", None) is not None else 1
     if n_steps > 1 and n_steps != cfg.steps:
         raise ValueError(f"--steps {cfg.steps} differs from the {n_steps} steps the quantized state was "

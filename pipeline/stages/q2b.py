@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 
+from callbacks.bit_allocation import BitAllocationCallback
 from data.prompts import load_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig
@@ -82,17 +83,18 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
-    pipe = load_pipeline(cfg.model, allow_download=cfg.allow_download)
+    pipe = load_pipeline(cfg.model, **cfg.load_options())
     check_same_model(meta, pipe.unet, cfg.quant_state)
     prompts = load_prompts(cfg.prompts, limit=cfg.n, split="train", seed=cfg.seed)
     val = load_prompts(cfg.prompts, limit=cfg.val_n, split="val", seed=cfg.seed) if cfg.val_n else []
-    source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, cfg.guidance, cfg.allow_download)
+    source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, cfg.guidance, cfg.load_options())
     hparams = {"kappa": cfg.kappa, "lr": cfg.lr, "dual_lr": cfg.dual_lr, "rho": cfg.rho}
     module, training, q_train, q_val, fab_w = train_q2b_on_state(
         pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=cfg.guidance,
         batch_size=cfg.batch_size, resolution=cfg.resolution, cali_dir=cfg.cali_data or Path(cfg.run_dir) / "q2b_data",
-        target_fab=cfg.target_fab, epochs=cfg.epochs, seed=cfg.seed, trainer=trainer, plot_dir=out / "training",
-        plot_every=cfg.plot_every, tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", **hparams)
+        target_fab=cfg.target_fab, epochs=cfg.epochs, seed=cfg.seed, trainer=trainer,
+        callbacks=lambda q: [BitAllocationCallback(q, out / "training", cfg.plot_every)],
+        tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", **hparams)
     if not training.trainer.is_global_zero:
         return out
     module = module.cpu()

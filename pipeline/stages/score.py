@@ -79,7 +79,7 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
     if is_global_zero():
         dm.prepare_data()
     shards = dm.generation_shards()  # an empty split fails here, before anything is generated
-    pipe = load_pipeline(cfg.model, allow_download=cfg.allow_download)
+    pipe = load_pipeline(cfg.model, **cfg.load_options())
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ref = ReferenceImages(reference, cfg.n_reference, side, cfg.shard_size, cfg.seed)
     giqa.check_reference(ref.n, f"--reference {reference}")  # too few images for the GMM: fail now
