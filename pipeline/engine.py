@@ -10,6 +10,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import cache
 
 import lightning as L
 
@@ -49,8 +50,9 @@ def is_global_zero() -> bool:
     return all(int(os.environ.get(v) or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
+@cache
 def quiet_lightning() -> None:
-    """Lightning's banners ("GPU available", tips, seed lines) off: a stage builds
+    """Once per process: Lightning's banners ("GPU available", tips, seed lines) off: a stage builds
     many internal Trainers and each would print them."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed",
