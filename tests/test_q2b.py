@@ -358,3 +358,13 @@ def test_end_to_end_through_t2q(tmp_path):
     embeds = method.before_batch(eval_pipe, prompts)
     assert embeds is not None and torch.equal(embeds[0], ref_cond) and torch.equal(embeds[1], ref_uncond)
     assert torch.equal(get_bit_policy(eval_pipe.unet), record["policy"].to(torch.int16))
+
+
+def test_q2b_saves_and_loads_the_diffusers_way(tmp_path):
+    q2b = Q2BModule(["a", "b"], 3, [8, 16, 32], 0.5, 0.1)
+    with torch.no_grad():
+        q2b.gate_bias.add_(0.3)
+    q2b.save_pretrained(tmp_path / "q")
+    back = Q2BModule.from_pretrained(tmp_path / "q", bit_options=[8, 16, 32])
+    q = torch.tensor([0.2, 0.5, 0.9])
+    assert torch.equal(q2b(q), back(q))

@@ -127,6 +127,14 @@ class Q2BModule(nn.Module):
         return hard - soft.detach() + soft
 
     # -- bookkeeping --------------------------------------------------------
+    # diffusers-style names for what save_q2b / load_q2b do
+    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
+        return save_q2b(self, path, extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, bit_options: Sequence[int] | None = None, device="cpu") -> "Q2BModule":
+        return load_q2b(path, bit_options, device)
+
     def memory_bytes(self) -> int:
         """Storage of the learned tables at their stored precision (fp16)."""
         return sum(p.numel() for p in self.parameters()) * 2

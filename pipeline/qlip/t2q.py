@@ -151,6 +151,14 @@ class T2QModule(L.LightningModule):
         probe = "a small red circle and two striped squares, photo"
         return self.tokenizer(probe).input_ids == tokenizer(probe).input_ids
 
+    # diffusers-style names for what save_t2q / load_t2q do
+    def save_pretrained(self, out_dir: str | Path, extra: dict | None = None) -> Path:
+        return save_t2q(self, out_dir, extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model: str | None = None, clip: str | None = None) -> "T2QModule":
+        return load_t2q(path, model, clip)
+
     def memory_bytes(self) -> int:
         """Parameter bytes of the projection + the trained head (QLIP reports 1.5 MB)."""
         return sum(p.numel() * p.element_size() for m in (self.projection, self.head) for p in m.parameters())
