@@ -108,7 +108,7 @@ def setup(a) -> Bench:
     fp_images = sample(fp, eval_prompts, seeds, a)
     fp_features = None
     if a.n_images >= min_images(a.fid_dims):
-        fp_features = features(fp_images, a.fid_dims)
+        fp_features = inception_features(fp_images, batch=16, tap=a.fid_dims)
     return Bench(a, work, fp, prompts, CalibrationData(work / "cali"), held, held_fp, eval_prompts, seeds,
                  fp_images, fp_features)
 
@@ -118,11 +118,6 @@ def sample(pipe, prompts, seeds, a) -> np.ndarray:
     return generate(pipe, prompts, seeds, steps=a.steps, guidance=a.guidance, batch_size=16, progress=False)
 
 
-def features(images: np.ndarray, dims: int) -> torch.Tensor:
-    """The `dims`-d Inception pool tap (the FID features of --fid-dims), 16 images a pass."""
-    return inception_features(images, batch=16, tap=dims)
-
-
 def measure(pipe, b: Bench) -> dict:
     """UNet error on the held-out calibration calls, then images of the eval prompts and seeds vs the FP images."""
     row = {"unet_rel_error": eps_relative_error(pipe.unet, b.held.unet_calls(), b.held_fp)}
@@ -130,7 +125,8 @@ def measure(pipe, b: Bench) -> dict:
     row.update({f"{k}_to_fp": v for k, v in fidelity_to_fp(b.fp_images, images).items()})
     row["fid_to_fp"] = None
     if b.fp_features is not None:
-        row["fid_to_fp"] = frechet_from_features(b.fp_features, features(images, b.a.fid_dims))
+        evaluated = inception_features(images, batch=16, tap=b.a.fid_dims)
+        row["fid_to_fp"] = frechet_from_features(b.fp_features, evaluated)
     return row
 
 

@@ -18,20 +18,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.prompts import load_prompts  # noqa: E402
+from pipeline.api import CalibrateConfig, calibrate  # noqa: E402
+from pipeline.evaluation import EvalSettings, load_split, method_from_state, run_evaluation, validate  # noqa: E402
+from pipeline.evaluation.plan import pick_fid_dims, pick_sfid_grid  # noqa: E402
+from pipeline.metrics.clip import ClipUnavailable, resolve_clip  # noqa: E402
+from pipeline.models import EMBEDDED, default_model  # noqa: E402
 
-def make_w8a8_state(model: str, steps: int, out: Path) -> Path:
-    """Naive W8A8 calibrated on 4 prompts (the calibrate stage's code path)."""
-    from data.prompts import load_prompts
-    from pipeline.calibration.naive import calibrate_naive
-    from pipeline.models import EMBEDDED, load_pipeline
-    from pipeline.quant import QuantConfig, save_quantized
+CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
-    pipe = load_pipeline(model)
+
+def make_w8a8_state(model: str, steps: int, work: Path) -> Path:
+    """Naive W8A8 calibrated by the calibrate stage on 4 train prompts (the world's of seed 1, handed over
+    as a prompt file so that the stage's own seed stays 0); returns the state folder."""
     prompts = load_prompts("world" if model == EMBEDDED else "builtin", limit=4, split="train", seed=1)
-    calibrate_naive(pipe, QuantConfig(w_bits=8, a_bits=8, n_steps=steps), prompts, steps, 5.0, batch_size=4,
-                    trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
-    save_quantized(pipe.unet, out, extra={"method": "naive", "model": model})
-    return out
+    work.mkdir(parents=True, exist_ok=True)
+    listed = work / "prompts.txt"
+    listed.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    cfg = CalibrateConfig(model=model, method="naive", w_bits=8, a_bits=8, steps=steps, guidance=5.0,
+                          prompts=str(listed), cali_n=4, batch_size=4, run_dir=str(work))
+    return calibrate(cfg, trainer=CPU)
 
 
 def main() -> None:
@@ -47,12 +53,6 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/eval_throughput.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-
-    from pipeline.evaluation import EvalSettings, load_split, method_from_state, run_evaluation, validate
-    from pipeline.metrics.clip import ClipUnavailable, resolve_clip
-    from pipeline.models import EMBEDDED, default_model
-    from pipeline.stages.evaluate import pick_fid_dims, pick_sfid_grid
-
     model = a.model or default_model()
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(a.quant_state) if a.quant_state else make_w8a8_state(model, a.steps, Path(tmp) / "w8a8")
@@ -68,8 +68,7 @@ def main() -> None:
         method = method_from_state(state)
         validate(model, [method], [split], settings)
         t0 = time.perf_counter()
-        res = run_evaluation(model, [method], [split], settings, a.batch_size,
-                             {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+        res = run_evaluation(model, [method], [split], settings, a.batch_size, CPU)
         total = time.perf_counter() - t0
     rows = []
     for r in res["rows"]:

@@ -20,7 +20,6 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.fit import main as stage  # noqa: E402
+from data.prompts import load_prompts  # noqa: E402
+from pipeline.api import CalibrateConfig, EvaluateConfig, Q2BConfig, calibrate, evaluate, q2b  # noqa: E402
+from pipeline.plots import plot_bit_heatmaps, plot_bit_shares, plot_fab_vs_batch_size  # noqa: E402
+from pipeline.qlip.analysis import batch_size_fab, bits_overhead, q2b_bytes_at_scale, richness_fab  # noqa: E402
+from pipeline.qlip.pipeline import QLIPPipeline  # noqa: E402
+from pipeline.qlip.train import spearman  # noqa: E402
 
 OPTION_SETS = {"8-16": "8,16", "8-16-32": "8,16,32", "6-8-16-32": "6,8,16,32"}
 
@@ -53,34 +57,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-QUIET = ["--trainer.enable_progress_bar", "false"]
+QUIET = {"enable_progress_bar": False}
 
 
 # ---------------------------------------------------------------------------
 # artifacts (each built once)
 # ---------------------------------------------------------------------------
 def ensure_states(a, work: Path) -> dict[str, Path]:
-    common = ["--model", a.model, "--w-bits", "4", "--a-bits", "16", "--a-bit-options", "6,8,16,32",
-              "--steps", str(a.steps), "--cali-n", "16", "--cali-st", "5", "--iters-w", str(a.iters_w),
-              "--iters-a", str(a.iters_a), *QUIET]
+    common = dict(model=a.model, w_bits=4, a_bits=16, a_bit_options="6,8,16,32", steps=a.steps, cali_n=16,
+                  cali_st=5, iters_w=a.iters_w, iters_a=a.iters_a)
     if not (work / "qdiff" / "quant" / "quant_config.json").is_file():
-        stage(["calibrate", "--method", "qdiff", "--run-dir", str(work / "qdiff"), *common])
+        calibrate(CalibrateConfig(method="qdiff", run_dir=str(work / "qdiff"), **common), trainer=QUIET)
     if not (work / "ptqd" / "quant" / "quant_config.json").is_file():
         for part in ("partial", "cali_data"):  # PTQD = the same reconstruction + noise statistics: resume it
             if not (work / "ptqd" / part).exists():
                 shutil.copytree(work / "qdiff" / part, work / "ptqd" / part)
-        stage(["calibrate", "--method", "ptqd", "--run-dir", str(work / "ptqd"), *common])
+        calibrate(CalibrateConfig(method="ptqd", run_dir=str(work / "ptqd"), **common), trainer=QUIET)
     return {"qdiff": work / "qdiff" / "quant", "ptqd": work / "ptqd" / "quant"}
 
 
 def ensure_q2b(a, work: Path, name: str, state: Path, criterion: str, options: str) -> Path:
     out = work / f"q2b_{name}"
     if not (out / "q2b" / "q2b.json").is_file():
-        stage(["q2b", "--model", a.model, "--quant-state", str(state), "--criterion", criterion,
-               *(["--t2q", a.t2q] if criterion == "t2q" else []), "--bit-options", options,
-               "--target-fab", str(a.target_fab), "--n", str(a.q2b_n), "--epochs", str(a.epochs),
-               "--kappa", str(a.kappa), "--cali-data", str(work / "q2b_data"), "--run-dir", str(out),
-               "--overwrite", "true", *QUIET])
+        q2b(Q2BConfig(model=a.model, quant_state=str(state), criterion=criterion,
+                      t2q=a.t2q if criterion == "t2q" else None, bit_options=options, target_fab=a.target_fab,
+                      n=a.q2b_n, epochs=a.epochs, kappa=a.kappa, cali_data=str(work / "q2b_data"),
+                      run_dir=str(out), overwrite=True), trainer=QUIET)
     return out / "q2b"
 
 
@@ -88,76 +90,11 @@ def ensure_eval(a, work: Path, name: str, seed: int, methods: dict[str, Path]) -
     out = work / f"eval_{name}_seed{seed}"
     res = out / "evaluate" / "results.json"
     if not res.is_file():
-        stage(["evaluate", "--model", a.model, "--quant-states", f"[{','.join(map(str, methods.values()))}]",
-               "--labels", f"[{','.join(methods)}]", "--in-domain", "world:val", "--n", str(a.n),
-               "--steps", str(a.steps), "--batch-size", str(a.eval_batch), "--seed", str(seed),
-               "--run-dir", str(out), "--overwrite", "true", "--trainer.accelerator", "cpu",
-               "--trainer.devices", "1", *QUIET])
+        evaluate(EvaluateConfig(model=a.model, quant_states=[str(v) for v in methods.values()], labels=list(methods),
+                                in_domain="world:val", n=a.n, steps=a.steps, batch_size=a.eval_batch, seed=seed,
+                                run_dir=str(out), overwrite=True),
+                 trainer={"accelerator": "cpu", "devices": 1, **QUIET})
     return json.loads(res.read_text())
-
-
-# ---------------------------------------------------------------------------
-# measurements without generation
-# ---------------------------------------------------------------------------
-def richness_table(qlip, n_scenes: int = 64, seed: int = 0) -> dict:
-    """Caption series of the world's validation scenes at richness 0..4 -> q and FAB."""
-    from data.world import make_scene, recaption
-
-    series = [[recaption(make_scene(seed, "val", i), r) for r in range(5)] for i in range(n_scenes)]
-    flat = [c for s in series for c in s]
-    q = qlip.quality_source.predict(flat).float()
-    fab = qlip.fab_of(qlip.q2b(q))
-    q, fab = q.reshape(n_scenes, 5), fab.reshape(n_scenes, 5)
-    return {"mean_q": q.mean(0).tolist(), "mean_fab": fab.mean(0).tolist(),
-            "examples": [{"captions": series[i], "q": q[i].tolist(), "fab": fab[i].tolist()} for i in range(4)]}
-
-
-def batch_size_effect(qlip, prompts: list[str], sizes=(1, 2, 4, 8, 16, 32), seed: int = 0) -> dict[int, float]:
-    """Mean FAB per image when random batches of each size take the max over their prompts."""
-    q = qlip.quality_source.predict(prompts).float()
-    tables = qlip.q2b(q)
-    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
-    out = {}
-    for bs in sizes:
-        fabs = [float(qlip.fab_of(tables[perm[i:i + bs]].amax(0))) * len(perm[i:i + bs])
-                for i in range(0, len(perm), bs)]
-        out[bs] = sum(fabs) / len(perm)
-    return out
-
-
-def overhead(qlip, prompt: str, steps: int, repeats: int = 5) -> dict:
-    """Quality + Q2B + policy switch for one prompt vs one generation (batch 1), medians.
-
-    When the T2Q reads the pipeline's own text encoder, its CLIP pass is the one generation
-    makes anyway (`QLIPPipeline.__call__` shares it): that pass is timed and reported but
-    not counted as overhead; otherwise the quality source's own encoding is counted."""
-    from pipeline.sampling import encode_prompts_pooled, generate
-
-    t_text, t_bits, t_gen = [], [], []
-    generate(qlip.pipe, [prompt], [0], steps=steps, progress=False)  # warm-up
-    for _ in range(repeats):
-        t = time.perf_counter()
-        pooled = encode_prompts_pooled(qlip.pipe, [prompt])[2]
-        t_text.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        qlip.set_bits([prompt], pooled=pooled)
-        t_bits.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        generate(qlip.pipe, [prompt], [0], steps=steps, progress=False)
-        t_gen.append(time.perf_counter() - t)
-    bits, gen = statistics.median(t_bits), statistics.median(t_gen)
-    return {"t2q_q2b_s": bits, "generation_s": gen, "ratio": bits / gen,
-            "text_encoder_shared": qlip.shares_text_encoder, "shared_text_pass_s": statistics.median(t_text)}
-
-
-def paper_scale_q2b_bytes(steps: int = 25) -> dict:
-    """Q2B storage for BK-SDM-Tiny's UNet (meta device), {8,16,32}: compare the paper's 12.1 KB."""
-    from torch import nn
-
-    from pipeline.models import meta_unet
-
-    n = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in meta_unet("bk-sdm-tiny").modules())
-    return {"layers": n, "steps": steps, "bytes": 2 * (2 * n + 2 * n * steps)}
 
 
 # ---------------------------------------------------------------------------
@@ -183,14 +120,14 @@ def main(argv=None) -> None:
         raise SystemExit("pass --t2q runs/x/t2q (train it with `python -m pipeline.fit t2q`), "
                          "or --criterion length|complexity")
     states = ensure_states(a, work)
-    q2b = {"qdiff+QLIP": ensure_q2b(a, work, "qdiff", states["qdiff"], a.criterion, "8,16,32"),
-           "ptqd+QLIP": ensure_q2b(a, work, "ptqd", states["ptqd"], a.criterion, "8,16,32")}
-    methods = {"Q-Diffusion": states["qdiff"], "qdiff+QLIP": q2b["qdiff+QLIP"], "PTQD": states["ptqd"],
-               "ptqd+QLIP": q2b["ptqd+QLIP"]}
+    qlips = {"qdiff+QLIP": ensure_q2b(a, work, "qdiff", states["qdiff"], a.criterion, "8,16,32"),
+             "ptqd+QLIP": ensure_q2b(a, work, "ptqd", states["ptqd"], a.criterion, "8,16,32")}
+    methods = {"Q-Diffusion": states["qdiff"], "qdiff+QLIP": qlips["qdiff+QLIP"], "PTQD": states["ptqd"],
+               "ptqd+QLIP": qlips["ptqd+QLIP"]}
     evals = [ensure_eval(a, work, "main", s, methods) for s in range(a.seeds)]
     ablations = {}
     if not a.no_ablations:
-        for name in ("8-16", "6-8-16-32"):  # labels without commas: they travel in a CLI list
+        for name in ("8-16", "6-8-16-32"):
             ablations[f"QLIP-{name}"] = ensure_q2b(a, work, f"qdiff_{name}", states["qdiff"], a.criterion,
                                                    OPTION_SETS[name])
         for crit in ("t2q", "length", "complexity"):
@@ -198,23 +135,19 @@ def main(argv=None) -> None:
                 ablations[f"QLIP-{crit}"] = ensure_q2b(a, work, f"qdiff_{crit}", states["qdiff"], crit, "8,16,32")
     if ablations:  # seed 0 only (CPU time), beside the main Q-Diffusion rows for reference
         evals.append(ensure_eval(a, work, "ablations", 0, {"Q-Diffusion": states["qdiff"],
-                                                           "qdiff+QLIP": q2b["qdiff+QLIP"], **ablations}))
+                                                           "qdiff+QLIP": qlips["qdiff+QLIP"], **ablations}))
     methods.update(ablations)
 
-    from data.prompts import load_prompts
-    from pipeline.qlip.pipeline import QLIPPipeline
-    from pipeline.qlip.train import spearman
-
-    qlip = QLIPPipeline.from_pretrained(q2b["qdiff+QLIP"], model=a.model)
+    qlip = QLIPPipeline.from_pretrained(qlips["qdiff+QLIP"], model=a.model)
     val = load_prompts("world", limit=a.n, split="val", seed=0)
     q_val = qlip.quality_source.predict(val).float()
     fab_val = qlip.fab_of(qlip.q2b(q_val))
     res = {"args": vars(a), "methods": {k: str(v) for k, v in methods.items()},
            "spearman_q_fab": spearman(q_val, fab_val), "fab_val_batch1": float(fab_val.mean()),
-           "richness": richness_table(qlip), "batch_size_fab": batch_size_effect(qlip, val),
-           "overhead": overhead(qlip, val[0], a.steps),
+           "richness": richness_fab(qlip), "batch_size_fab": batch_size_fab(qlip, val),
+           "overhead": bits_overhead(qlip, val[0], a.steps),
            "memory": {"quality_source_bytes": qlip.quality_source.memory_bytes(),
-                      "q2b_bytes": qlip.q2b.memory_bytes(), "q2b_bk_sdm_tiny": paper_scale_q2b_bytes()}}
+                      "q2b_bytes": qlip.q2b.memory_bytes(), "q2b_bk_sdm_tiny": q2b_bytes_at_scale()}}
     rows = {}
     main_evals = evals[:a.seeds]
     for label in ["FP32", *methods]:
@@ -246,16 +179,14 @@ def main(argv=None) -> None:
 
 
 def write_report(work: Path, res: dict, qlip, val, q_val) -> None:
-    from pipeline.plots import plot_bit_heatmaps, plot_bit_shares, plot_fab_vs_batch_size
-
-    q2b = qlip.q2b
-    tables = q2b(q_val)
-    plot_bit_shares(tables, q2b.layers, q2b.bit_options, work / "bit_shares.png",
+    head = qlip.q2b
+    tables = head(q_val)
+    plot_bit_shares(tables, head.layers, head.bit_options, work / "bit_shares.png",
                     title=f"bit proportion per layer, {len(val)} validation prompts (Fig. S3)")
     order = torch.argsort(q_val)
     picks = {"low": order[len(order) // 10], "median": order[len(order) // 2], "high": order[-len(order) // 10]}
     plot_bit_heatmaps({f"{k} q={float(q_val[i]):.3g} FAB {float(qlip.fab_of(tables[i])):.2f}": tables[i]
-                       for k, i in picks.items()}, q2b.layers, q2b.bit_options, work / "bits_heatmap.png",
+                       for k, i in picks.items()}, head.layers, head.bit_options, work / "bits_heatmap.png",
                       title="bit allocation over layers and steps")
     plot_fab_vs_batch_size(res["batch_size_fab"], work / "fab_vs_batch_size.png", baseline=16.0)
     r, n = res["rows"], res["args"]["seeds"]

@@ -6,6 +6,7 @@ Usage: python benchmarks/quant_overhead.py [--out runs/bench/quant_overhead.json
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -26,8 +27,6 @@ def measure(name: str, make_unet, resolution, repeats: int, softmax_bits: int = 
     softmax_bits 16 (the default) materializes every attention matrix to
     quantize it; 32 leaves the probabilities alone, so attention runs fused
     as in FP and the ratio isolates the cost of the layer quantizers."""
-    import copy
-
     fp_unet = make_unet().eval()
     args, kwargs = unet_example_inputs(fp_unet, batch=2, resolution=resolution, device="cpu")
     g = torch.Generator().manual_seed(0)

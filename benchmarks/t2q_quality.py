@@ -7,8 +7,8 @@ next to the predicted one.
     python benchmarks/t2q_quality.py                              # 2000 world scenes (~1700 prompts)
     python benchmarks/t2q_quality.py --limit 400 --n-reference 200 --measure-scenes 20   # a quick look
 
-Runs `pipeline.fit score` (resumable: an interrupted run continues; a finished
-scored set in --run-dir is reused unless --rescore) and `pipeline.fit t2q` in
+Runs the score stage (resumable: an interrupted run continues; a finished
+scored set in --run-dir is reused unless --rescore) and the t2q stage in
 --run-dir (default runs/bench/t2q_world), prints a table and writes
 runs/bench/t2q_quality.json.
 """
@@ -21,8 +21,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from data.prompts import prompt_seed  # noqa: E402
+from pipeline.api import ScoreConfig, T2QConfig, score, t2q  # noqa: E402
+from pipeline.metrics.inception import inception_features  # noqa: E402
+from pipeline.models import load_pipeline  # noqa: E402
+from pipeline.qlip.scoring import sampling_defaults, scored_set_giqa  # noqa: E402
+from pipeline.sampling import generate  # noqa: E402
+from pipeline.world.richness import richness_series  # noqa: E402
+
+QUIET = {"enable_progress_bar": False}
 
 
 def parse_args(argv=None):
@@ -43,16 +56,6 @@ def parse_args(argv=None):
 
 def measured_richness(run_dir: Path, model: str, n_scenes: int, seed: int = 0) -> list[float]:
     """Mean normalized GIQA of FP images per richness level (same scenes, seeds per caption)."""
-    import numpy as np
-
-    from data.prompts import prompt_seed
-    from pipeline.metrics.inception import inception_features
-    from pipeline.models import load_pipeline
-    from pipeline.qlip.scoring import scored_set_giqa
-    from pipeline.sampling import generate
-    from pipeline.stages.score import sampling_defaults
-    from pipeline.world.richness import richness_series
-
     giqa, normalize = scored_set_giqa(run_dir / "scored")
     steps, guidance = sampling_defaults(model, None, None)
     series = richness_series(n_scenes, seed)
@@ -65,13 +68,8 @@ def measured_richness(run_dir: Path, model: str, n_scenes: int, seed: int = 0) -
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch
-
     torch.set_num_threads(args.threads)
-    from pipeline.fit import main as fit
-
     run = Path(args.run_dir)
-    quiet = ["--trainer.enable_progress_bar", "false"]
     t0 = time.time()
     if args.rescore and run.exists():
         shutil.rmtree(run)
@@ -83,11 +81,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{run / 'scored'} was scored with {({k: made.get(k) for k in want})}, not {want}: "
                              f"pass those flags, --rescore, or another --run-dir")
     else:
-        fit(["score", "--model", args.model, "--limit", str(args.limit), "--split-fractions", args.split_fractions,
-             "--n-reference", str(args.n_reference), "--run-dir", str(run), *quiet])
+        score(ScoreConfig(model=args.model, limit=args.limit, split_fractions=args.split_fractions,
+                          n_reference=args.n_reference, run_dir=str(run)), trainer=QUIET)
     t_score = time.time() - t0
-    fit(["t2q", "--model", args.model, "--run-dir", str(run), "--epochs", str(args.epochs), "--overwrite", "true",
-         *quiet])
+    t2q(T2QConfig(model=args.model, run_dir=str(run), epochs=args.epochs, overwrite=True), trainer=QUIET)
     manifest = json.loads((run / "t2q" / "manifest.json").read_text())
     m, scored = manifest["metrics"], json.loads((run / "scored" / "manifest.json").read_text())["metrics"]
     levels = manifest["richness"]["levels"] if manifest.get("richness") else []

@@ -24,18 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.metrics.cost import fab, layer_stats  # noqa: E402
-from pipeline.models import tiny_pipeline  # noqa: E402
-from pipeline.quant import (  # noqa: E402
-    QuantConfig,
-    act_banks,
-    activation_sensitivity,
-    get_bit_policy,
-    layers_to_keep_high,
-    observing,
-    quantize_unet,
-    set_bit_policy,
-)
+from data.prompts import load_prompts  # noqa: E402
+from pipeline.calibration.analysis import eps_relative_error, mixed_a16, reference_outputs  # noqa: E402
+from pipeline.calibration.data import CalibrationData, collect  # noqa: E402
+from pipeline.calibration.naive import calibrate_naive  # noqa: E402
+from pipeline.calibration.qdiff import calibrate_qdiff  # noqa: E402
+from pipeline.models import load_pipeline, tiny_pipeline  # noqa: E402
+from pipeline.quant import QuantConfig, act_banks, observing, quantize_unet, set_bit_policy  # noqa: E402
 
 TARGET = 0.02
 
@@ -55,45 +50,6 @@ def calibrated(config: QuantConfig, act_init: str = "minmax"):
     return unet
 
 
-def rel_error(unet, inputs, ref) -> float:
-    with torch.no_grad():
-        return float((unet(*inputs).sample - ref).norm() / ref.norm())
-
-
-def mixed_a16(unet, rank_error, held_error, target: float = TARGET) -> dict:
-    """Rank layers by the error their 8-bit activations add alone (on `rank_error`'s inputs), predict the
-    all-A8 error as the root-sum-square of the additions, then keep the fewest top-ranked layers at A16
-    whose predicted error is under 90% of `target`; report that policy's error on `held_error`'s inputs."""
-    set_bit_policy(unet, 8)
-    all8 = rank_error()
-    set_bit_policy(unet, 16)
-    floor = rank_error()
-    sens = activation_sensitivity(unet, rank_error, low=8, high=16)
-    rss = (floor ** 2 + sum(max(e * e - floor * floor, 0.0) for e in sens.values())) ** 0.5
-    high = layers_to_keep_high(sens, floor, 0.9 * target)
-    set_bit_policy(unet, 8)
-    set_bit_policy(unet, {n: 16 for n in high})
-    out = {"all_a8": all8, "a16_everywhere": floor, "rss_prediction": rss, "layers": len(sens),
-           "layers_at_a16": len(high), "held_out_error": held_error(),
-           "fab": fab(layer_stats(unet), get_bit_policy(unet), list(sens))["fab"], "a16_layers": high,
-           "one_layer_at_a8": sens}
-    set_bit_policy(unet, 8)
-    return out
-
-
-def eps_error(unet, calls: list, refs: list) -> float:
-    """Relative noise-prediction error over CFG UNet calls [(step, args)] against FP outputs `refs`."""
-    from pipeline.quant import set_step
-
-    num = den = 0.0
-    with torch.no_grad():
-        for (step, args), r in zip(calls, refs):
-            set_step(unet, step)
-            num += float((unet(*args).sample - r).pow(2).sum())
-            den += float(r.pow(2).sum())
-    return (num / den) ** 0.5
-
-
 def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> tuple[dict[str, float], dict]:
     """W8A8 and neighbours on the embedded world: eps error on held-out FP calibration calls.
 
@@ -101,17 +57,10 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> tuple[di
     sizes per unit, `iters_a` iterations; round-to-nearest weights: AdaRound matters at 4 bits, not 8),
     that recipe with conv_in's input at 16 bits (conv_in sees the raw latent x_t), and with the
     sensitivity-ranked layers at 16 bits (`mixed_a16`, whose full result is returned too)."""
-    from data.prompts import load_prompts
-    from pipeline.calibration.data import CalibrationData, collect
-    from pipeline.calibration.naive import calibrate_naive
-    from pipeline.calibration.qdiff import calibrate_qdiff
-    from pipeline.models import load_pipeline
-
     fp = load_pipeline("embedded")
     collect(fp, load_prompts("world", limit=8, split="test"), work, steps=steps, cali_st=5, guidance=5.0, seed=1)
     held = list(CalibrationData(work, fp, steps=steps).unet_calls())  # refuses data of another model
-    with torch.no_grad():
-        held_refs = [fp.unet(*args).sample for _, args in held]
+    held_refs = reference_outputs(fp.unet, held)
     prompts = load_prompts("world", limit=16, split="train")
 
     rows = {}
@@ -120,7 +69,7 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> tuple[di
         pipe = load_pipeline("embedded")
         calibrate_naive(pipe, QuantConfig(w_bits=w, a_bits=a, n_steps=steps), prompts, steps, 5.0,
                         trainer_kwargs=quiet)
-        rows[f"W{w}A{a}"] = eps_error(pipe.unet, held, held_refs)
+        rows[f"W{w}A{a}"] = eps_relative_error(pipe.unet, held, held_refs)
     cali = work.parent / (work.name + "_train")
     collect(fp, prompts, cali, steps=steps, cali_st=5, guidance=5.0, seed=0)  # reused when present
     pipe = load_pipeline("embedded")
@@ -129,18 +78,18 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> tuple[di
     calibrate_qdiff(pipe.unet, CalibrationData(cali), cali / "partial", iters_w=0, iters_a=iters_a,
                     trainer_kwargs=quiet)
     set_bit_policy(pipe.unet, 8)
-    rows["W8A8, Q-Diffusion activations (L_p + LSQ)"] = eps_error(pipe.unet, held, held_refs)
+    rows["W8A8, Q-Diffusion activations (L_p + LSQ)"] = eps_relative_error(pipe.unet, held, held_refs)
     set_bit_policy(pipe.unet, {"conv_in": 16})
-    rows["W8A8, Q-Diffusion activations, conv_in input at 16 bits"] = eps_error(pipe.unet, held, held_refs)
+    rows["W8A8, Q-Diffusion activations, conv_in input at 16 bits"] = eps_relative_error(pipe.unet, held,
+                                                                                          held_refs)
     # Rank on a few train-prompt calls (one per calibrated step), judge on the held-out test-prompt calls.
     first_per_step = {}
     for step, args in CalibrationData(cali).unet_calls():
         first_per_step.setdefault(step, args)
     rank = list(first_per_step.items())
-    with torch.no_grad():
-        rank_refs = [fp.unet(*args).sample for _, args in rank]
-    mixed = mixed_a16(pipe.unet, lambda: eps_error(pipe.unet, rank, rank_refs),
-                      lambda: eps_error(pipe.unet, held, held_refs))
+    rank_refs = reference_outputs(fp.unet, rank)
+    mixed = mixed_a16(pipe.unet, lambda: eps_relative_error(pipe.unet, rank, rank_refs),
+                      lambda: eps_relative_error(pipe.unet, held, held_refs), TARGET)
     rows["W8A8, Q-Diffusion activations, sensitive layers at A16"] = mixed["held_out_error"]
     return rows, mixed
 
@@ -159,21 +108,21 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/w8a8_error.json")
     ap.add_argument("--embedded", action="store_true", help="also measure the trained embedded world UNet")
     args = ap.parse_args()
-    inputs = random_inputs(123)
-    with torch.no_grad():
-        ref = tiny_pipeline(0).unet(*inputs).sample
+    calls = [(None, random_inputs(123))]  # one UNet call of the tiny UNet, its step left alone
+    refs = reference_outputs(tiny_pipeline(0).unet, calls)
     settings = {"W8A8": (QuantConfig(w_bits=8, a_bits=8), "minmax"),
                 "W8A8, L_p activation ranges": (QuantConfig(w_bits=8, a_bits=8), "lp"),
                 "W8A8, L_p weights + activations": (QuantConfig(w_bits=8, a_bits=8, weight_init="lp"), "lp"),
                 "W16A8": (QuantConfig(w_bits=16, a_bits=8), "minmax"),
                 "W8A16": (QuantConfig(w_bits=8, a_bits=16), "minmax")}
-    rows = {name: rel_error(calibrated(cfg, init), inputs, ref) for name, (cfg, init) in settings.items()}
-    rows["W16A16 (range clipping only)"] = rel_error(calibrated(QuantConfig(w_bits=16, a_bits=16)), inputs, ref)
-    rank_inputs = random_inputs(7)
-    with torch.no_grad():
-        rank_ref = tiny_pipeline(0).unet(*rank_inputs).sample
+    rows = {name: eps_relative_error(calibrated(cfg, init), calls, refs) for name, (cfg, init) in settings.items()}
+    rows["W16A16 (range clipping only)"] = eps_relative_error(calibrated(QuantConfig(w_bits=16, a_bits=16)), calls,
+                                                              refs)
+    rank_calls = [(None, random_inputs(7))]
+    rank_refs = reference_outputs(tiny_pipeline(0).unet, rank_calls)
     unet = calibrated(QuantConfig(w_bits=8, a_bits=8, a_bit_options=[8, 16]))
-    mixed = mixed_a16(unet, lambda: rel_error(unet, rank_inputs, rank_ref), lambda: rel_error(unet, inputs, ref))
+    mixed = mixed_a16(unet, lambda: eps_relative_error(unet, rank_calls, rank_refs),
+                      lambda: eps_relative_error(unet, calls, refs), TARGET)
     rows["W8A8, sensitive layers at A16"] = mixed["held_out_error"]
     print("| setting | UNet output rel. error |\n|---|---|")
     for name, err in rows.items():

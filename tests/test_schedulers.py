@@ -96,13 +96,14 @@ def test_quantized_unet_sees_each_step_once_per_noise_level_under_pndm():
         set_schedule(pipe.unet, pipe.scheduler.timesteps)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_quantized_stages_run_on_a_family_folder(tmp_path, family):
-    """calibrate (qdiff, time-aware) and generate from a diffusers folder with the family's own scheduler."""
+@pytest.mark.parametrize("family,method", [("sd1-pndm", "qdiff"), ("sd2-v", "naive")])
+def test_quantized_stages_run_on_a_family_folder(tmp_path, family, method):
+    """calibrate (time-aware) and generate from a diffusers folder with the family's own scheduler;
+    qdiff on PNDM exercises calibration data and reconstruction under its repeated timestep."""
     model = family_folder(tmp_path, family)
     assert type(load_pipeline(model).scheduler) is type(FAMILIES[family])
     run = tmp_path / "run"
-    state = calibrate(CalibrateConfig(model=model, method="qdiff", w_bits=8, a_bits=8, time_aware=True,
+    state = calibrate(CalibrateConfig(model=model, method=method, w_bits=8, a_bits=8, time_aware=True,
                                       prompts="builtin", cali_n=2, batch_size=2, steps=3, cali_st=2, iters_w=2,
                                       iters_a=1, run_dir=str(run)), trainer={"enable_progress_bar": False})
     out = generate(GenerateConfig(model=model, quant_state=str(state), prompts="builtin", n=2, steps=3,
@@ -138,8 +139,9 @@ def test_w8a8_naive_stays_close_to_fp_on_the_world(tmp_path, name):
 
     if not (EMBEDDED_DIR / "model_index.json").is_file():
         pytest.skip("the embedded world is not shipped")
-    state = calibrate(CalibrateConfig(model=EMBEDDED, method="naive", scheduler=name, prompts="world", cali_n=8,
-                                      steps=20, run_dir=str(tmp_path)), trainer={"enable_progress_bar": False})
+    state = calibrate(CalibrateConfig(model=EMBEDDED, method="naive", scheduler=name, prompts="world", cali_n=4,
+                                      batch_size=4, steps=20, run_dir=str(tmp_path)),
+                      trainer={"enable_progress_bar": False})
     pipe = load_pipeline(EMBEDDED, scheduler=name)
     prompts = ["a red circle on a blue background", "a large striped green triangle on the left",
                "two yellow squares on a black background", "a small dotted white star"]
