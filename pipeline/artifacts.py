@@ -115,7 +115,9 @@ def check_progress(path: str | Path, signature: dict, what: str) -> dict | None:
     record = json.loads(path.read_text())
     old = record.get("signature", {})
     signature = jsonable(signature)
-    diff = sorted(k for k in set(signature) | set(old) if old.get(k) != signature.get(k))
+    # settings both runs have but set differently first: they are what a user changed
+    changed = sorted(k for k in set(signature) & set(old) if old[k] != signature[k])
+    diff = changed + sorted(k for k in set(signature) ^ set(old))
     if diff:
         shown = "; ".join(f"{k}: {old.get(k)!r:.40} (now {signature.get(k)!r:.40})" for k in diff[:3])
         raise RunDirError(f"{path.parent} holds {what} of other settings ({shown}); pass --overwrite true to "

@@ -238,7 +238,7 @@ def test_score_stage_under_ddp_matches_one_process(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Starting with 2 processes" in res.stdout + res.stderr
+    assert "MEMBER: 2/2" in res.stdout + res.stderr  # both processes joined the process group
     one, two = read_scored(tmp_path / "one" / "scored"), read_scored(tmp_path / "two" / "scored")
     assert [(r["prompt"], r["seed"], r["image"]) for r in one] == [(r["prompt"], r["seed"], r["image"]) for r in two]
     np.testing.assert_allclose([r["score_raw"] for r in two], [r["score_raw"] for r in one], rtol=1e-4, atol=1e-3)
