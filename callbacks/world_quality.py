@@ -28,7 +28,6 @@ class WorldQualityMonitor(L.Callback):
         self._judge = None
 
     def _setup(self):
-
         self._judge = train_attribute_classifier()
         _, self.shapes, self.colours, scenes = render_single_objects(self.n, seed=self.seed, split="test")
         self.prompts = [world.recaption(s, self.richness) for s in scenes]
@@ -36,7 +35,6 @@ class WorldQualityMonitor(L.Callback):
     @torch.no_grad()
     def measure(self, pl_module) -> dict:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
-
 
         with torch.random.fork_rng():
             if self._judge is None:

@@ -174,7 +174,6 @@ def read_source(source: str, n_world: int | None = None, world_split: str = "tra
     if kind == "builtin":
         return list(BUILTIN)
     if kind == "world":
-
         split = rest or world_split
         out = []
         for i in range(n_world or DEFAULT_WORLD_N):  # make_scene's captions, without rendering the images

@@ -185,7 +185,6 @@ class PromptDataModule(L.LightningDataModule):
         splits = assign_splits(prompts, self.fractions, self.limit, self.salt)
         kept = [p for s in SPLITS for p in splits[s]]
         if self.tokenizer is None:
-
             self.tokenizer = clip_tokenizer()
         count_truncated(kept, self.tokenizer, stats)
         stats.n_kept = len(kept)

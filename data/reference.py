@@ -30,7 +30,6 @@ class ReferenceImages(Dataset):
                 raise ValueError(f"--n-reference {n} must be >= 1 for world renders")
             self.files, self.n = None, n
         else:
-
             if not Path(spec).is_dir():
                 raise FileNotFoundError(f"reference image folder {spec} does not exist; pass a folder of real "
                                         f"images (e.g. COCO photos) or 'world' for the embedded world's renders")
@@ -46,9 +45,7 @@ class ReferenceImages(Dataset):
     def __getitem__(self, k: int) -> dict:
         idx = list(range(k * self.shard_size, min((k + 1) * self.shard_size, self.n)))
         if self.files is None:
-
             images, _ = render_split(WORLD_SPLIT, len(idx), self.seed + 1, check_resolution(self.side), start=idx[0])
         else:
-
             images = np.stack([load_square(self.files[i], self.side) for i in idx])
         return {"kind": "reference", "shard": k, "indices": idx, "images": images}

@@ -34,7 +34,6 @@ def cali_step_indices(steps: int, cali_st: int) -> list[int]:
 
 
 def data_signature(pipe, steps: int, guidance: float, resolution: int) -> dict:
-
     pipe.scheduler.set_timesteps(steps)
     fp = model_fingerprint(pipe.unet)
     return {"weights_sha256": fp["weights_sha256"], "unet_class": type(pipe.unet).__name__,

@@ -67,7 +67,6 @@ def calibrate_naive(pipe, qcfg, prompts, steps: int, guidance: float, batch_size
     """Quantize `pipe.unet` with `qcfg` and calibrate it on FP trajectories of `prompts`."""
     from torch.utils.data import DataLoader
 
-
     quantize_unet(pipe.unet, qcfg)
     module = NaiveCalibration(pipe, steps, guidance, qcfg.act_init, seed)
     loader = DataLoader(list(zip(prompts, range(len(prompts)))), batch_size=batch_size, shuffle=False)

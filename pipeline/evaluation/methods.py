@@ -59,7 +59,6 @@ class EvalMethod:
         self.label = label
 
     def load(self, model: str, load: dict | None = None):
-
         return load_pipeline(model, **(load or {}))
 
     def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -96,7 +95,6 @@ class StaticQuantState(EvalMethod):
     is_reference = False
 
     def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
-
         self.path = Path(path)
         self.meta = meta or read_meta(self.path)
         cfg = self.meta["quant_config"]
@@ -114,19 +112,15 @@ class StaticQuantState(EvalMethod):
                              f"{steps}; evaluate with --steps {self.n_steps}")
 
     def load(self, model: str, load: dict | None = None):
-
         return load_quantized_pipeline(model, self.path, **(load or {}))  # PTQD states with their correction
 
     def policy(self, pipe) -> torch.Tensor:
-
         return get_bit_policy(pipe.unet)
 
     def policy_layers(self, pipe) -> list[str]:
-
         return list(quant_layers(pipe.unet))
 
     def weight_bits(self, pipe) -> dict[str, int]:
-
         return {n: m.w_quant.n_bits for n, m in quant_layers(pipe.unet).items()}
 
     def bit_options(self) -> str:
@@ -146,7 +140,6 @@ class QLIPMethod(StaticQuantState):
     by T2Q -> Q2B (docs/q2b.md). Label: "<base method>+QLIP"."""
 
     def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
-
         self.q2b_path = Path(path)
         self.q2b = load_q2b(self.q2b_path)
         state = follow_link(self.q2b_path, self.q2b.meta["quant_state"])
@@ -158,7 +151,6 @@ class QLIPMethod(StaticQuantState):
         self.qlip = None
 
     def load(self, model: str, load: dict | None = None):
-
         self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, load=load)
         return self.qlip.pipe
 

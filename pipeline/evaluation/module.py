@@ -80,7 +80,6 @@ class MethodEvaluation(L.LightningModule):
 
     # -- setup ----------------------------------------------------------------
     def on_predict_start(self) -> None:
-
         s = self.settings
         with torch.inference_mode(False):  # quantizer state loaded here must stay a normal tensor
             self.pipe = self.method.load(self.model_name, self.load_options)
@@ -107,13 +106,11 @@ class MethodEvaluation(L.LightningModule):
                 if self.shared.real_features.shape[0]:
                     m["fid_real"].update(features=self.shared.real_features, real=True)
             if s.clip_path:
-
                 m["clip"] = clip_score_metric(s.clip_path)
             self.split_metrics[split.name] = m
         self.split_metrics.to(self.device)
 
     def _load_real_features(self, side: int) -> None:
-
         files = list_images(self.settings.real_images)
         mine = files[self.trainer.global_rank::self.trainer.world_size]
         backbone = shared_backbone().to(self.device)
@@ -124,7 +121,6 @@ class MethodEvaluation(L.LightningModule):
 
     # -- one batch --------------------------------------------------------------
     def predict_step(self, batch, batch_idx):
-
         s = self.settings
         split, idx, prompts, seeds = batch["split"], batch["indices"], batch["prompts"], batch["seeds"]
         m = self.split_metrics[split]

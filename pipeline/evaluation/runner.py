@@ -35,7 +35,6 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
         if settings.sfid:
             check_enough_images(s.n_images, feature_dims("spatial", settings.sfid_grid), "sFID", where)
     if settings.real_images:
-
         n_real = len(list_images(settings.real_images))
         check_enough_images(n_real, settings.fid_dims, "FID to real", f"--real-images {settings.real_images}")
     quantized = [m for m in methods if isinstance(m, StaticQuantState)]
@@ -43,7 +42,6 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
         m.check_steps(settings.steps)
     if quantized:
         if fp_unet is None:
-
             fp_unet = load_pipeline(model, **(load or {})).unet
         for m in quantized:
             try:
@@ -56,7 +54,6 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
                    batch_size: int = 8, trainer_kwargs: dict | None = None, load: dict | None = None) -> dict:
     """Evaluate FP and every method on every split. Returns
     {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "is_global_zero": bool, ...}."""
-
 
     splits = list(splits)
     batches = global_batches(splits, batch_size)

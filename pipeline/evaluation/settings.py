@@ -36,7 +36,6 @@ class EvalSettings:
         return taps
 
     def check(self) -> None:
-
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be >= 1")
         if self.fid_dims not in POOL_DIMS:

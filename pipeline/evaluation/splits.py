@@ -44,7 +44,6 @@ def parse_source(spec: str, default_split: str = "val") -> tuple[str, str]:
 
 
 def load_split(name: str, spec: str, n: int | None, images_per_prompt: int, seed: int) -> Split:
-
     source, split = parse_source(spec)
     prompts = load_prompts(source, limit=n, split=split, seed=seed)
     if n is not None and len(prompts) < n:

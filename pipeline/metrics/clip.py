@@ -33,7 +33,6 @@ class ClipUnavailable(Exception):
 
 
 def world_clip_path() -> Path:
-
     return EMBEDDED_DIR / "clip"
 
 
@@ -90,7 +89,6 @@ def _processor_for(path: Path, model, norm: dict | None = None):
     if (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer is None:
-
         tokenizer = clip_tokenizer(model.config.text_config.max_position_embeddings)
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 

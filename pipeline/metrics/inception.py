@@ -206,7 +206,6 @@ def inception_features(images: np.ndarray, backbone=None, batch: int = 32, desc:
     `desc` shows a progress bar."""
     from tqdm.auto import tqdm
 
-
     if tap not in _TAP_BLOCK:
         raise ValueError(f"unknown Inception tap {tap!r}; choose from {list(_TAP_BLOCK)}")
     backbone = backbone or shared_backbone()

@@ -56,7 +56,6 @@ class QLIPPipeline:
     source and a Q2B module; `__call__` generates with text-aware bits."""
 
     def __init__(self, pipe, q2b, quality, steps: int | None = None, guidance: float = 5.0):
-
         q2b.check_unet(pipe.unet)
         self.pipe, self.q2b, self.quality_source = pipe, q2b, quality
         self.steps = steps or q2b.n_steps
@@ -87,7 +86,6 @@ class QLIPPipeline:
         return cls(pipe, q2b, quality, meta["steps"], meta["guidance"])
 
     def fab_of(self, tables: torch.Tensor) -> torch.Tensor:
-
         return weighted_fab(torch.as_tensor(tables, dtype=torch.float64), self.fab_w)
 
     @torch.no_grad()

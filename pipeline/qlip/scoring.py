@@ -50,7 +50,6 @@ class FPFeatures(L.LightningModule):
         self.written = 0
 
     def on_predict_start(self) -> None:
-
         if self.pipe is not None:
             self.pipe.to(self.device)
             self.pipe.set_progress_bar_config(disable=True)
@@ -61,7 +60,6 @@ class FPFeatures(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         from PIL import Image
         from safetensors.torch import save_file
-
 
         path = self.out / SHARDS / f"{shard_name(batch)}.safetensors"
         if path.is_file():
@@ -98,7 +96,6 @@ def scored_set_giqa(scored_dir: str | Path):
     """(GIQA refitted on the set's stored reference features, its Normalizer):
     scores new images on the same scale as the scored set."""
     from safetensors.torch import load_file
-
 
     d = Path(scored_dir)
     metrics = json.loads((d / "manifest.json").read_text())["metrics"]

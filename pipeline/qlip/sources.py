@@ -40,7 +40,6 @@ class ImageComplexity:
         self.pipe, self.steps, self.guidance = fp_pipe, steps, guidance
 
     def predict(self, prompts: Sequence[str]) -> torch.Tensor:
-
         images = generate(self.pipe, list(prompts), [0] * len(prompts), steps=self.steps, guidance=self.guidance,
                           progress=False)
         return image_complexity(images)

@@ -56,7 +56,6 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
     CLIPTextModelWithProjection folder) when given, else from the embedded world."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-
     if clip:
         path = Path(clip)
         if not (path / "config.json").is_file():

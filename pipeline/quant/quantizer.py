@@ -128,7 +128,6 @@ class WeightQuantizer(nn.Module):
 
     # -- AdaRound -----------------------------------------------------------
     def start_learning_rounding(self, weight: torch.Tensor) -> nn.Parameter:
-
         if self.rounding != "adaround":
             raise ValueError("this weight quantizer rounds to nearest; build it with rounding='adaround'")
         self.alpha = nn.Parameter(init_alpha(weight.detach(), self.scale))
@@ -150,7 +149,6 @@ class WeightQuantizer(nn.Module):
         if self.rounding == "nearest":
             return fake_quantize(w, self.scale, self.zero_point, self.n_bits)
         if self.alpha is not None:
-
             offset = rectified_sigmoid(self.alpha)
         else:
             offset = self.round_up.to(w.dtype)

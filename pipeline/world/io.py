@@ -77,7 +77,6 @@ def write_tokenizer_files(tok_dir: Path) -> None:
     """vocab.json + merges.txt (the real CLIP BPE) in place of tokenizer.json; checks the round trip."""
     from transformers import CLIPTokenizer
 
-
     write_clip_tokenizer_files(tok_dir)
     (Path(tok_dir) / "tokenizer.json").unlink(missing_ok=True)
     probe = "a large striped red circle on the left on a gray background"
@@ -94,7 +93,6 @@ def load_world_clip(path: str | Path | None = None):
     """The world's CLIPModel: text tower from text_encoder/, the rest from clip/. Returns (model, info)."""
     from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPModel
-
 
     root = Path(path or EMBEDDED_DIR)
     cfg_path, w_path, te_path = root / "clip" / "config.json", root / "clip" / "model.safetensors", \
