@@ -12,7 +12,9 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cache
 
+import diffusers
 import lightning as L
+import transformers
 
 from pipeline.models import default_model
 
@@ -53,7 +55,10 @@ def is_global_zero() -> bool:
 @cache
 def quiet_lightning() -> None:
     """Once per process: Lightning's banners ("GPU available", tips, seed lines) off: a stage builds
-    many internal Trainers and each would print them."""
+    many internal Trainers and each would print them. Also the model loaders' per-component bars
+    (diffusers, transformers): the stage's own bars show its progress."""
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed",
                  "lightning.pytorch.utilities.seed"):

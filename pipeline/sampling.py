@@ -102,6 +102,15 @@ def initial_latents(pipe, seeds: Sequence[int] | None = None, resolution: int | 
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
+def check_own_sampler(pipe, what: str) -> None:
+    """Refuse, before any work, a pipeline the project's own sampler (`denoise`,
+    `encode_prompts`) cannot drive yet: SDXL-style UNets with added conditioning."""
+    if getattr(pipe.unet.config, "addition_embed_type", None):
+        raise ValueError(f"{what} needs the project's own sampler, which does not yet pass SDXL's added "
+                         f"conditioning (pooled text embeddings, time ids); on this model use --method naive "
+                         f"(calibrate) and generate")
+
+
 def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor, steps: int, guidance: float,
             stop: int | None = None, on_unet_input: Callable | None = None, unet=None,
             generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
@@ -115,8 +124,7 @@ def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tenso
     from) draw a stochastic sampler's per-step noise, so every model consumes
     the same noise. SD 1.x/2.x-style UNets (no added conditioning)."""
     unet = unet or pipe.unet
-    if getattr(unet.config, "addition_embed_type", None):
-        raise NotImplementedError("denoise() drives SD 1.x/2.x UNets; SDXL's added conditioning is not wired in")
+    check_own_sampler(pipe, "denoise()")
     sched = pipe.scheduler
     sched.set_timesteps(steps)
     if getattr(unet, "quant_config", None) is not None:

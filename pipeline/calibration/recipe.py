@@ -20,6 +20,7 @@ from pipeline.calibration.ptqd import ptqd_statistics
 from pipeline.calibration.qdiff import calibrate_qdiff
 from pipeline.engine import is_global_zero
 from pipeline.quant import QuantConfig, check_bits, quantize_unet
+from pipeline.sampling import check_own_sampler
 
 METHODS = ("naive", "qdiff", "ptqd")  # ptqd = qdiff + PTQD noise correction
 LEARNED = ("qdiff", "ptqd")
@@ -54,6 +55,8 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
 
     Returns (extra tensors for the state, e.g. PTQD's statistics; metrics).
     `signature` (model id, prompts) ties resumable progress to this run."""
+    if method != "naive" or progressive:
+        check_own_sampler(pipe, f"--method {method}" + (" --progressive true" if progressive else ""))
     t0 = time.time()
     extra_tensors, metrics = {}, {}
     if method == "naive":

@@ -22,6 +22,7 @@ from pipeline.qlip.sources import CRITERIA
 from pipeline.qlip.train import fit_q2b, spearman, training_items
 from pipeline.quant import quant_layers
 from pipeline.quant.config import parse_bits
+from pipeline.sampling import check_own_sampler
 
 RELAXATIONS = ("gumbel", "ste")
 
@@ -57,6 +58,7 @@ def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, promp
     """Steps 1 and 2 on the FP `pipe` (quantized in place). Returns (q2b, training module, q_train, q_val, fab_w).
 
     `callbacks(q_train)` makes the Lightning callbacks of the Q2B Trainer (the stage attaches them)."""
+    check_own_sampler(pipe, "q2b")
     q_train = source.predict(prompts).float().cpu()
     q_val = source.predict(val).float().cpu() if val else torch.zeros(0)
     collect(pipe, prompts, cali_dir, steps=steps, cali_st=steps, guidance=guidance, batch_size=batch_size,
