@@ -72,8 +72,9 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
     out = Path(cfg.run_dir) / ARTIFACTS["t2q"]
     if is_global_zero():
         prepare_artifact(cfg.run_dir, ARTIFACTS["t2q"], cfg.overwrite)
-    L.seed_everything(cfg.seed, verbose=False)
-    module = T2QModule(load_text_tower(cfg.model, cfg.clip), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tower = load_text_tower(cfg.model, cfg.clip)
+    L.seed_everything(cfg.seed, verbose=False)  # after the tower: the head's init is what the seed fixes
+    module = T2QModule(tower, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fitter = make_trainer(trainer, progress=True, forced={"max_epochs": cfg.epochs},
                           defaults={"log_every_n_steps": 1, "logger": CSVLogger(str(out), name="logs", version="")})
     fitter.fit(module, datamodule=dm)
