@@ -53,10 +53,10 @@ def is_global_zero() -> bool:
 
 
 @cache
-def quiet_lightning() -> None:
-    """Once per process: Lightning's banners ("GPU available", tips, seed lines) off: a stage builds
-    many internal Trainers and each would print them. Also the model loaders' per-component bars
-    (diffusers, transformers): the stage's own bars show its progress."""
+def quiet_libraries() -> None:
+    """Once per process, the libraries' noise off: Lightning's banners ("GPU available", tips,
+    seed lines; a stage builds many internal Trainers and each would print them) and the model
+    loaders' per-component bars (diffusers, transformers); the stage's own bars show its progress."""
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
@@ -75,7 +75,7 @@ def make_trainer(trainer: dict | None = None, *, defaults: dict | None = None, f
     model summary; a progress bar only where this Trainer is the stage's main
     loop), then the user's `trainer` flags (None values ignored), then what the
     stage's loop cannot work without (`forced`)."""
-    quiet_lightning()
+    quiet_libraries()
     kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
               "enable_progress_bar": progress, **(defaults or {})}
     kwargs.update({k: v for k, v in (trainer or {}).items() if v is not None})

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import lightning
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from pipeline.engine import quiet_lightning
+from pipeline.engine import quiet_libraries
 from pipeline.errors import USER_ERRORS, UserError
 
 
@@ -122,7 +122,7 @@ def main(argv=None):
     args.pop("config", None)
     trainer = args.pop("trainer", None)
     cfg = config_class(stage)(**args)
-    quiet_lightning()
+    quiet_libraries()
     fn = getattr(importlib.import_module(stage.module), stage.function)
     if stage.trainer:
         return fn(cfg, trainer={k: v for k, v in vars(trainer).items() if v is not None})

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.quant import call_steps, set_schedule
+from pipeline.quant import call_steps, first_calls, set_schedule
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, steps: int = 20,
@@ -129,7 +129,7 @@ def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tenso
     sched.set_timesteps(steps)
     if getattr(unet, "quant_config", None) is not None:
         set_schedule(unet, sched.timesteps)
-    step_of = call_steps(sched.timesteps)
+    step_of, firsts = call_steps(sched.timesteps), set(first_calls(sched.timesteps))
     device = cond.device
     x = latents.to(device) * sched.init_noise_sigma
     emb = torch.cat([uncond, cond])
@@ -141,7 +141,7 @@ def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tenso
             if i >= stop:
                 break
             model_in = sched.scale_model_input(torch.cat([x, x]), t)
-            if on_unet_input is not None and (k == 0 or step_of[k - 1] != i):
+            if on_unet_input is not None and k in firsts:
                 on_unet_input(i, model_in[: len(x)], t)
             eps_u, eps_c = unet(model_in, t, encoder_hidden_states=emb).sample.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.quant import call_steps
+from pipeline.quant import first_calls
 from pipeline.quant.state import model_fingerprint
 from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators
 
@@ -118,8 +118,7 @@ class CalibrationData:
             check_signature(self.meta, want, self.path)
         self.steps = self.meta["cali_steps"]
         calls = self.meta["signature"]["timesteps"]  # one per UNet call; a step's first call is its input
-        mapping = call_steps(calls)
-        self.timesteps = [calls[mapping.index(i)] for i in range(mapping[-1] + 1)]
+        self.timesteps = [calls[k] for k in first_calls(calls)]
         missing = [b for b in range(self.meta["n_shards"])
                    if not (self.path / f"x_{b:05d}_{self.steps[-1]:03d}.safetensors").is_file()]
         if missing:

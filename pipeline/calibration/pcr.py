@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import check_progress, jsonable, write_json_atomic
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
-from pipeline.quant import act_banks, call_steps, get_bit_policy, set_bit_policy, set_quant_state
+from pipeline.quant import act_banks, first_calls, get_bit_policy, set_bit_policy, set_quant_state
 from pipeline.quant.state import assign_quantizer_tensors, model_fingerprint, quantizer_state
 from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators
 
@@ -78,7 +78,7 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
             gens = noise_generators(seeds)  # the same noise on every rerun of the trajectory
             x = denoise(pipe, cond, uncond, initial_latents(pipe, resolution=resolution, generators=gens), steps,
                         guidance, stop=i, generators=gens)
-            t = pipe.scheduler.timesteps[call_steps(pipe.scheduler.timesteps).index(i)]  # step i's first call
+            t = pipe.scheduler.timesteps[first_calls(pipe.scheduler.timesteps)[i]]
             calls.append((pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t, torch.cat([uncond, cond])))
         if iters_a > 0:
             per_step = max(1, iters_a // steps)

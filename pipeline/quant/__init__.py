@@ -7,6 +7,7 @@ from pipeline.quant.policy import (
     activation_sensitivity,
     bit_mixture,
     call_steps,
+    first_calls,
     get_bit_policy,
     layers_to_keep_high,
     observing,
@@ -22,7 +23,7 @@ from pipeline.quant.wrap import quantize_unet, skip_concat_splits
 
 __all__ = [
     "ActQuantBank", "QuantAttnProcessor", "QuantConfig", "QuantContext", "QuantLayer", "SUPPORTED_BITS",
-    "WeightQuantizer", "act_banks", "activation_sensitivity", "bit_mixture", "call_steps", "check_bits",
+    "WeightQuantizer", "act_banks", "activation_sensitivity", "bit_mixture", "call_steps", "check_bits", "first_calls",
     "fake_quantize", "get_bit_policy", "layers_to_keep_high", "load_quantized", "observing", "quant_layers",
     "quantize_unet", "save_quantized", "set_bit_policy", "set_quant_state", "set_schedule", "set_step",
     "skip_concat_splits",

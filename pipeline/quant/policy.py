@@ -134,6 +134,12 @@ def call_steps(timesteps: Sequence) -> list[int]:
     return steps
 
 
+def first_calls(timesteps: Sequence) -> list[int]:
+    """Per step, the index of its first UNet call (whose input and timestep stand for the step)."""
+    mapping = call_steps(timesteps)
+    return [k for k, s in enumerate(mapping) if k == 0 or mapping[k - 1] != s]
+
+
 def set_schedule(unet: nn.Module, timesteps: Sequence) -> None:
     """Register the sampler's timesteps (after `scheduler.set_timesteps`): the UNet's
     calls are then counted and call k runs as step `call_steps(timesteps)[k]`; the
