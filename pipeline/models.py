@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = REPO_ROOT / "checkpoints"
 EMBEDDED_DIR = CHECKPOINTS / "tiny-world"
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_SDXL = "tiny-random-sdxl"
 EMBEDDED = "embedded"
 
 
@@ -146,6 +147,56 @@ def tiny_pipeline(seed: int = 0):
     return pipe
 
 
+# SDXL's shape in miniature: two text encoders whose last-but-one hidden states are
+# concatenated (cross_attention_dim = 32 + 32), and added conditioning of the second
+# encoder's projected pooled embedding plus six time ids (6 * 8 + 32 = 80 inputs).
+TINY_SDXL_TEXT_CONFIG = dict(TINY_TEXT_CONFIG, hidden_size=32, intermediate_size=64, projection_dim=32)
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16,
+    transformer_layers_per_block=(1, 1), addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+)
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
+SDXL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    interpolation_type="linear", prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+    use_karras_sigmas=False,
+)
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline of tiny, seeded random components (SDXL's own Euler scheduler)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT_CONFIG))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_CONFIG))
+    vae = AutoencoderKL(**TINY_VAE_CONFIG, scaling_factor=0.13025)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(), unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def is_sdxl(pipe) -> bool:
+    """SDXL-style: the UNet reads added conditioning (pooled text embedding + time ids)."""
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def pooled_text_encoder(pipe) -> tuple:
+    """(tokenizer, text encoder) whose pooled output T2Q reads: SDXL's second encoder (the
+    one whose projected pooled embedding its UNet reads), else the only one."""
+    if is_sdxl(pipe):
+        return pipe.tokenizer_2, pipe.text_encoder_2
+    return pipe.tokenizer, pipe.text_encoder
+
+
 # ---------------------------------------------------------------------------
 # Loading by name, local path or hub id.
 # ---------------------------------------------------------------------------
@@ -237,8 +288,8 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
                   scheduler: str | None = None, allow_pickle: bool = False):
     """Load a text-to-image pipeline from a name, a local folder or a hub id.
 
-    `model` is "embedded" (the shipped tiny world), "tiny-random" (seeded random
-    tiny pipeline), a local diffusers folder, or a hub id already in the local
+    `model` is "embedded" (the shipped tiny world), "tiny-random" / "tiny-random-sdxl"
+    (seeded random tiny SD / SDXL pipelines), a local diffusers folder, or a hub id already in the local
     Hugging Face cache (pass `allow_download=True` to fetch it). `scheduler`
     swaps the model's scheduler (SCHEDULERS). Weights load from safetensors
     only: a folder with pickle-only (.bin) weights is refused unless
@@ -246,6 +297,8 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
     model = model or default_model()
     if model == TINY_RANDOM:
         return set_scheduler(tiny_pipeline(seed), scheduler)
+    if model == TINY_RANDOM_SDXL:
+        return set_scheduler(tiny_sdxl_pipeline(seed), scheduler)
     if model == EMBEDDED:
         if not (EMBEDDED_DIR / "model_index.json").is_file():
             raise ModelNotFoundError(
@@ -271,8 +324,8 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
             ) from e
     else:
         raise ModelNotFoundError(
-            f"unknown model {model!r}: pass {EMBEDDED!r}, {TINY_RANDOM!r}, a local diffusers folder, "
-            f"or a hub id such as nota-ai/bk-sdm-tiny"
+            f"unknown model {model!r}: pass {EMBEDDED!r}, {TINY_RANDOM!r}, {TINY_RANDOM_SDXL!r}, a local diffusers "
+            f"folder, or a hub id such as nota-ai/bk-sdm-tiny"
         )
     pipe.set_progress_bar_config(disable=True)
     return set_scheduler(pipe, scheduler)

@@ -11,32 +11,95 @@ noise on any device, in any batch, for the FP and every quantized model."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.models import is_sdxl
 from pipeline.quant import call_steps, first_calls, set_schedule
+
+
+@dataclass
+class Conditioning:
+    """The text conditioning of N prompts, for CFG UNet calls on the batch [uncond; cond].
+
+    SD 1.x/2.x: the text encoder's hidden states. SDXL adds, per row, the second
+    encoder's projected pooled embedding (`text_embeds`) and six time ids
+    (original size, crop corner, target size). `pooled` is what T2Q reads: the
+    pooled (final-LN EOS) state of the text encoder that carries the pooled
+    embedding, before any projection (SD: text_encoder; SDXL: text_encoder_2)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    pooled: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    uncond_text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_embeds is not None
+
+    def unet_kwargs(self) -> dict:
+        """The CFG UNet call's text arguments, rows [uncond; cond]."""
+        kw = {"encoder_hidden_states": torch.cat([self.uncond, self.cond])}
+        if self.is_sdxl:
+            kw["added_cond_kwargs"] = {"text_embeds": torch.cat([self.uncond_text_embeds, self.text_embeds]),
+                                       "time_ids": torch.cat([self.time_ids, self.time_ids])}
+        return kw
+
+    def pipeline_kwargs(self) -> dict:
+        """The same embeddings as the pipeline `__call__`'s precomputed-embedding arguments."""
+        kw = {"prompt_embeds": self.cond, "negative_prompt_embeds": self.uncond}
+        if self.is_sdxl:  # the pipeline derives the same time ids from height/width
+            kw.update(pooled_prompt_embeds=self.text_embeds, negative_pooled_prompt_embeds=self.uncond_text_embeds)
+        return kw
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """For a safetensors shard (CPU, contiguous; absent parts left out)."""
+        return {k: v.detach().contiguous().cpu() for k, v in vars(self).items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Conditioning":
+        return cls(**{k: tensors.get(k) for k in ("cond", "uncond", "pooled", "text_embeds", "uncond_text_embeds",
+                                                  "time_ids")})
+
+    def rows(self, rows: slice) -> "Conditioning":
+        return Conditioning(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+
+
+def unet_call(sample: torch.Tensor, t, text: Conditioning, device="cpu") -> dict:
+    """The keyword arguments of one CFG UNet call, `unet(**unet_call(...))`, on `device`."""
+    t = t.to(device) if torch.is_tensor(t) else torch.tensor(t, device=device)
+    return {"sample": sample.to(device), "timestep": t, **text.to(device).unet_kwargs()}
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, steps: int = 20,
              guidance: float = 5.0, batch_size: int = 8, resolution: int | None = None,
-             on_step: Callable | None = None, progress: bool = True,
-             prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None, eta: float = 0.0) -> np.ndarray:
+             on_step: Callable | None = None, progress: bool = True, text: Conditioning | None = None,
+             eta: float = 0.0) -> np.ndarray:
     """Images as uint8 [N, H, W, 3]; prompt i always uses seed seeds[i]. `eta`: DDIM's noise (0: deterministic).
 
-    `prompt_embeds` = (cond, uncond) rows of the prompts, already encoded (e.g. by
-    `encode_prompts_pooled`): the pipeline then skips its own text-encoder pass."""
+    `text`: the prompts already encoded (`encode_prompts`); the pipeline then skips its
+    own text-encoder pass."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to generate: the prompt list is empty")
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    if prompt_embeds is not None and not len(prompt_embeds[0]) == len(prompt_embeds[1]) == len(prompts):
-        raise ValueError(f"prompt_embeds hold {len(prompt_embeds[0])} / {len(prompt_embeds[1])} rows for "
-                         f"{len(prompts)} prompts; encode exactly these prompts")
+    if text is not None and len(text) != len(prompts):
+        raise ValueError(f"the text conditioning holds {len(text)} rows for {len(prompts)} prompts; "
+                         f"encode exactly these prompts")
     unet = pipe.unet
     quantized = getattr(unet, "quant_config", None) is not None
     if quantized:
@@ -52,30 +115,24 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, s
         kwargs = {"generator": gens, "eta": eta}  # the same generators then draw each step's noise
         if on_step is not None:
             kwargs["callback_on_step_end"] = on_step
-        if prompt_embeds is not None:
-            kwargs["prompt_embeds"] = prompt_embeds[0][i:i + batch_size]
-            kwargs["negative_prompt_embeds"] = prompt_embeds[1][i:i + batch_size]
+        if text is not None:
+            kwargs.update(text.rows(slice(i, i + batch_size)).pipeline_kwargs())
         with torch.no_grad():
-            images = pipe(None if prompt_embeds is not None else chunk, num_inference_steps=steps,
+            images = pipe(None if text is not None else chunk, num_inference_steps=steps,
                           guidance_scale=guidance, latents=latents, height=side, width=side, output_type="np",
                           **kwargs).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
 
-def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditional, unconditional) text embeddings, as the pipeline computes them."""
+def encode_prompts(pipe, prompts: Sequence[str], resolution: int | None = None) -> Conditioning:
+    """The prompts' CFG text conditioning, as the pipeline computes it, plus the pooled
+    embedding T2Q reads, from one text-encoder pass. `resolution` (pixels, default the
+    model's) sets SDXL's time ids (original and target size, crop at the corner: the
+    pipeline's defaults)."""
     device = pipe.unet.device if pipe.unet.device.type != "meta" else "cpu"
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True, negative_prompt=None)
-    return cond, uncond
-
-
-def encode_prompts_pooled(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(conditional, unconditional, pooled) from one text-encoder pass over the prompts: the
-    pipeline's embeddings plus the pooled output (final-LN EOS state) that T2Q reads, so QLIP's
-    quality prediction needs no CLIP pass of its own. SD 1.x/2.x-style pipelines (one text encoder)."""
-    device = pipe.unet.device if pipe.unet.device.type != "meta" else "cpu"
+    if is_sdxl(pipe):
+        return _encode_sdxl(pipe, list(prompts), device, resolution)
     tok, enc = pipe.tokenizer, pipe.text_encoder
     text = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt")
@@ -83,7 +140,23 @@ def encode_prompts_pooled(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, t
     with torch.no_grad():
         out = enc(text.input_ids.to(device), attention_mask=mask)
         cond, uncond = pipe.encode_prompt(None, device, 1, True, prompt_embeds=out.last_hidden_state)
-    return cond, uncond, out.pooler_output
+    return Conditioning(cond, uncond, pooled=out.pooler_output)
+
+
+def _encode_sdxl(pipe, prompts: list[str], device, resolution: int | None) -> Conditioning:
+    pooled = []  # the input of text_encoder_2's projection: the prompts' pre-projection pooled state
+    hook = pipe.text_encoder_2.text_projection.register_forward_pre_hook(lambda m, args: pooled.append(args[0]))
+    try:
+        with torch.no_grad():
+            cond, uncond, text_embeds, uncond_text_embeds = pipe.encode_prompt(
+                prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    finally:
+        hook.remove()
+    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # (original H, W, crop top, left, target H, W): what the pipeline's __call__ passes by default
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=cond.dtype, device=device).repeat(len(cond), 1)
+    return Conditioning(cond, uncond, pooled=pooled[0], text_embeds=text_embeds,
+                        uncond_text_embeds=uncond_text_embeds, time_ids=time_ids)
 
 
 def noise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -103,15 +176,19 @@ def initial_latents(pipe, seeds: Sequence[int] | None = None, resolution: int | 
 
 
 def check_own_sampler(pipe, what: str) -> None:
-    """Refuse, before any work, a pipeline the project's own sampler (`denoise`,
-    `encode_prompts`) cannot drive yet: SDXL-style UNets with added conditioning."""
-    if getattr(pipe.unet.config, "addition_embed_type", None):
-        raise ValueError(f"{what} needs the project's own sampler, which does not yet pass SDXL's added "
-                         f"conditioning (pooled text embeddings, time ids); on this model use --method naive "
-                         f"(calibrate) and generate")
+    """Refuse, before any work, a UNet whose added conditioning the project's own sampler
+    (`encode_prompts`, `denoise`) does not pass: it knows none (SD 1.x/2.x) and SDXL's text_time."""
+    kind = getattr(pipe.unet.config, "addition_embed_type", None)
+    if kind not in (None, "text_time"):
+        raise ValueError(f"{what} needs the project's own sampler, which passes no added conditioning of type "
+                         f"{kind!r} (it knows SD 1.x/2.x UNets and SDXL's 'text_time'); on this model use "
+                         f"--method naive (calibrate) and generate, which run the pipeline's own __call__")
+    if kind == "text_time" and getattr(pipe, "text_encoder_2", None) is None:
+        raise ValueError(f"{what}: the UNet reads SDXL's added conditioning but the pipeline has no text_encoder_2 "
+                         f"(a refiner-style pipeline); load a base SDXL folder")
 
 
-def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor, steps: int, guidance: float,
+def denoise(pipe, text: Conditioning, latents: torch.Tensor, steps: int, guidance: float,
             stop: int | None = None, on_unet_input: Callable | None = None, unet=None,
             generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """The pipeline's classifier-free-guidance sampling loop, call by call.
@@ -122,17 +199,16 @@ def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tenso
     conditional-half) input of the first call of each step i. `unet` overrides
     pipe.unet. `generators` (one per row, e.g. the ones `initial_latents` drew
     from) draw a stochastic sampler's per-step noise, so every model consumes
-    the same noise. SD 1.x/2.x-style UNets (no added conditioning)."""
+    the same noise. `text` from `encode_prompts` (SDXL's added conditioning included)."""
     unet = unet or pipe.unet
-    check_own_sampler(pipe, "denoise()")
     sched = pipe.scheduler
     sched.set_timesteps(steps)
     if getattr(unet, "quant_config", None) is not None:
         set_schedule(unet, sched.timesteps)
     step_of, firsts = call_steps(sched.timesteps), set(first_calls(sched.timesteps))
-    device = cond.device
+    device = text.cond.device
     x = latents.to(device) * sched.init_noise_sigma
-    emb = torch.cat([uncond, cond])
+    text_kwargs = text.unet_kwargs()
     stop = steps if stop is None else stop
     extra = {"generator": list(generators)} if generators is not None and _takes_generator(sched) else {}
     with torch.no_grad():
@@ -143,7 +219,7 @@ def denoise(pipe, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tenso
             model_in = sched.scale_model_input(torch.cat([x, x]), t)
             if on_unet_input is not None and k in firsts:
                 on_unet_input(i, model_in[: len(x)], t)
-            eps_u, eps_c = unet(model_in, t, encoder_hidden_states=emb).sample.chunk(2)
+            eps_u, eps_c = unet(model_in, t, **text_kwargs).sample.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
             x = sched.step(eps, t, x, **extra).prev_sample
     return x

@@ -339,24 +339,26 @@ def test_end_to_end_through_t2q(tmp_path):
 
     # The T2Q reads the world's own text encoder: one text pass serves quality and generation.
     from pipeline.models import tiny_pipeline
-    from pipeline.sampling import encode_prompts, encode_prompts_pooled, generate
+    from pipeline.sampling import encode_prompts, generate
 
     assert qlip.shares_text_encoder
     assert not t2q.load_t2q(tmp_path / "t2q").reads_same_text_as(tiny_pipeline(0).tokenizer,
                                                                   tiny_pipeline(0).text_encoder)
-    cond, uncond, pooled = encode_prompts_pooled(qlip.pipe, prompts)
-    ref_cond, ref_uncond = encode_prompts(qlip.pipe, prompts)
+    text = encode_prompts(qlip.pipe, prompts)
+    cond, uncond, pooled = text.cond, text.uncond, text.pooled
+    with torch.no_grad():  # the pipeline's own encoding
+        ref_cond, ref_uncond = qlip.pipe.encode_prompt(prompts, "cpu", 1, True)
     assert torch.equal(cond, ref_cond) and torch.equal(uncond, ref_uncond)
     assert torch.allclose(pooled, qlip.quality_source.encode(prompts, cache=False), atol=1e-5)
     assert torch.allclose(torch.tensor(qlip.set_bits(prompts, pooled=pooled)["q"]), q, atol=1e-6)
-    shared = generate(qlip.pipe, prompts[:1], [3], steps=STEPS, progress=False, prompt_embeds=(cond[:1], uncond[:1]))
+    shared = generate(qlip.pipe, prompts[:1], [3], steps=STEPS, progress=False, text=text.rows(slice(0, 1)))
     assert np.array_equal(shared, generate(qlip.pipe, prompts[:1], [3], steps=STEPS, progress=False))
     from pipeline.evaluation.methods import method_from_state  # evaluation shares the pass the same way
 
     method = method_from_state(tmp_path / "q2b")
     eval_pipe = method.load("embedded")
     embeds = method.before_batch(eval_pipe, prompts)
-    assert embeds is not None and torch.equal(embeds[0], ref_cond) and torch.equal(embeds[1], ref_uncond)
+    assert embeds is not None and torch.equal(embeds.cond, ref_cond) and torch.equal(embeds.uncond, ref_uncond)
     assert torch.equal(get_bit_policy(eval_pipe.unet), record["policy"].to(torch.int16))
 
 

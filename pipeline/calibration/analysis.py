@@ -15,21 +15,21 @@ from pipeline.quant import activation_sensitivity, get_bit_policy, layers_to_kee
 
 @torch.no_grad()
 def reference_outputs(unet, calls: Iterable) -> list[torch.Tensor]:
-    """The UNet's noise predictions on `calls` [(step, args)] (e.g. `CalibrationData.unet_calls()`), kept as
+    """The UNet's noise predictions on `calls` [(step, kwargs)] (e.g. `CalibrationData.unet_calls()`), kept as
     the references of `eps_relative_error` (run it on the FP UNet)."""
-    return [unet(*args).sample for _, args in calls]
+    return [unet(**call).sample for _, call in calls]
 
 
 def eps_relative_error(unet, calls: Iterable, refs: Sequence[torch.Tensor]) -> float:
-    """||eps - eps_ref|| / ||eps_ref|| over all UNet calls [(step, args)] together, against `refs`; a step of
+    """||eps - eps_ref|| / ||eps_ref|| over all UNet calls [(step, kwargs)] together, against `refs`; a step of
     None leaves the UNet's step alone (an FP or single-step UNet). Output hooks (PTQD) apply. One number for
     the whole set, unlike the per-sample squared `pipeline.qlip.train.relative_error`."""
     num = den = 0.0
     with torch.no_grad():
-        for (step, args), ref in zip(calls, refs):
+        for (step, call), ref in zip(calls, refs):
             if step is not None:
                 set_step(unet, step)
-            num += float((unet(*args).sample - ref).pow(2).sum())
+            num += float((unet(**call).sample - ref).pow(2).sum())
             den += float(ref.pow(2).sum())
     return (num / den) ** 0.5
 

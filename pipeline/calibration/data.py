@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline.quant import first_calls
 from pipeline.quant.state import model_fingerprint
-from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators
+from pipeline.sampling import Conditioning, denoise, encode_prompts, initial_latents, noise_generators, unet_call
 
 META = "meta.json"
 
@@ -84,9 +84,8 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
             if not (out / f"x_{b:05d}_{indices[-1]:03d}.safetensors").is_file()]
     for b in tqdm(todo, desc="calibration data", leave=False):
         chunk = prompts[b * batch_size:(b + 1) * batch_size]
-        cond, uncond = encode_prompts(pipe, chunk)
-        save_file({"cond": cond.contiguous().cpu(), "uncond": uncond.contiguous().cpu()},
-                  str(out / f"emb_{b:05d}.safetensors"))
+        text = encode_prompts(pipe, chunk, resolution)
+        save_file(text.tensors(), str(out / f"emb_{b:05d}.safetensors"))
         seeds = [seed * 1_000_003 + b * batch_size + j for j in range(len(chunk))]
         records = {}
 
@@ -95,7 +94,7 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
                 records[i] = x.detach().cpu().contiguous()
 
         gens = noise_generators(seeds)  # initial latents, then a stochastic sampler's step noise
-        denoise(pipe, cond, uncond, initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance,
+        denoise(pipe, text, initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance,
                 stop=indices[-1] + 1, on_unet_input=record, generators=gens)
         for i in indices:  # the last index is written last: its presence marks a finished shard
             save_file({"x": records[i]}, str(out / f"x_{b:05d}_{i:03d}.safetensors"))
@@ -126,15 +125,15 @@ class CalibrationData:
                              f"run the collection again to resume it")
 
     def batches(self, step_index: int | None = None):
-        """Yield (step index, x_t, t, cond, uncond) per shard and step."""
+        """Yield (step index, x_t, t, text Conditioning) per shard and step."""
         for b in range(self.meta["n_shards"]):
-            emb = load_file(str(self.path / f"emb_{b:05d}.safetensors"))
+            text = Conditioning.from_tensors(load_file(str(self.path / f"emb_{b:05d}.safetensors")))
             for i in self.steps if step_index is None else [step_index]:
                 x = load_file(str(self.path / f"x_{b:05d}_{i:03d}.safetensors"))["x"]
-                yield i, x, self.timesteps[i], emb["cond"], emb["uncond"]
+                yield i, x, self.timesteps[i], text
 
     def unet_calls(self, step_index: int | None = None, device="cpu"):
-        """Yield (step index, args) of CFG UNet calls: (cat([x, x]), t, cat([uncond, cond]))."""
-        for i, x, t, cond, uncond in self.batches(step_index):
-            yield i, (torch.cat([x, x]).to(device), torch.tensor(t, device=device),
-                      torch.cat([uncond, cond]).to(device))
+        """Yield (step index, kwargs) of CFG UNet calls, `unet(**kwargs)`: sample cat([x, x]),
+        timestep t and the text arguments of rows [uncond; cond] (SDXL's added conditioning included)."""
+        for i, x, t, text in self.batches(step_index):
+            yield i, unet_call(torch.cat([x, x]), t, text, device)

@@ -19,20 +19,27 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import check_progress, jsonable, write_json_atomic
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
+from pipeline.models import is_sdxl
 from pipeline.quant import act_banks, first_calls, get_bit_policy, set_bit_policy, set_quant_state
 from pipeline.quant.state import assign_quantizer_tensors, model_fingerprint, quantizer_state
-from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators
+from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators, unet_call
 
 
 class _StepCalls:
     """The CFG UNet calls of one sampling step, in CalibrationData's `unet_calls` form."""
 
-    def __init__(self, step: int, calls: list[tuple]):
+    def __init__(self, step: int, calls: list[dict]):
         self.step, self.calls = step, calls
 
     def unet_calls(self, device="cpu"):
-        for x, t, emb in self.calls:
-            yield self.step, (x.to(device), t.to(device) if torch.is_tensor(t) else t, emb.to(device))
+        for call in self.calls:
+            yield self.step, {k: _to(v, device) for k, v in call.items()}
+
+
+def _to(value, device):
+    if isinstance(value, dict):  # SDXL's added_cond_kwargs
+        return {k: _to(v, device) for k, v in value.items()}
+    return value.to(device) if torch.is_tensor(value) else value
 
 
 def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int = 0, batch_size: int = 8,
@@ -66,20 +73,19 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
     batches = []
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b:b + batch_size]
-        cond, uncond = encode_prompts(pipe, chunk)
         seeds = [seed * 1_000_003 + b + j for j in range(len(chunk))]
-        batches.append((cond, uncond, seeds))
+        batches.append((encode_prompts(pipe, chunk, resolution), seeds))
     for i in tqdm(range(done, steps), desc="progressive", initial=done, total=steps, leave=False):
         for bank in banks.values():
             bank.observing = False
         set_quant_state(unet, True, True)
         calls = []
-        for cond, uncond, seeds in batches:  # steps 0..i-1 run quantized (slots already calibrated)
+        for text, seeds in batches:  # steps 0..i-1 run quantized (slots already calibrated)
             gens = noise_generators(seeds)  # the same noise on every rerun of the trajectory
-            x = denoise(pipe, cond, uncond, initial_latents(pipe, resolution=resolution, generators=gens), steps,
+            x = denoise(pipe, text, initial_latents(pipe, resolution=resolution, generators=gens), steps,
                         guidance, stop=i, generators=gens)
             t = pipe.scheduler.timesteps[first_calls(pipe.scheduler.timesteps)[i]]
-            calls.append((pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t, torch.cat([uncond, cond])))
+            calls.append(unet_call(pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t, text, x.device))
         if iters_a > 0:
             per_step = max(1, iters_a // steps)
             for name, unit in reconstruction_units(unet).items():
@@ -91,8 +97,8 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
             unet.quant_context.timesteps = []
             unet.quant_context.step = i
             with torch.no_grad():
-                for args in calls:
-                    unet(*args)
+                for call in calls:
+                    unet(**call)
             for bank in banks.values():
                 bank.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates, slots=[i])
         if is_rank_zero:
@@ -130,6 +136,11 @@ def _save_progress(unet, partial_dir, done: int, signature: dict) -> None:
     tmp.replace(d / "progressive.safetensors")
     # written last: a kill leaves the previous step's record
     write_json_atomic(d / "progressive.json", {"done": done, "signature": jsonable(signature)})
+
+
+def default_relax_end(pipe) -> str:
+    """PCR (Sec. 3.3): SD is sensitive to fidelity loss near x_0, SDXL to text-image matching near x_T."""
+    return "xT" if is_sdxl(pipe) else "x0"
 
 
 def relaxed_steps(n_steps: int, tau: float, end: str = "x0") -> list[int]:

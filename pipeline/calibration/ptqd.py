@@ -18,13 +18,13 @@ def ptqd_statistics(unet, data, device="cpu") -> dict[str, torch.Tensor]:
     steps = list(data.steps)
     acc = {s: {"xy": 0.0, "xx": 0.0, "d": [], "e": []} for s in steps}
     with torch.no_grad():
-        for step, args in data.unet_calls(device=device):
+        for step, call in data.unet_calls(device=device):
             unet.quant_context.timesteps = []
             unet.quant_context.step = step
             set_quant_state(unet, False, False)
-            eps_fp = unet(*args).sample
+            eps_fp = unet(**call).sample
             set_quant_state(unet, True, True)
-            eps_q = unet(*args).sample
+            eps_q = unet(**call).sample
             a = acc[step]
             a["d"].append((eps_q - eps_fp).cpu())
             a["e"].append(eps_fp.cpu())

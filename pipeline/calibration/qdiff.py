@@ -24,11 +24,11 @@ def capture_unit_io(unet, unit, data, device="cpu") -> list[dict]:
     """FP inputs and outputs of `unit` over every calibration UNet call."""
     set_quant_state(unet, weight=False, act=False)
     with BlockIO(unit) as io, torch.no_grad():
-        for step, args in data.unet_calls(device=device):
+        for step, call in data.unet_calls(device=device):
             io.set_step(step)
             unet.quant_context.timesteps = []
             unet.quant_context.step = step
-            unet(*args)
+            unet(**call)
     return io.items
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.calibration.data import CalibrationData, collect
 from pipeline.calibration.naive import calibrate_naive
-from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive, relaxed_steps
+from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive, default_relax_end, relaxed_steps
 from pipeline.calibration.ptqd import ptqd_statistics
 from pipeline.calibration.qdiff import calibrate_qdiff
 from pipeline.engine import is_global_zero
@@ -28,13 +28,13 @@ LEARNED = ("qdiff", "ptqd")
 
 def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: list[int] | None, steps: int,
                      time_aware: bool, bos_aware: bool, softmax_bits: int, act_init: str, weight_init: str,
-                     relax_tau: float = 0.0, relax_bits: int = 10, relax_end: str = "x0") -> QuantConfig:
+                     relax_tau: float = 0.0, relax_bits: int = 10, relax_end: str | None = None) -> QuantConfig:
     """The QuantConfig a method calibrates (validates every bit option first)."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not available; choose one of {METHODS}")
     options = a_bit_options or [a_bits]
     if relax_tau:
-        relaxed_steps(steps, relax_tau, relax_end)  # validates tau and end
+        relaxed_steps(steps, relax_tau, relax_end or "x0")  # validates tau and end (None: the model's)
         check_bits(relax_bits, "relax_bits")
         options = sorted(set(options) | {relax_bits})  # the relaxed steps need their own quantizers
     learned = method in LEARNED
@@ -49,12 +49,13 @@ def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: li
 
 def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str], *, steps: int, guidance: float,
                        batch_size: int, seed: int, cali_st: int, iters_w: int, iters_a: int, progressive: bool,
-                       relax_tau: float, relax_bits: int, relax_end: str, cali_dir: str | Path,
+                       relax_tau: float, relax_bits: int, relax_end: str | None, cali_dir: str | Path,
                        partial_dir: str | Path, trainer: dict | None, signature: dict) -> tuple[dict, dict]:
     """Quantize `pipe.unet` with `qcfg` and calibrate it by `method`.
 
     Returns (extra tensors for the state, e.g. PTQD's statistics; metrics).
-    `signature` (model id, prompts) ties resumable progress to this run."""
+    `signature` (model id, prompts) ties resumable progress to this run. `relax_end`
+    None: the model family's (`default_relax_end`)."""
     if method != "naive" or progressive:
         check_own_sampler(pipe, f"--method {method}" + (" --progressive true" if progressive else ""))
     t0 = time.time()
@@ -79,6 +80,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
         if method == "ptqd":
             extra_tensors = ptqd_statistics(pipe.unet, data)
     if relax_tau:
-        metrics["relaxed_steps"] = apply_relaxing(pipe.unet, relax_tau, relax_bits, relax_end)
+        metrics["relax_end"] = relax_end or default_relax_end(pipe)
+        metrics["relaxed_steps"] = apply_relaxing(pipe.unet, relax_tau, relax_bits, metrics["relax_end"])
     metrics["calibration_seconds"] = time.time() - t0
     return extra_tensors, metrics

@@ -5,7 +5,7 @@ every prompt batch (`before_batch`): a static PTQ state keeps the policy it
 was calibrated with; a text-aware method (QLIP: T2Q -> Q2B) computes one from
 the batch's prompts. The evaluation reads the policy in force after
 `before_batch` for FAB and BitOPs, so a dynamic method is accounted per batch.
-`before_batch` may return the batch's (cond, uncond) text embeddings when it
+`before_batch` may return the batch's text conditioning (`encode_prompts`) when it
 already encoded the prompts (QLIP's T2Q reads that pass): generation reuses them.
 
 A quantized state folder names its kind in quant_config.json
@@ -31,6 +31,7 @@ from pipeline.qlip.pipeline import QLIPPipeline
 from pipeline.qlip.q2b import Q2B_FORMAT, follow_link, load_q2b
 from pipeline.quant import get_bit_policy, quant_layers
 from pipeline.quant.state import check_same_model, read_meta
+from pipeline.sampling import Conditioning
 
 METHOD_KINDS: dict[str, type] = {}
 
@@ -61,7 +62,7 @@ class EvalMethod:
     def load(self, model: str, load: dict | None = None):
         return load_pipeline(model, **(load or {}))
 
-    def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def before_batch(self, pipe, prompts: Sequence[str]) -> Conditioning | None:
         """Set the bit policy for this prompt batch (no-op for static methods); return the
         prompts' (cond, uncond) embeddings if this already encoded them, else None."""
         return None
@@ -154,7 +155,7 @@ class QLIPMethod(StaticQuantState):
         self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, load=load)
         return self.qlip.pipe
 
-    def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def before_batch(self, pipe, prompts: Sequence[str]) -> Conditioning | None:
         return self.qlip.prepare_batch(prompts)[1]  # `pipe` is self.qlip.pipe (from `load`)
 
     def bit_options(self) -> str:

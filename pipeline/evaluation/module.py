@@ -129,7 +129,7 @@ class MethodEvaluation(L.LightningModule):
         embeds = self.method.before_batch(self.pipe, prompts)
         policy = self.method.policy(self.pipe)
         images = generate(self.pipe, prompts, seeds, steps=s.steps, guidance=s.guidance, batch_size=n,
-                          resolution=s.resolution, progress=False, prompt_embeds=embeds)
+                          resolution=s.resolution, progress=False, text=embeds)
         t1 = time.perf_counter()
         m["fab"].update(policy, n)
         m["bitops"].update(policy, n)

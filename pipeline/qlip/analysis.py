@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.models import meta_unet
-from pipeline.sampling import encode_prompts_pooled, generate
+from pipeline.sampling import encode_prompts, generate
 from pipeline.world.richness import richness_series
 
 
@@ -50,7 +50,7 @@ def bits_overhead(qlip, prompt: str, steps: int, repeats: int = 5) -> dict:
     generate(qlip.pipe, [prompt], [0], steps=steps, progress=False)  # warm-up
     for _ in range(repeats):
         t = time.perf_counter()
-        pooled = encode_prompts_pooled(qlip.pipe, [prompt])[2]
+        pooled = encode_prompts(qlip.pipe, [prompt]).pooled
         t_text.append(time.perf_counter() - t)
         t = time.perf_counter()
         qlip.set_bits([prompt], pooled=pooled)

@@ -23,12 +23,12 @@ from safetensors.torch import save_file
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
-from pipeline.models import load_pipeline, load_quantized_pipeline
+from pipeline.models import load_pipeline, load_quantized_pipeline, pooled_text_encoder
 from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
 from pipeline.qlip.q2b import follow_link, load_q2b
 from pipeline.qlip.sources import quality_source
 from pipeline.quant import set_bit_policy
-from pipeline.sampling import encode_prompts_pooled, generate
+from pipeline.sampling import Conditioning, encode_prompts, generate
 
 # ---------------------------------------------------------------------------
 # Quality sources: anything with predict(prompts) -> [N] tensor and memory_bytes()
@@ -61,10 +61,10 @@ class QLIPPipeline:
         self.steps = steps or q2b.n_steps
         self.guidance = guidance
         self.fab_w = fab_weights(layer_stats(pipe.unet), q2b.layers)
-        # T2Q on the pipeline's own text encoder (SD: its CLIP text model) reads the pooled output of
-        # the pass generation makes anyway: quality prediction then costs only the small head.
+        # T2Q on the pipeline's own text encoder (SD: its CLIP text model; SDXL: text_encoder_2) reads the
+        # pooled output of the pass generation makes anyway: quality prediction then costs only the small head.
         self.shares_text_encoder = hasattr(quality, "reads_same_text_as") and \
-            quality.reads_same_text_as(pipe.tokenizer, pipe.text_encoder)
+            quality.reads_same_text_as(*pooled_text_encoder(pipe))
 
     @classmethod
     def from_pretrained(cls, q2b_path: str | Path, model: str | None = None, quant_state: str | None = None,
@@ -91,7 +91,7 @@ class QLIPPipeline:
     @torch.no_grad()
     def set_bits(self, prompts: Sequence[str], pooled: torch.Tensor | None = None) -> dict:
         """Predict quality, decide bits, and put the batch's policy in force. `pooled`: the
-        prompts' pooled text embeddings from `encode_prompts_pooled`, used when the quality
+        prompts' pooled text embeddings (`encode_prompts(...).pooled`), used when the quality
         source shares the pipeline's text encoder (else it encodes the prompts itself)."""
 
         if pooled is not None and self.shares_text_encoder:
@@ -105,15 +105,15 @@ class QLIPPipeline:
         return {"prompts": list(prompts), "q": q.tolist(), "prompt_fab": self.fab_of(tables).tolist(),
                 "fab": float(self.fab_of(policy)), "shares": shares, "policy": policy}
 
-    def prepare_batch(self, prompts: Sequence[str]) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+    def prepare_batch(self, prompts: Sequence[str]) -> tuple[dict, Conditioning | None]:
         """`set_bits` for a batch, through one text-encoder pass when the quality source shares the
-        pipeline's encoder; returns the record and the (cond, uncond) embeddings generation should
+        pipeline's encoder; returns the record and the text conditioning generation should
         reuse (None: generation encodes the prompts itself)."""
 
         if not self.shares_text_encoder:
             return self.set_bits(prompts), None
-        cond, uncond, pooled = encode_prompts_pooled(self.pipe, prompts)
-        return self.set_bits(prompts, pooled=pooled), (cond, uncond)
+        text = encode_prompts(self.pipe, prompts)
+        return self.set_bits(prompts, pooled=text.pooled), text
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, batch_size: int = 1,
                  guidance: float | None = None, progress: bool = True, on_batch=None) -> QLIPOutput:
@@ -128,7 +128,7 @@ class QLIPPipeline:
                 on_batch(len(batches), record)
             images.append(generate(self.pipe, record["prompts"], record["seeds"], steps=self.steps,
                                    guidance=self.guidance if guidance is None else guidance,
-                                   batch_size=batch_size, progress=False, prompt_embeds=embeds))
+                                   batch_size=batch_size, progress=False, text=embeds))
             batches.append(record)
         quality = torch.tensor([q for b in batches for q in b["q"]])
         return QLIPOutput(np.concatenate(images), quality, batches)

@@ -8,8 +8,10 @@ trained with MSE against the GIQA score of the FP image normalized to [0, 1]
 over the training split (data/scored.py). The tower and the projection must
 come from one CLIP (a projection means nothing on another tower): on the
 embedded world the tower is the pipeline's text_encoder and the projection the
-world CLIP's `text_projection`; for real SD models, whose text encoder has no
-projection, both come from a CLIPTextModelWithProjection folder (`clip=`).
+world CLIP's `text_projection`; on SDXL both are its second text encoder's (a
+CLIPTextModelWithProjection: the pooled embedding SDXL's UNet reads); for SD
+1.x/2.x models, whose text encoder has no projection, both come from a
+CLIPTextModelWithProjection folder (`clip=`).
 
     t2q = load_t2q("runs/x/t2q", model="embedded")
     q = t2q.predict(["a red circle"])        # tensor [N] in [0, 1]
@@ -53,7 +55,8 @@ class TextTower:
 
 def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTower:
     """The frozen tower + projection T2Q reads: from `clip` (a local
-    CLIPTextModelWithProjection folder) when given, else from the embedded world."""
+    CLIPTextModelWithProjection folder) when given, else the model's own: an SDXL
+    folder's text_encoder_2, or the embedded world's text encoder and CLIP."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if clip:
@@ -66,6 +69,13 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
         tower = getattr(full, "text_model", full)  # the transformer alone: its pooler_output is the EOS state
         return TextTower(tower, tok, full.text_projection, {"model": model, "clip": str(path)})
     root = EMBEDDED_DIR if model == EMBEDDED else Path(model)
+    second = root / "text_encoder_2"
+    if (second / "config.json").is_file() and not (root / "clip" / "config.json").is_file():
+        # SDXL: its second encoder is a CLIPTextModelWithProjection whose projected pooled embedding
+        # the UNet reads; T2Q reads the same pooled state through the same projection
+        full = CLIPTextModelWithProjection.from_pretrained(str(second))
+        tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"))
+        return TextTower(full.text_model, tok, full.text_projection, {"model": model, "clip": None})
     if not (root / "clip" / "config.json").is_file():
         raise ModelNotFoundError(
             f"model {model!r} has no CLIP text projection ({root / 'clip'} is missing; SD text encoders have "

@@ -40,11 +40,17 @@ from pipeline.engine import make_trainer
 from pipeline.metrics.cost import weighted_fab
 from pipeline.qlip.q2b import Q2BModule, check_target_fab
 from pipeline.quant import bit_mixture, get_bit_policy, set_bit_policy, set_quant_state, set_step
+from pipeline.sampling import Conditioning
 
 
-def guided_eps(unet, x, t, cond, uncond, guidance: float) -> torch.Tensor:
-    eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+def guided_eps(unet, x, t, text: Conditioning, guidance: float) -> torch.Tensor:
+    eps_u, eps_c = unet(torch.cat([x, x]), t, **text.unet_kwargs()).sample.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
+
+
+def item_text(item: dict) -> Conditioning:
+    """The text conditioning stored flat in a training item (DataLoader-friendly tensors)."""
+    return Conditioning.from_tensors(item)
 
 
 def relative_error(eps: torch.Tensor, eps_fp: torch.Tensor) -> torch.Tensor:
@@ -66,12 +72,13 @@ def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict
         raise ValueError(f"Q2B needs calibration data at every step; {data.path} lacks steps {missing[:5]} "
                          f"(collect it with cali_st = steps)")
     items = []
-    for k, (step, x, t, cond, uncond) in enumerate(data.batches()):
+    for k, (step, x, t, text) in enumerate(data.batches()):
         b = k // len(data.steps)
-        x, cond, uncond = x.to(device), cond.to(device), uncond.to(device)
+        x, text = x.to(device), text.to(device)
         t = torch.tensor(t, device=device)
-        eps_fp = guided_eps(unet, x, t, cond, uncond, guidance)
-        items.append({"step": step, "x": x, "t": t, "cond": cond, "uncond": uncond,
+        eps_fp = guided_eps(unet, x, t, text, guidance)
+        text.pooled = None  # T2Q's input: not needed by the UNet
+        items.append({"step": step, "x": x, "t": t, **{n: v for n, v in vars(text).items() if v is not None},
                       "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp})
     return items
 
@@ -86,7 +93,7 @@ def reference_distortion(unet, items: list[dict], bits: int, guidance: float, n:
     d = []
     for it in picks:
         set_step(unet, it["step"])
-        d.append(relative_error(guided_eps(unet, it["x"], it["t"], it["cond"], it["uncond"], guidance), it["eps_fp"]))
+        d.append(relative_error(guided_eps(unet, it["x"], it["t"], item_text(it), guidance), it["eps_fp"]))
     set_bit_policy(unet, before)
     return float(torch.cat(d).mean())
 
@@ -129,7 +136,7 @@ class Q2BTraining(L.LightningModule):
         choice = self.q2b.relaxed(q, cols, tau, noise=self.noise)[:, :, 0]  # [n, L, K]
         set_step(self.unet, step)
         with bit_mixture(self.unet, torch.cat([choice, choice]).transpose(0, 1), self.q2b.bit_options):
-            eps = guided_eps(self.unet, batch["x"], batch["t"], batch["cond"], batch["uncond"], self.guidance)
+            eps = guided_eps(self.unet, batch["x"], batch["t"], item_text(batch), self.guidance)
         d = relative_error(eps, batch["eps_fp"])
         dist = (self.weight(q) * d).mean() / self.d_ref
         bits = self.q2b.relaxed(q, cols, tau, noise=False) @ self.q2b.options  # [n, L, 1]

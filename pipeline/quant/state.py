@@ -93,10 +93,16 @@ def check_same_model(meta: dict, unet: nn.Module, path) -> None:
     if diff:
         detail = ", ".join(f"{k}: state {want['unet_config'].get(k)!r} vs model {have['unet_config'].get(k)!r}"
                            for k in sorted(diff)[:4])
-        raise ValueError(f"quantized state {path} belongs to another UNet architecture ({detail})")
+        kinds = [_family(c) for c in (want["unet_config"], have["unet_config"])]
+        family = f"a state of an {kinds[0]} UNet loaded into an {kinds[1]} UNet; " if kinds[0] != kinds[1] else ""
+        raise ValueError(f"quantized state {path} belongs to another UNet architecture ({family}{detail})")
     if want["weights_sha256"] != have["weights_sha256"]:
         raise ValueError(f"quantized state {path} was calibrated on other weights of this architecture "
                          f"(checksum {want['weights_sha256'][:12]} vs {have['weights_sha256'][:12]})")
+
+
+def _family(unet_config: dict) -> str:
+    return "SDXL" if unet_config.get("addition_embed_type") == "text_time" else "SD 1.x/2.x"
 
 
 def load_quantized(unet: nn.Module, path: str | Path, strict_model: bool = True):

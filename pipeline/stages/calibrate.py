@@ -65,8 +65,8 @@ class CalibrateConfig(StageConfig):
     """PCR relaxing: fraction of steps in [0, 1)"""
     relax_bits: int = 10
     """activation bits of the relaxed steps"""
-    relax_end: str = "x0"
-    """x0 (SD-like) | xT (SDXL-like)"""
+    relax_end: str | None = None
+    """x0 | xT: the end whose steps are relaxed (default: the model's, as PCR: x0 for SD, xT for SDXL)"""
     cali_data: str | None = None
     """calibration-data folder (default <run-dir>/cali_data; reused when it matches)"""
 
