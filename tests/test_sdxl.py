@@ -88,9 +88,9 @@ def test_every_stage_runs_on_an_sdxl_folder(sdxl_folder, tmp_path):
     naive = calibrate("naive", method="naive", progressive=True, relax_tau=0.34)
     meta = json.loads((naive / "manifest.json").read_text())["metrics"]
     assert meta["relax_end"] == "xT" and meta["relaxed_steps"] == [0]  # PCR: SDXL relaxes the x_T end
-    _, _, extra = load_quantized(tiny_sdxl_pipeline(0).unet, calibrate("ptqd", method="ptqd"))
+    state = calibrate("run", method="ptqd", a_bit_options="8,16", time_aware=True)  # = qdiff + PTQD's statistics
+    _, _, extra = load_quantized(tiny_sdxl_pipeline(0).unet, state)
     assert extra["ptqd_k"].shape == (3,) and torch.isfinite(extra["ptqd_bias"]).all()
-    state = calibrate("run", method="qdiff", a_bit_options="8,16", time_aware=True)
 
     scored = api.score(api.ScoreConfig(**common, prompts="builtin", steps=3, split_fractions="0.5,0.5,0",
                                        reference=_reference_images(tmp_path / "ref"), gmm_components=2, pca_dim=4,
