@@ -2,6 +2,8 @@
 distortion and the calibration metrics each live in the space docs/calibration.md#prediction-types states,
 on a tiny seeded SD 2.x-style v-prediction model (DDIM, as SD 2.x ships)."""
 import inspect
+import json
+import shutil
 
 import diffusers
 import pytest
@@ -149,6 +151,30 @@ def _hooked_error(unet, stats, fp, pipe):
             pairs.append((unet(*args).sample, v_fp, args))
     handle.remove()
     return _eps_error(pairs), pairs
+
+
+def test_eps_models_are_left_bit_identical():
+    """On an eps model every conversion returns its input itself (the embedded world's figures do not move)."""
+    sched = tiny_pipeline(0).scheduler
+    sched.set_timesteps(STEPS)
+    space, out, x = prediction_space(sched), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert space.identity and space.to_eps(out, x, sched.timesteps[0]) is out
+    assert space.from_eps(out, x, sched.timesteps[0]) is out
+
+
+def test_data_from_before_the_space_was_recorded(v_data, tmp_path):
+    """Without `prediction` in meta.json the space is refused unless the pipeline is given; collecting into
+    the folder again (nothing to redo) records it."""
+    folder = tmp_path / "old"
+    shutil.copytree(v_data.path, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["prediction"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="records no prediction type.*CalibrationData\\(path, pipe\\)"):
+        CalibrationData(folder).space
+    assert CalibrationData(folder, sd2_pipe()).space.to_meta() == v_data.space.to_meta()
+    collect(sd2_pipe(), PROMPTS, folder, steps=STEPS, cali_st=STEPS, guidance=GUIDANCE, batch_size=2)
+    assert CalibrationData(folder).space.to_meta() == v_data.space.to_meta()
 
 
 def test_ptqd_regresses_and_corrects_in_eps_space(v_data, v_quant):

@@ -80,6 +80,8 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
         check_signature(old, sig, out)
         if old["prompts"] != meta["prompts"] or old["cali_steps"] != indices or old["batch_size"] != batch_size:
             raise ValueError(f"{out} holds calibration data of other prompts or steps; use another folder")
+        if "prediction" not in old:  # collected before the space was recorded; the signature matched, so it is this
+            meta_path.write_text(json.dumps({**old, "prediction": meta["prediction"]}, indent=1))
     else:
         meta_path.write_text(json.dumps(meta, indent=1))
     todo = [b for b in (range(n_shards) if shard_ids is None else shard_ids)
