@@ -344,5 +344,5 @@ def quantize_pipeline(pipe, quant_state: str | Path):
 
     _, _, extra = load_quantized(pipe.unet, quant_state)
     if "ptqd_k" in extra:
-        apply_ptqd(pipe.unet, extra)
+        apply_ptqd(pipe.unet, extra, pipe)  # the pipeline's scheduler converts v / x0 outputs to eps and back
     return pipe

@@ -10,26 +10,35 @@ import numpy as np
 import torch
 
 from pipeline.metrics.cost import fab, layer_stats
+from pipeline.prediction import PredictionSpace
 from pipeline.quant import activation_sensitivity, get_bit_policy, layers_to_keep_high, set_bit_policy, set_step
 
 
 @torch.no_grad()
 def reference_outputs(unet, calls: Iterable) -> list[torch.Tensor]:
-    """The UNet's noise predictions on `calls` [(step, kwargs)] (e.g. `CalibrationData.unet_calls()`), kept as
+    """The UNet's raw outputs on `calls` [(step, kwargs)] (e.g. `CalibrationData.unet_calls()`), kept as
     the references of `eps_relative_error` (run it on the FP UNet)."""
     return [unet(**call).sample for _, call in calls]
 
 
-def eps_relative_error(unet, calls: Iterable, refs: Sequence[torch.Tensor]) -> float:
+def eps_relative_error(unet, calls: Iterable, refs: Sequence[torch.Tensor],
+                       space: PredictionSpace | None = None) -> float:
     """||eps - eps_ref|| / ||eps_ref|| over all UNet calls [(step, kwargs)] together, against `refs`; a step of
     None leaves the UNet's step alone (an FP or single-step UNet). Output hooks (PTQD) apply. One number for
-    the whole set, unlike the per-sample squared `pipeline.qlip.train.relative_error`."""
+    the whole set, unlike the per-sample squared `pipeline.qlip.train.relative_error`.
+
+    In eps space when given the UNet's `space` (e.g. `CalibrationData.space`): outputs and references are
+    converted first. Without it, the raw output (eps only on an eps-predicting model)."""
     num = den = 0.0
     with torch.no_grad():
         for (step, call), ref in zip(calls, refs):
             if step is not None:
                 set_step(unet, step)
-            num += float((unet(**call).sample - ref).pow(2).sum())
+            out = unet(**call).sample
+            if space is not None:
+                x_t, t = call["sample"], call["timestep"]
+                out, ref = space.to_eps(out, x_t, t), space.to_eps(ref, x_t, t)
+            num += float((out - ref).pow(2).sum())
             den += float(ref.pow(2).sum())
     return (num / den) ** 0.5
 

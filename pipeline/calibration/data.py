@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.prediction import PredictionSpace, prediction_space
 from pipeline.quant import first_calls
 from pipeline.quant.state import model_fingerprint
 from pipeline.sampling import Conditioning, denoise, encode_prompts, initial_latents, noise_generators, unet_call
@@ -72,12 +73,15 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
     meta_path = out / META
     n_shards = (len(prompts) + batch_size - 1) // batch_size
     meta = {"signature": sig, "cali_steps": indices, "n_prompts": len(prompts), "batch_size": batch_size,
-            "n_shards": n_shards, "seed": seed, "prompts": list(prompts)}
+            "n_shards": n_shards, "seed": seed, "prompts": list(prompts),
+            "prediction": prediction_space(pipe.scheduler).to_meta()}  # refuses an unsupported type up front
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         check_signature(old, sig, out)
         if old["prompts"] != meta["prompts"] or old["cali_steps"] != indices or old["batch_size"] != batch_size:
             raise ValueError(f"{out} holds calibration data of other prompts or steps; use another folder")
+        if "prediction" not in old:  # collected before the space was recorded; the signature matched, so it is this
+            meta_path.write_text(json.dumps({**old, "prediction": meta["prediction"]}, indent=1))
     else:
         meta_path.write_text(json.dumps(meta, indent=1))
     todo = [b for b in (range(n_shards) if shard_ids is None else shard_ids)
@@ -115,6 +119,7 @@ class CalibrationData:
             want = data_signature(pipe, steps or sig["steps"], sig["guidance"] if guidance is None else guidance,
                                   resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
             check_signature(self.meta, want, self.path)
+        self._pipe_space = prediction_space(pipe.scheduler) if pipe is not None else None  # on the signature's schedule
         self.steps = self.meta["cali_steps"]
         calls = self.meta["signature"]["timesteps"]  # one per UNet call; a step's first call is its input
         self.timesteps = [calls[k] for k in first_calls(calls)]
@@ -123,6 +128,17 @@ class CalibrationData:
         if missing:
             raise ValueError(f"calibration data in {self.path} is incomplete (shards {missing[:5]} missing); "
                              f"run the collection again to resume it")
+
+    @property
+    def space(self) -> PredictionSpace:
+        """The UNet's prediction space on this data's schedule (docs/calibration.md#prediction-types)."""
+        if "prediction" in self.meta:
+            return PredictionSpace.from_meta(self.meta["prediction"])
+        if self._pipe_space is None:
+            raise ValueError(f"calibration data in {self.path} records no prediction type (collected before it "
+                             f"was recorded); open it with its pipeline, CalibrationData(path, pipe), or collect "
+                             f"it again")
+        return self._pipe_space
 
     def batches(self, step_index: int | None = None):
         """Yield (step index, x_t, t, text Conditioning) per shard and step."""

@@ -8,7 +8,9 @@ and FP guided noise prediction. One item = one prompt batch at one step (a
 UNet call runs one step).
 
     loss = mean_i w(q_i) D_i / D_ref  +  lam * g  +  rho / 2 * g^2
-    D_i   = ||eps_q - eps_fp||^2 / ||eps_fp||^2 of prompt i's guided noise prediction
+    D_i   = ||eps_q - eps_fp||^2 / ||eps_fp||^2 of prompt i's guided noise prediction, in eps space
+            whatever the UNet predicts (v and x0 outputs are converted, pipeline/prediction.py), so D
+            compares across prediction types
     w(q)  = exp(kappa z(q)), normalized to mean 1 over the training prompts (increasing in q)
     g     = (FAB_t - target) / (max option - min option), FAB_t the batch's FAB at this step
     lam  <- lam + eta * (FAB - target) / range after every step, FAB = the batch's hard FAB
@@ -38,14 +40,18 @@ from torch.utils.data import DataLoader
 
 from pipeline.engine import make_trainer
 from pipeline.metrics.cost import weighted_fab
+from pipeline.prediction import PredictionSpace
 from pipeline.qlip.q2b import Q2BModule, check_target_fab
 from pipeline.quant import bit_mixture, get_bit_policy, set_bit_policy, set_quant_state, set_step
 from pipeline.sampling import Conditioning
 
 
-def guided_eps(unet, x, t, text: Conditioning, guidance: float) -> torch.Tensor:
-    eps_u, eps_c = unet(torch.cat([x, x]), t, **text.unet_kwargs()).sample.chunk(2)
-    return eps_u + guidance * (eps_c - eps_u)
+def guided_eps(unet, x, t, text: Conditioning, guidance: float, space: PredictionSpace | None = None) -> torch.Tensor:
+    """The CFG-guided UNet output at (x, t); with `space`, converted to eps (guidance commutes with the
+    conversion, which is affine in the output with the same x_t term for both branches)."""
+    out_u, out_c = unet(torch.cat([x, x]), t, **text.unet_kwargs()).sample.chunk(2)
+    out = out_u + guidance * (out_c - out_u)
+    return out if space is None else space.to_eps(out, x, t)
 
 
 def item_text(item: dict) -> Conditioning:
@@ -61,8 +67,8 @@ def relative_error(eps: torch.Tensor, eps_fp: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict]:
     """One item per (prompt shard, step) of `data` (a CalibrationData), with the
-    FP guided noise prediction as target. Run it on the *FP* UNet (before the
-    quantized state and any PTQD correction are loaded)."""
+    FP guided noise prediction (in eps space, `data.space`) as target. Run it on
+    the *FP* UNet (before the quantized state and any PTQD correction are loaded)."""
     meta = data.meta
     guidance, bs = float(meta["signature"]["guidance"]), meta["batch_size"]
     if len(quality) != meta["n_prompts"]:
@@ -71,16 +77,23 @@ def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict
     if missing:
         raise ValueError(f"Q2B needs calibration data at every step; {data.path} lacks steps {missing[:5]} "
                          f"(collect it with cali_st = steps)")
+    space = data.space
     items = []
     for k, (step, x, t, text) in enumerate(data.batches()):
         b = k // len(data.steps)
         x, text = x.to(device), text.to(device)
         t = torch.tensor(t, device=device)
-        eps_fp = guided_eps(unet, x, t, text, guidance)
+        eps_fp = guided_eps(unet, x, t, text, guidance, space)
         text.pooled = None  # T2Q's input: not needed by the UNet
         items.append({"step": step, "x": x, "t": t, **{n: v for n, v in vars(text).items() if v is not None},
-                      "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp})
+                      "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp, "space": space})
     return items
+
+
+def item_distortion(unet, item: dict, guidance: float) -> torch.Tensor:
+    """Per-prompt D of one training item under the UNet's current bits, in eps space (the item's `space`)."""
+    eps = guided_eps(unet, item["x"], item["t"], item_text(item), guidance, item.get("space"))
+    return relative_error(eps, item["eps_fp"])
 
 
 @torch.no_grad()
@@ -93,7 +106,7 @@ def reference_distortion(unet, items: list[dict], bits: int, guidance: float, n:
     d = []
     for it in picks:
         set_step(unet, it["step"])
-        d.append(relative_error(guided_eps(unet, it["x"], it["t"], item_text(it), guidance), it["eps_fp"]))
+        d.append(item_distortion(unet, it, guidance))
     set_bit_policy(unet, before)
     return float(torch.cat(d).mean())
 
@@ -136,8 +149,7 @@ class Q2BTraining(L.LightningModule):
         choice = self.q2b.relaxed(q, cols, tau, noise=self.noise)[:, :, 0]  # [n, L, K]
         set_step(self.unet, step)
         with bit_mixture(self.unet, torch.cat([choice, choice]).transpose(0, 1), self.q2b.bit_options):
-            eps = guided_eps(self.unet, batch["x"], batch["t"], item_text(batch), self.guidance)
-        d = relative_error(eps, batch["eps_fp"])
+            d = item_distortion(self.unet, batch, self.guidance)
         dist = (self.weight(q) * d).mean() / self.d_ref
         bits = self.q2b.relaxed(q, cols, tau, noise=False) @ self.q2b.options  # [n, L, 1]
         gap = (weighted_fab(bits, self.fab_w).mean() - self.target) / self.range
