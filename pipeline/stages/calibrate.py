@@ -76,15 +76,16 @@ class CalibrateConfig(StageConfig):
 
 
 def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
-    def quant_config(steps: int):
+    def quant_config(steps: int, relax_tau: float):
         return quant_config_for(cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                                 a_bit_options=parse_bits(cfg.a_bit_options), steps=steps,
                                 time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
                                 softmax_bits=cfg.softmax_bits, act_init=cfg.act_init, weight_init=cfg.weight_init,
-                                relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end)
+                                relax_tau=relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end)
 
-    if cfg.steps is not None:
-        quant_config(cfg.steps)  # a bad flag fails before the model loads; else after (the model gives the steps)
+    # a bad flag fails before the model loads; without --steps the relaxing checks (they need the
+    # steps, which the model gives) wait for it
+    quant_config(cfg.steps or 1, cfg.relax_tau if cfg.steps else 0.0)
     draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
     prompts = draw.prompts
     run_dir = Path(cfg.run_dir)
@@ -94,7 +95,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     L.seed_everything(cfg.seed, verbose=False)
     pipe = load_pipeline(cfg.model, **cfg.load_options())
     sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance)
-    qcfg = quant_config(sampling.steps)
+    qcfg = quant_config(sampling.steps, cfg.relax_tau)
     extra_tensors, metrics = calibrate_pipeline(
         pipe, qcfg, cfg.method, prompts, steps=sampling.steps, guidance=sampling.guidance, batch_size=cfg.batch_size,
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,
