@@ -171,26 +171,28 @@ class PromptDraw:
                 "n": len(self.prompts), "n_requested": self.n_requested}
 
 
-def draw_prompts(source: str, split: str, n: int | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                 seed: int = 0, salt: str = "qlip") -> PromptDraw:
+def draw_prompts(source: str, split: str | None, n: int | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 seed: int = 0, salt: str = "qlip", world_split: str | None = None) -> PromptDraw:
     """The one resolver of every stage's prompt flag (the syntax: data/prompt_sources.py, docs/prompts.md).
 
     A data source is split by the SHA-1 of each normalized prompt (`assign_splits`), so train, val and
     test never share a prompt and a prompt's split does not depend on the file's order or on the other
-    prompts; `n` keeps the first prompts of `split` in a second hash order (also order-free). 'world' and
-    'world:SPLIT' use the world's own scene split (SPLIT, else `split`), and 'builtin' is a fixed smoke-test
-    list that is not split. An empty split is refused with the split counts."""
-    if split not in SPLITS:
+    prompts; `n` keeps the first prompts of `split` in a second hash order (also order-free). `split=None`
+    (generate, `t2q --predict`: prompts to look at, not data) takes the whole source in file order. 'world'
+    and 'world:SPLIT' use the world's own scene split (SPLIT, else `world_split`, else `split`, else train),
+    and 'builtin' is a fixed smoke-test list that is not split. An empty split is refused with the counts."""
+    if split is not None and split not in SPLITS:
         raise ValueError(f"unknown prompt split {split!r}; choose from {list(SPLITS)}")
     if n is not None and n < 1:
         raise ValueError(f"prompt count {n} must be >= 1 (or left out for the whole split)")
     kind, rest = parse_spec(source)
-    if kind in ("world", "builtin"):
-        world_split = (rest or split) if kind == "world" else split
-        prompts = load_prompts(source, limit=n, split=world_split, seed=seed)
-        by = "world scenes" if kind == "world" else "none"
-        return PromptDraw(source, world_split if kind == "world" else split, prompts, by, {world_split: len(prompts)},
-                          n_requested=n)
+    if kind == "world":
+        scenes = rest or world_split or split or "train"
+        prompts = load_prompts(source, limit=n, split=scenes, seed=seed)
+        return PromptDraw(source, scenes, prompts, "world scenes", {scenes: len(prompts)}, n_requested=n)
+    if kind == "builtin" or split is None:
+        prompts = load_prompts(source, limit=n, seed=seed)
+        return PromptDraw(source, "all", prompts, "none", {"all": len(prompts)}, n_requested=n)
     fractions = check_fractions(fractions)
     splits, _ = split_source(source, fractions, seed=seed, salt=salt)
     counts = {s: len(v) for s, v in splits.items()}

@@ -86,6 +86,8 @@ def test_unknown_source_and_empty_split_are_refused(prompt_files, tmp_path):
         draw_prompts(str(tmp_path / "missing.txt"), "test")
     with pytest.raises(EmptySplitError, match=r"'val' of .* is empty: the split counts are train 400, val 0, test 0"):
         draw_prompts(str(txt), "val", fractions=(1.0, 0.0, 0.0))
+    whole = draw_prompts(str(txt), None, 5)  # generate: the file's first prompts, unsplit
+    assert whole.prompts == load_prompts(str(txt), 5) and whole.split_by == "none"
 
 
 def test_every_prompt_flag_documents_the_same_syntax():
@@ -96,8 +98,9 @@ def test_every_prompt_flag_documents_the_same_syntax():
     for stage, name in fields.items():
         docs = field_docs(config_class(STAGES[stage]))
         assert docs[name].startswith(f"prompt source: {SYNTAX}, split by the SHA-1 of each prompt"), stage
-        assert docs["split_fractions"] == "train,val,test fractions of the hashed prompt split (use the same in " \
-                                          "every stage of a run)", stage
+        if stage != "generate":  # generate takes the whole source
+            assert docs["split_fractions"] == "train,val,test fractions of the hashed prompt split (use the same " \
+                                              "in every stage of a run)", stage
     assert "the syntax of --prompts" in field_docs(config_class(STAGES["t2q"]))["predict"]
 
 
@@ -115,6 +118,7 @@ def test_the_world_keeps_its_scene_split_and_the_demo_its_prompts():
         assert fingerprint(draw.prompts) == pin and draw.prompts == load_prompts("world", n, split)
         assert draw.split_by == "world scenes"
     assert draw_prompts("world:val", "train", 80).prompts == draw_prompts("world", "val", 80).prompts
+    assert fingerprint(draw_prompts("world", None, 8, world_split="val").prompts) == WORLD_PINS[("val", 8)]  # generate
     plan = plan_evaluation("embedded", [], None, "world:val", None, 80, 1, 0, EvalSettings(fid=False, sfid=False),
                            clip="none")
     assert fingerprint(plan.splits[0].prompts) == WORLD_PINS[("val", 80)]  # the demo's evaluate step

@@ -118,6 +118,14 @@ def scored_sampler(scored: str | Path) -> dict:
     return {k: signature.get(k) for k in SAMPLER_KEYS}
 
 
+def t2q_sampler(t2q_meta: dict) -> dict | None:
+    """The sampler of a T2Q's targets: recorded by the t2q stage, else read from its scored set; None
+    for a T2Q that names no scored set (one saved by a library call, trained on other targets)."""
+    if t2q_meta.get("sampler"):
+        return t2q_meta["sampler"]
+    return scored_sampler(t2q_meta["scored"]) if t2q_meta.get("scored") else None
+
+
 def check_same_sampler(scored: dict, deployed: dict, scored_what: str, deployed_what: str) -> None:
     """T2Q's targets are the quality of images drawn by one sampler; refuse to deploy it under another.
     A key either side does not record (older scored sets had no scheduler) is not compared."""

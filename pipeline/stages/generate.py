@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.prompts import draw_prompts, parse_fractions
+from data.prompts import draw_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig
 from pipeline.models import load_quantized_pipeline, sampling_defaults
@@ -26,9 +26,8 @@ class GenerateConfig(StageConfig):
     prompts: str = "world"
     """prompt source: world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv |
     parti:FILE.tsv | sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet, split by the SHA-1 of each
-    prompt into train/val/test (--split-fractions; docs/prompts.md); this stage draws from val"""
-    split_fractions: str = "0.8,0.1,0.1"
-    """train,val,test fractions of the hashed prompt split (use the same in every stage of a run)"""
+    prompt into train/val/test (docs/prompts.md); this stage takes the first --n prompts of the whole source,
+    unsplit (bare 'world': its val scenes)"""
     n: int = 8
     """number of prompts"""
     quant_state: str | None = None
@@ -50,7 +49,7 @@ class GenerateConfig(StageConfig):
 
 
 def generate(cfg: GenerateConfig) -> Path:
-    draw = draw_prompts(cfg.prompts, "val", cfg.n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
+    draw = draw_prompts(cfg.prompts, None, cfg.n, seed=cfg.seed, world_split="val")
     prompts = draw.prompts
     qlip = None
     if cfg.q2b:

@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.qlip.q2b import relative_link, save_q2b
 from pipeline.qlip.recipe import measure_q2b, q2b_options, train_q2b_on_state
-from pipeline.qlip.scoring import check_same_sampler, scored_sampler
+from pipeline.qlip.scoring import check_same_sampler, t2q_sampler
 from pipeline.qlip.sources import quality_source
 from pipeline.qlip.t2q import T2Q_FORMAT
 from pipeline.quant.state import check_same_model, read_meta
@@ -98,9 +98,9 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     check_same_model(meta, pipe.unet, cfg.quant_state)
     sampling = sampling_defaults(pipe, meta["quant_config"]["n_steps"], cfg.guidance, cfg.resolution)
     steps = sampling.steps
-    if cfg.criterion == "t2q":  # the T2Q predicts the quality of its scored set's sampler: it must be this one
-        recorded = read_artifact_meta(cfg.t2q, T2Q_FORMAT)
-        scored = recorded.get("sampler") or scored_sampler(recorded["scored"])
+    # the T2Q predicts the quality of its scored set's sampler: it must be the one deployed
+    scored = t2q_sampler(read_artifact_meta(cfg.t2q, T2Q_FORMAT)) if cfg.criterion == "t2q" else None
+    if scored is not None:
         check_same_sampler(scored, sampling.sampler(), f"the scored set of --t2q {cfg.t2q}",
                            f"q2b (the state {cfg.quant_state}'s steps, --guidance, --scheduler)")
     source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, sampling.guidance, cfg.load_options())

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
-from data.prompts import is_source, load_prompts
+from data.prompts import draw_prompts, is_source
 from data.scored import ScoredDataModule
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig, is_global_zero, make_trainer
@@ -57,7 +57,7 @@ def predict(cfg: T2QConfig) -> list[tuple[str, float]]:
     t2q = load_t2q(Path(cfg.run_dir) / ARTIFACTS["t2q"], model=cfg.model, clip=cfg.clip)
     prompts = []
     for item in [cfg.predict] if isinstance(cfg.predict, str) else cfg.predict:
-        prompts += load_prompts(item) if is_source(item) else [item]
+        prompts += draw_prompts(item, None).prompts if is_source(item) else [item]
     q = t2q.predict(prompts).tolist()
     for p, v in zip(prompts, q):
         print(f"{v:.3f}  {p}")
