@@ -80,6 +80,7 @@ def test_a_scored_set_of_another_sampler_is_refused(tmp_path):
 
     scored = tmp_path / "scored"
     scored.mkdir()
+    assert scored_sampler(scored) is None  # no manifest: not a score-stage set, no known sampler
     (scored / "manifest.json").write_text(json.dumps({"signature": {"steps": 25, "guidance": 5.0,
                                                                     "scheduler": "ddim"}}))
     recorded = scored_sampler(scored)

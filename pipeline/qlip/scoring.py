@@ -108,12 +108,12 @@ def scored_set_giqa(scored_dir: str | Path):
 SAMPLER_KEYS = ("steps", "guidance", "scheduler")  # what makes a scored set's images those of a sampler
 
 
-def scored_sampler(scored: str | Path) -> dict:
-    """The sampler a finished scored set's FP images were drawn with (its manifest's signature)."""
+def scored_sampler(scored: str | Path) -> dict | None:
+    """The sampler a scored set's FP images were drawn with (its manifest's signature); None for a set
+    the score stage did not write (no manifest: targets made elsewhere, of no known sampler)."""
     path = Path(scored) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {scored} is not a finished scored set "
-                                f"(run `python -m pipeline.fit score`)")
+        return None
     signature = json.loads(path.read_text())["signature"]
     return {k: signature.get(k) for k in SAMPLER_KEYS}
 
