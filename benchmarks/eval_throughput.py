@@ -63,7 +63,7 @@ def main() -> None:
         except ClipUnavailable:
             clip = None
         sfid_grid = None if a.no_sfid else pick_sfid_grid("auto", split.n_images)
-        settings = EvalSettings(steps=a.steps, fid_dims=pick_fid_dims("auto", split.n_images),
+        settings = EvalSettings(steps=a.steps, guidance=5.0, fid_dims=pick_fid_dims("auto", split.n_images),
                                 sfid=sfid_grid is not None, sfid_grid=sfid_grid or 17, clip_path=clip)
         method = method_from_state(state)
         validate(model, [method], [split], settings)

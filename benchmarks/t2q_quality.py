@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from data.prompts import prompt_seed  # noqa: E402
 from pipeline.api import ScoreConfig, T2QConfig, score, t2q  # noqa: E402
 from pipeline.metrics.inception import inception_features  # noqa: E402
-from pipeline.models import load_pipeline  # noqa: E402
-from pipeline.qlip.scoring import sampling_defaults, scored_set_giqa  # noqa: E402
+from pipeline.models import load_pipeline, sampling_defaults  # noqa: E402
+from pipeline.qlip.scoring import scored_set_giqa  # noqa: E402
 from pipeline.sampling import generate  # noqa: E402
 from pipeline.world.richness import richness_series  # noqa: E402
 
@@ -57,10 +57,11 @@ def parse_args(argv=None):
 def measured_richness(run_dir: Path, model: str, n_scenes: int, seed: int = 0) -> list[float]:
     """Mean normalized GIQA of FP images per richness level (same scenes, seeds per caption)."""
     giqa, normalize = scored_set_giqa(run_dir / "scored")
-    steps, guidance = sampling_defaults(model, None, None)
+    pipe = load_pipeline(model)
+    sampling = sampling_defaults(pipe)  # the score stage's own
     series = richness_series(n_scenes, seed)
     flat = [c for s in series for c in s]
-    images = generate(load_pipeline(model), flat, [prompt_seed(c) for c in flat], steps=steps, guidance=guidance,
+    images = generate(pipe, flat, [prompt_seed(c) for c in flat], steps=sampling.steps, guidance=sampling.guidance,
                       batch_size=50)
     q = normalize(giqa.score(inception_features(images))).reshape(n_scenes, -1)
     return [float(v) for v in np.mean(q, axis=0)]

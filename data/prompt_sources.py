@@ -32,6 +32,9 @@ SD_PROMPTS_HF = "Gustavosta/Stable-Diffusion-Prompts"
 KINDS = ("builtin", "world", "coco", "cc", "parti", "sd-prompts", "txt", "jsonl", "table")
 PROMPT_COLUMNS = ("prompt", "Prompt", "caption", "text")  # looked up in this order in tables
 DEFAULT_WORLD_N = 1024  # world scenes captioned when no count is given
+# The one-line form of the syntax above, quoted by every error about a source and in the flags' help.
+SYNTAX = ("world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv | parti:FILE.tsv | "
+          "sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet")
 
 
 class PromptSourceError(ValueError):
@@ -47,8 +50,10 @@ def parse_spec(source: str) -> tuple[str, str]:
         return source, ""
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist (use 'world', 'builtin', a file, "
-                                f"or one of {', '.join(k + ':' for k in KINDS[2:])} followed by a path)")
+        if sep and "/" not in kind and "\\" not in kind and len(kind) > 1:  # 'foo:x', not a path or a drive
+            raise PromptSourceError(f"unknown prompt source {source!r}: {kind + ':'!r} is not a source kind; "
+                                    f"use {SYNTAX}")
+        raise FileNotFoundError(f"prompt file {path} does not exist; a prompt source is {SYNTAX}")
     suffix = path.suffix.lower()
     if suffix in (".txt", ".jsonl"):
         return suffix[1:], source
@@ -67,6 +72,15 @@ def parse_spec(source: str) -> tuple[str, str]:
                                 f"prefix the path with parti: or cc: to say which")
     raise PromptSourceError(f"prompt file {path} has unknown format {path.suffix!r}: use .txt, .jsonl, .json "
                             f"(COCO captions), .tsv (PartiPrompts, Conceptual Captions), .csv or .parquet")
+
+
+def is_source(text: str) -> bool:
+    """Whether `text` names a prompt source (rather than being a prompt itself)."""
+    try:
+        parse_spec(text)
+    except (FileNotFoundError, PromptSourceError):
+        return False
+    return True
 
 
 def _existing(path: str, kind: str) -> Path:

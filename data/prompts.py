@@ -24,7 +24,16 @@ from typing import Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from data.prompt_sources import BUILTIN, DEFAULT_WORLD_N, KINDS, PromptSourceError, parse_spec, read_source  # noqa: F401 (re-exported)
+from data.prompt_sources import (  # noqa: F401 (re-exported)
+    BUILTIN,
+    DEFAULT_WORLD_N,
+    KINDS,
+    SYNTAX,
+    PromptSourceError,
+    is_source,
+    parse_spec,
+    read_source,
+)
 from data.tokenizer import clip_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -111,15 +120,90 @@ def assign_splits(prompts: Sequence[str], fractions: Sequence[float] = DEFAULT_F
 
 
 def load_prompts(source: str, limit: int | None = None, split: str = "train", seed: int = 0) -> list[str]:
-    """A quick prompt list (calibration, generation, demo): the first `limit` normalized prompts.
+    """A quick, unsplit prompt list (tests, benchmarks, `t2q --predict`): the first `limit` normalized prompts.
 
-    For 'world', `split` and `seed` pick the world's scenes; files are read in order."""
+    For 'world', `split` and `seed` pick the world's scenes; files are read in order. Stages draw
+    their prompts with `draw_prompts` instead, which keeps train / val / test apart."""
     prompts, _ = normalize(read_source(source, n_world=limit or 64, world_split=split, seed=seed))
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
         raise ValueError(f"prompt source {source!r} gave no prompts after stripping and de-duplication")
     return prompts
+
+
+def parse_fractions(text: str | Sequence[float], flag: str = "--split-fractions") -> tuple[float, ...]:
+    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1), checked."""
+    if isinstance(text, str):
+        try:
+            text = [float(f) for f in text.split(",")]
+        except ValueError:
+            raise ValueError(f"{flag} {text!r} must be three numbers (train,val,test) such as 0.8,0.1,0.1") from None
+    return check_fractions(text)
+
+
+def split_source(source: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, limit: int | None = None,
+                 seed: int = 0, salt: str = "qlip") -> tuple[dict[str, list[str]], PromptStats]:
+    """Read a source, normalize it and split it by the prompts' SHA-1 (`assign_splits`).
+
+    'world' here means the world's train scenes (`limit` of them, else DEFAULT_WORLD_N): the score
+    stage hashes those into T2Q's own train / val."""
+    prompts, stats = normalize(read_source(source, n_world=limit or DEFAULT_WORLD_N, seed=seed))
+    return assign_splits(prompts, fractions, limit, salt), stats
+
+
+@dataclass
+class PromptDraw:
+    """The prompts a stage drew from a source, and how (recorded in its manifest)."""
+
+    source: str
+    split: str
+    prompts: list[str]
+    split_by: str  # "sha1" (hashed split), "world scenes" (the world's own split) or "none" (builtin)
+    counts: dict[str, int]  # prompts in each split of the source (hashed), or in the drawn one
+    fractions: tuple[float, ...] | None = None
+    n_requested: int | None = None
+    salt: str | None = None
+
+    def describe(self) -> dict:
+        return {"source": self.source, "split": self.split, "split_by": self.split_by, "counts": self.counts,
+                "fractions": None if self.fractions is None else list(self.fractions), "salt": self.salt,
+                "n": len(self.prompts), "n_requested": self.n_requested}
+
+
+def draw_prompts(source: str, split: str | None, n: int | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 seed: int = 0, salt: str = "qlip", world_split: str | None = None) -> PromptDraw:
+    """The one resolver of every stage's prompt flag (the syntax: data/prompt_sources.py, docs/prompts.md).
+
+    A data source is split by the SHA-1 of each normalized prompt (`assign_splits`), so train, val and
+    test never share a prompt and a prompt's split does not depend on the file's order or on the other
+    prompts; `n` keeps the first prompts of `split` in a second hash order (also order-free). `split=None`
+    (generate, `t2q --predict`: prompts to look at, not data) takes the whole source in file order. 'world'
+    and 'world:SPLIT' use the world's own scene split (SPLIT, else `world_split`, else `split`, else train),
+    and 'builtin' is a fixed smoke-test list that is not split. An empty split is refused with the counts."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown prompt split {split!r}; choose from {list(SPLITS)}")
+    if n is not None and n < 1:
+        raise ValueError(f"prompt count {n} must be >= 1 (or left out for the whole split)")
+    kind, rest = parse_spec(source)
+    if kind == "world":
+        scenes = rest or world_split or split or "train"
+        prompts = load_prompts(source, limit=n, split=scenes, seed=seed)
+        return PromptDraw(source, scenes, prompts, "world scenes", {scenes: len(prompts)}, n_requested=n)
+    if kind == "builtin" or split is None:
+        prompts = load_prompts(source, limit=n, seed=seed)
+        return PromptDraw(source, "all", prompts, "none", {"all": len(prompts)}, n_requested=n)
+    fractions = check_fractions(fractions)
+    splits, _ = split_source(source, fractions, seed=seed, salt=salt)
+    counts = {s: len(v) for s, v in splits.items()}
+    if not splits[split]:
+        raise EmptySplitError(
+            f"prompt split {split!r} of {source!r} is empty: the split counts are "
+            f"{', '.join(f'{s} {c}' for s, c in counts.items())} under fractions "
+            f"{','.join(f'{f:g}' for f in fractions)}; give {split!r} a larger fraction (--split-fractions) "
+            f"or use a larger source")
+    prompts = sorted(splits[split], key=lambda p: stable_unit(p, salt + ":order"))[:n]
+    return PromptDraw(source, split, prompts, "sha1", counts, fractions, n, salt)
 
 
 # ---------------------------------------------------------------------------
@@ -180,9 +264,7 @@ class PromptDataModule(L.LightningDataModule):
                 "world_seed": self.seed}
 
     def _build(self) -> tuple[dict[str, list[str]], PromptStats]:
-        n_world = self.limit or DEFAULT_WORLD_N
-        prompts, stats = normalize(read_source(self.source, n_world=n_world, seed=self.seed))
-        splits = assign_splits(prompts, self.fractions, self.limit, self.salt)
+        splits, stats = split_source(self.source, self.fractions, self.limit, self.seed, self.salt)
         kept = [p for s in SPLITS for p in splits[s]]
         if self.tokenizer is None:
             self.tokenizer = clip_tokenizer()

@@ -106,7 +106,7 @@ def demo(cfg: DemoConfig, trainer: dict | None = None) -> Path:
     if world:
         scored = step("scored", "score (FP images + GIQA)", "score", score,
                       ScoreConfig(**common, prompts="world", limit=cfg.score_n, split_fractions="0.8,0.2,0",
-                                  n_reference=300))
+                                  n_reference=300, steps=cfg.steps))  # T2Q's targets at the deployed steps
         t2q_dir = step("t2q", "T2Q", "t2q", t2q, T2QConfig(**common, scored=str(scored), richness=False))
         quality = {"criterion": "t2q", "t2q": str(t2q_dir)}
     else:  # T2Q learns from the world's GIQA scores; elsewhere prompt length stands in (Table S3)

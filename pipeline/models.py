@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import diffusers
@@ -282,6 +283,94 @@ def scheduler_name(pipe) -> str:
     """The --scheduler name of the pipeline's scheduler (its class name when not in SCHEDULERS)."""
     cls = type(pipe.scheduler).__name__
     return next((k for k, v in SCHEDULERS.items() if v == cls), cls)
+
+
+# ---------------------------------------------------------------------------
+# Sampling defaults: the model's own, else its family's published ones.
+# ---------------------------------------------------------------------------
+# (steps, guidance) the families' model cards and diffusers pipelines default to
+FAMILY_SAMPLING = {"sd": (50, 7.5), "sdxl": (50, 5.0)}
+# A model folder declares its sampler in sampling.json, or under "sampling" in world.json (the embedded world):
+# {"num_inference_steps": N, "guidance_scale": G[, "resolution": PIXELS]}
+SAMPLING_FILES = ("sampling.json", "world.json")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampler settings a stage runs with (steps, CFG scale, side in pixels, scheduler) and where each came from."""
+
+    steps: int
+    guidance: float
+    resolution: int
+    scheduler: str
+    origin: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def sampler(self) -> dict:
+        """What must match between the scored set and the deployed sampler."""
+        return {"steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler}
+
+
+def model_family(pipe) -> str:
+    """'sdxl' for pipelines with SDXL's added (text, time) conditioning, else 'sd' (SD 1.x / 2.x and the world)."""
+    return "sdxl" if is_sdxl(pipe) else "sd"
+
+
+def declared_sampling(folder: str | Path | None) -> tuple[dict, str | None]:
+    """The sampler a model folder declares ({} and None when it declares none)."""
+    if not folder or not Path(folder).is_dir():
+        return {}, None
+    for name in SAMPLING_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelNotFoundError(f"{path} is corrupted ({e}); fix or remove it") from e
+        block = data if name == "sampling.json" else data.get("sampling")
+        if block:
+            unknown = set(block) - {"num_inference_steps", "guidance_scale", "resolution"}
+            if unknown:
+                raise ValueError(f"{path} declares unknown sampling keys {sorted(unknown)}; use num_inference_steps, "
+                                 f"guidance_scale, resolution")
+            return block, str(path)
+    return {}, None
+
+
+def sampling_defaults(pipe, steps: int | None = None, guidance: float | None = None,
+                      resolution: int | None = None) -> SamplingDefaults:
+    """Every stage's sampler settings: a given value wins, else the model folder's declaration
+    (SAMPLING_FILES), else the family's published defaults (FAMILY_SAMPLING; the side is the UNet's
+    sample_size x the VAE's scale factor, 512/768 for SD, 1024 for SDXL); the scheduler is the pipeline's
+    own (after --scheduler). `pipe` is a loaded pipeline (load_pipeline)."""
+    declared, where = declared_sampling(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path"))
+    family = model_family(pipe)
+    fam_steps, fam_guidance = FAMILY_SAMPLING[family]
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    fallback = f"{family} family default"
+    values, origin = {}, {}
+    for key, given, decl, default in (("steps", steps, "num_inference_steps", fam_steps),
+                                      ("guidance", guidance, "guidance_scale", fam_guidance),
+                                      ("resolution", resolution, "resolution", native)):
+        if given is not None:
+            values[key], origin[key] = given, "given"
+        elif decl in declared:
+            values[key], origin[key] = declared[decl], where
+        else:
+            values[key], origin[key] = default, fallback if key != "resolution" else "unet sample_size x vae scale"
+    if int(values["steps"]) < 1:
+        raise ValueError(f"--steps {values['steps']} ({origin['steps']}) must be >= 1")
+    if float(values["guidance"]) < 0:
+        raise ValueError(f"--guidance {values['guidance']} ({origin['guidance']}) must be >= 0")
+    side, factor = int(values["resolution"]), int(pipe.vae_scale_factor)
+    if side < factor or side % factor:
+        raise ValueError(f"--resolution {side} ({origin['resolution']}) must be a positive multiple of the VAE's "
+                         f"scale factor {factor}")
+    origin["scheduler"] = "the loaded pipeline's (--scheduler, else the model's own)"
+    return SamplingDefaults(int(values["steps"]), float(values["guidance"]), side, scheduler_name(pipe), origin)
 
 
 def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_download: bool = False, seed: int = 0,

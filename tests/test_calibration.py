@@ -85,13 +85,13 @@ def test_adaround_beats_round_to_nearest_per_block(cali_dir):
 
 def _unet_error(unet, data):
     num = den = 0.0
-    for step, args in data.unet_calls():
+    for step, call in data.unet_calls():
         set_step(unet, step)
         with torch.no_grad():
             set_quant_state(unet, False, False)
-            ref = unet(*args).sample
+            ref = unet(**call).sample
             set_quant_state(unet, True, True)
-            out = unet(*args).sample
+            out = unet(**call).sample
         num += float((out - ref).pow(2).sum())
         den += float(ref.pow(2).sum())
     return (num / den) ** 0.5
@@ -103,10 +103,10 @@ def _naive(config, data):
 
     unet = quantize_unet(tiny_pipeline(0).unet, config)
     with observing(unet):
-        for step, args in data.unet_calls():
+        for step, call in data.unet_calls():
             set_step(unet, step)
             with torch.no_grad():
-                unet(*args)
+                unet(**call)
     for b in act_banks(unet).values():
         b.finalize()
     return unet

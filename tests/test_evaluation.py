@@ -263,11 +263,12 @@ def test_mismatched_prompts_are_refused():
 def test_state_of_another_model_is_refused_before_generating(tmp_path):
     other = calibrated_state(tmp_path / "seed1", seed=1)
     split = Split("in_domain", "builtin", ["a red circle"] * 3)
-    settings = EvalSettings(steps=2, fid=False, sfid=False)
+    settings = EvalSettings(steps=2, guidance=5.0, fid=False, sfid=False)
     with pytest.raises(ValueError, match=r"seed1 cannot be evaluated on --model tiny-random.*other weights"):
         validate("tiny-random", [method_from_state(other)], [split], settings)
     with pytest.raises(ValueError, match="addresses 2 sampling steps but --steps is 5"):
-        validate("tiny-random", [method_from_state(other)], [split], EvalSettings(steps=5, fid=False, sfid=False))
+        validate("tiny-random", [method_from_state(other)], [split],
+                 EvalSettings(steps=5, guidance=5.0, fid=False, sfid=False))
 
 
 def test_real_image_folder_is_cropped_and_counted(tmp_path):
@@ -280,7 +281,7 @@ def test_real_image_folder_is_cropped_and_counted(tmp_path):
     assert len(list_images(tmp_path)) == 3
     assert load_square(tmp_path / "0.png", 32).shape == (32, 32, 3)
     split = Split("in_domain", "builtin", ["a red circle"] * 65)
-    settings = EvalSettings(steps=2, fid_dims=64, sfid=False, real_images=str(tmp_path))
+    settings = EvalSettings(steps=2, guidance=5.0, fid_dims=64, sfid=False, real_images=str(tmp_path))
     with pytest.raises(TooFewImagesError, match=r"FID to real on 64-dim features needs at least 65 .*real-images"):
         validate("tiny-random", [], [split], settings)
 
@@ -293,8 +294,9 @@ def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_
 
     main(["evaluate", "--model", "tiny-random", "--quant-states", f"[{w8a8_state}]", "--n", "2", "--steps", "2",
           "--batch-size", "2", "--fid", "false", "--sfid", "false", "--clip", str(tiny_clip_dir), "--generalization",
-          str(ROOT / "tests/assets/prompts.txt"), "--run-dir", str(tmp_path), "--trainer.accelerator", "cpu",
-          "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"])
+          str(ROOT / "tests/assets/prompts.txt"), "--split-fractions", "0,0,1",  # 6 prompts: all of them test
+          "--run-dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+          "--trainer.enable_progress_bar", "false"])
     out = tmp_path / "evaluate"
     res = json.loads((out / "results.json").read_text())
     rows = {(r["split"], r["method"]): r for r in res["rows"]}
@@ -333,7 +335,7 @@ def test_a_per_batch_policy_method_plugs_in(tmp_path):
     load_quantized(tiny_pipeline(0).unet, path)  # still an ordinary state
     prompts = ["a red circle", "two dogs", "a striped purple circle at the top left", "a cat"]
     split = Split("in_domain", "test", prompts)
-    settings = EvalSettings(steps=2, fid=False, sfid=False)
+    settings = EvalSettings(steps=2, guidance=5.0, fid=False, sfid=False)
     res = run_evaluation("tiny-random", [method], [split], settings, batch_size=2,
                          trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
     row = next(r for r in res["rows"] if r["method"] == "naive")

@@ -282,6 +282,8 @@ def test_stage_generate_and_evaluate_end_to_end(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na large striped purple circle at the top left on a gray background\n"
                        "two stars\na small dotted orange triangle in the center\n")
+    from data.prompts import draw_prompts  # evaluate takes its test split in hash order: generate the same batches
+    prompts.write_text("\n".join(draw_prompts(str(prompts), "test", fractions=(0, 0, 1)).prompts) + "\n")
     main(["generate", *common, "--q2b", str(out), "--prompts", str(prompts), "--n", "4", "--steps", str(STEPS),
           "--batch-size", "2"])
     assert capsys.readouterr().out.count("-> FAB") == 2  # one logged line per batch
@@ -297,8 +299,8 @@ def test_stage_generate_and_evaluate_end_to_end(tmp_path, capsys):
         assert torch.equal(tables[i], q2b(q).amax(0))  # the batch rule, as generated
         assert batch["fab"] >= max(batch["prompt_fab"]) - 1e-9
     main(["evaluate", *common, "--quant-states", f"[{tmp_path / 'quant'},{out}]", "--in-domain", str(prompts),
-          "--n", "4", "--steps", str(STEPS), "--batch-size", "2", "--fid", "false", "--sfid", "false",
-          "--clip", "none", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+          "--split-fractions", "0,0,1", "--n", "4", "--steps", str(STEPS), "--batch-size", "2", "--fid", "false",
+          "--sfid", "false", "--clip", "none", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
           "--trainer.enable_progress_bar", "false"])
     rows = {r["method"]: r for r in json.loads((tmp_path / "evaluate" / "results.json").read_text())["rows"]}
     assert rows["naive"]["bit_options"] == "W4A16" and rows["naive"]["fab"] == 16.0

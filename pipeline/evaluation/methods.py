@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from pipeline.models import load_pipeline, load_quantized_pipeline
-from pipeline.qlip.pipeline import QLIPPipeline
+from pipeline.qlip.pipeline import QLIPPipeline, check_deployed_sampler
 from pipeline.qlip.q2b import Q2B_FORMAT, follow_link, load_q2b
 from pipeline.quant import get_bit_policy, quant_layers
 from pipeline.quant.state import check_same_model, read_meta
@@ -107,6 +107,10 @@ class StaticQuantState(EvalMethod):
 
         check_same_model(self.meta, unet, self.path)
 
+    def check_sampler(self, sampler: dict) -> None:
+        """Raise ValueError when this method cannot be deployed under `sampler` (steps, guidance, scheduler)."""
+        self.check_steps(sampler["steps"])
+
     def check_steps(self, steps: int) -> None:
         if self.n_steps > 1 and self.n_steps != steps:
             raise ValueError(f"quantized state {self.path} addresses {self.n_steps} sampling steps but --steps is "
@@ -154,6 +158,10 @@ class QLIPMethod(StaticQuantState):
     def load(self, model: str, load: dict | None = None):
         self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, load=load)
         return self.qlip.pipe
+
+    def check_sampler(self, sampler: dict) -> None:
+        super().check_sampler(sampler)
+        check_deployed_sampler(self.q2b.meta, self.q2b_path, sampler, "evaluate (--steps, --guidance, --scheduler)")
 
     def before_batch(self, pipe, prompts: Sequence[str]) -> Conditioning | None:
         return self.qlip.prepare_batch(prompts)[1]  # `pipe` is self.qlip.pipe (from `load`)

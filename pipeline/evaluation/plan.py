@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.prompts import DEFAULT_FRACTIONS
 from pipeline.evaluation.methods import EvalMethod, method_from_state, unique_labels
 from pipeline.evaluation.settings import EvalSettings
 from pipeline.evaluation.splits import Split, load_split
@@ -52,14 +53,16 @@ def pick_sfid_grid(option: str, n_min: int) -> int | None:
 
 def plan_evaluation(model: str, quant_states: list[str], labels: list[str] | None, in_domain: str,
                     generalization: str | None, n: int, images_per_prompt: int, seed: int, settings: EvalSettings,
-                    fid_dims: str = AUTO, sfid_grid: str = AUTO, clip: str = AUTO) -> EvaluationPlan:
-    """`settings` holds the flags' metric switches; the plan fills in the feature sizes and drops what cannot run."""
+                    fid_dims: str = AUTO, sfid_grid: str = AUTO, clip: str = AUTO,
+                    fractions=DEFAULT_FRACTIONS) -> EvaluationPlan:
+    """`settings` holds the flags' metric switches; the plan fills in the feature sizes and drops what cannot run.
+    Both splits draw the test split of their source (`fractions`: the run's hashed split)."""
     skipped = {}
     if in_domain == AUTO:
-        in_domain = "world:val" if model == EMBEDDED else "builtin"
-    splits = [load_split("in_domain", in_domain, n, images_per_prompt, seed)]
+        in_domain = "world:test" if model == EMBEDDED else "builtin"
+    splits = [load_split("in_domain", in_domain, n, images_per_prompt, seed, fractions)]
     if generalization:
-        splits.append(load_split("generalization", generalization, n, images_per_prompt, seed))
+        splits.append(load_split("generalization", generalization, n, images_per_prompt, seed, fractions))
     else:
         skipped["generalization"] = "prompt generalization: no --generalization split given"
 

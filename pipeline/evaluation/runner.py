@@ -39,7 +39,7 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
         check_enough_images(n_real, settings.fid_dims, "FID to real", f"--real-images {settings.real_images}")
     quantized = [m for m in methods if isinstance(m, StaticQuantState)]
     for m in quantized:
-        m.check_steps(settings.steps)
+        m.check_sampler({"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler})
     if quantized:
         if fp_unet is None:
             fp_unet = load_pipeline(model, **(load or {})).unet

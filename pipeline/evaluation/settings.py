@@ -9,9 +9,11 @@ from pipeline.metrics.inception import POOL_DIMS, SPATIAL_SIDE
 
 @dataclass
 class EvalSettings:
-    steps: int = 20
-    guidance: float = 5.0
+    # the sampler: the evaluate stage resolves it with pipeline.models.sampling_defaults
+    steps: int | None = None
+    guidance: float | None = None
     resolution: int | None = None  # pixels; None: the model's native size
+    scheduler: str | None = None  # recorded (the pipeline's own), checked against a QLIP method's scored set
     fid: bool = True
     fid_dims: int = 2048  # Inception pool tap: 2048 (standard) | 768 | 192 | 64
     sfid: bool = True
@@ -36,6 +38,9 @@ class EvalSettings:
         return taps
 
     def check(self) -> None:
+        if self.steps is None or self.guidance is None:
+            raise ValueError(f"evaluation settings need steps and guidance (now {self.steps}, {self.guidance}): "
+                             f"resolve them with pipeline.models.sampling_defaults")
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be >= 1")
         if self.fid_dims not in POOL_DIMS:

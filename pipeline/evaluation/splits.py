@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
 
-from data.prompts import load_prompts
+from data.prompts import DEFAULT_FRACTIONS, draw_prompts
 
 
 @dataclass
 class Split:
     name: str
-    source: str  # "builtin", "world[:split]", or a .txt / .jsonl file
+    source: str  # a prompt source (data/prompt_sources.py SYNTAX)
     prompts: list[str]
     images_per_prompt: int = 1
     seed: int = 0
+    draw: dict | None = None  # how the prompts were drawn (data.prompts.PromptDraw.describe)
     n_images: int = field(init=False)
 
     def __post_init__(self):
@@ -35,20 +36,14 @@ class Split:
         return self.prompts[i // self.images_per_prompt], self.seed + i
 
 
-def parse_source(spec: str, default_split: str = "val") -> tuple[str, str]:
-    """'world:test' -> ('world', 'test'); files and 'builtin' keep `default_split`."""
-    name, sep, split = spec.partition(":")
-    if sep and name in ("world", "builtin"):
-        return name, split or default_split
-    return spec, default_split
-
-
-def load_split(name: str, spec: str, n: int | None, images_per_prompt: int, seed: int) -> Split:
-    source, split = parse_source(spec)
-    prompts = load_prompts(source, limit=n, split=split, seed=seed)
-    if n is not None and len(prompts) < n:
-        print(f"note: split {name!r} ({spec}) has only {len(prompts)} distinct prompts (asked for {n})")
-    return Split(name, spec, prompts, images_per_prompt, seed)
+def load_split(name: str, spec: str, n: int | None, images_per_prompt: int, seed: int,
+               fractions=DEFAULT_FRACTIONS) -> Split:
+    """Split `name` from prompt source `spec`: its test split (the prompts calibration, Q2B training
+    and Q2B validation never see; 'world:SPLIT' names the world's scene split instead)."""
+    draw = draw_prompts(spec, "test", n, fractions, seed=seed)
+    if n is not None and len(draw.prompts) < n:
+        print(f"note: split {name!r} ({spec}) has only {len(draw.prompts)} distinct prompts (asked for {n})")
+    return Split(name, spec, draw.prompts, images_per_prompt, seed, draw.describe())
 
 
 def global_batches(splits: list[Split], batch_size: int) -> list[dict]:

@@ -26,6 +26,7 @@ from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
 from pipeline.models import load_pipeline, load_quantized_pipeline, pooled_text_encoder
 from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
 from pipeline.qlip.q2b import follow_link, load_q2b
+from pipeline.qlip.scoring import check_same_sampler
 from pipeline.qlip.sources import quality_source
 from pipeline.quant import set_bit_policy
 from pipeline.sampling import Conditioning, encode_prompts, generate
@@ -132,6 +133,16 @@ class QLIPPipeline:
             batches.append(record)
         quality = torch.tensor([q for b in batches for q in b["q"]])
         return QLIPOutput(np.concatenate(images), quality, batches)
+
+
+def check_deployed_sampler(q2b_meta: dict, q2b_path: str | Path, deployed: dict, where: str) -> None:
+    """A T2Q-driven Q2B (its T2Q's targets) belongs to the sampler its scored set was drawn with, which
+    the q2b stage checked and recorded: refuse to deploy it under other steps, guidance or scheduler.
+    Other criteria do not read a scored set, so only the calibrated steps bind them (checked elsewhere)."""
+    if q2b_meta.get("criterion") != "t2q":
+        return
+    recorded = q2b_meta.get("sampler") or {"steps": q2b_meta.get("steps"), "guidance": q2b_meta.get("guidance")}
+    check_same_sampler(recorded, deployed, f"the T2Q scored set behind {q2b_path} (q2b.json)", where)
 
 
 def log_batch(i: int, record: dict) -> None:

@@ -29,7 +29,6 @@ from pipeline.metrics.inception import inception_features, shared_backbone
 from pipeline.models import EMBEDDED
 from pipeline.plots import save_grid
 from pipeline.sampling import generate
-from pipeline.world.models import WORLD_SAMPLING
 
 SHARDS = "shards"
 
@@ -43,10 +42,12 @@ def image_name(split: str, i: int) -> str:
 
 
 class FPFeatures(L.LightningModule):
-    def __init__(self, pipe, out_dir: str | Path, steps: int, guidance: float, inception_batch: int = 32):
+    def __init__(self, pipe, out_dir: str | Path, steps: int, guidance: float, inception_batch: int = 32,
+                 resolution: int | None = None):
         super().__init__()
         self.pipe, self.out = pipe, Path(out_dir)
         self.steps, self.guidance, self.inception_batch = steps, guidance, inception_batch
+        self.resolution = resolution
         self.written = 0
 
     def on_predict_start(self) -> None:
@@ -66,7 +67,7 @@ class FPFeatures(L.LightningModule):
             return None  # finished by an earlier run
         if batch["kind"] == "generate":
             images = generate(self.pipe, batch["prompts"], batch["seeds"], steps=self.steps, guidance=self.guidance,
-                              batch_size=len(batch["prompts"]), progress=False)
+                              batch_size=len(batch["prompts"]), resolution=self.resolution, progress=False)
             for i, img in zip(batch["indices"], images):
                 Image.fromarray(img).save(self.out / image_name(batch["split"], i))
         else:
@@ -104,11 +105,40 @@ def scored_set_giqa(scored_dir: str | Path):
     return giqa, Normalizer(norm["lo"], norm["hi"], norm["quantile"])
 
 
-def sampling_defaults(model: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
-    """The score stage's sampler settings: the world's own on the embedded model, else 50 steps at 7.5."""
-    world = model == EMBEDDED
-    return (steps or (WORLD_SAMPLING["num_inference_steps"] if world else 50),
-            guidance if guidance is not None else (WORLD_SAMPLING["guidance_scale"] if world else 7.5))
+SAMPLER_KEYS = ("steps", "guidance", "scheduler")  # what makes a scored set's images those of a sampler
+
+
+def scored_sampler(scored: str | Path) -> dict | None:
+    """The sampler a scored set's FP images were drawn with (its manifest's signature); None for a set
+    the score stage did not write (no manifest: targets made elsewhere, of no known sampler)."""
+    path = Path(scored) / "manifest.json"
+    if not path.is_file():
+        return None
+    signature = json.loads(path.read_text())["signature"]
+    return {k: signature.get(k) for k in SAMPLER_KEYS}
+
+
+def t2q_sampler(t2q_meta: dict) -> dict | None:
+    """The sampler of a T2Q's targets: recorded by the t2q stage, else read from its scored set; None
+    for a T2Q that names no scored set (one saved by a library call, trained on other targets)."""
+    if t2q_meta.get("sampler"):
+        return t2q_meta["sampler"]
+    return scored_sampler(t2q_meta["scored"]) if t2q_meta.get("scored") else None
+
+
+def check_same_sampler(scored: dict, deployed: dict, scored_what: str, deployed_what: str) -> None:
+    """T2Q's targets are the quality of images drawn by one sampler; refuse to deploy it under another.
+    A key either side does not record (older scored sets had no scheduler) is not compared."""
+    diff = [k for k in SAMPLER_KEYS if None not in (scored.get(k), deployed.get(k)) and scored[k] != deployed[k]]
+    if diff:
+        def fmt(d: dict) -> str:
+            return ", ".join(f"{k} {d[k]}" for k in SAMPLER_KEYS if d.get(k) is not None)
+
+        raise ValueError(f"{scored_what} was sampled with {fmt(scored)} but {deployed_what} samples with "
+                         f"{fmt(deployed)} (differs in {', '.join(diff)}): T2Q's targets must come from the "
+                         f"deployed sampler; re-run score with --steps {deployed['steps']} --guidance "
+                         f"{deployed['guidance']} --scheduler {deployed['scheduler']}, or deploy with the scored "
+                         f"set's settings")
 
 
 def resolve_reference(reference: str, model: str) -> str:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import lightning as L
 
-from data.prompts import load_prompts
+from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
 from pipeline.engine import StageConfig, is_global_zero
 from pipeline.metrics.cost import quantized_summary
-from pipeline.models import load_pipeline
+from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.quant import save_quantized
 from pipeline.quant.config import parse_bits
 
@@ -33,10 +33,10 @@ class CalibrateConfig(StageConfig):
     """activation bits every layer starts at"""
     a_bit_options: str | None = None
     """activation quantizer bank, e.g. 8,16,32 (default: a-bits)"""
-    steps: int = 20
-    """sampling steps of the calibrated schedule"""
-    guidance: float = 5.0
-    """classifier-free guidance scale"""
+    steps: int | None = None
+    """sampling steps of the calibrated schedule (default: the model's, pipeline.models.sampling_defaults)"""
+    guidance: float | None = None
+    """classifier-free guidance scale (default: the model's)"""
     time_aware: bool = False
     """one activation quantizer per step"""
     bos_aware: bool = False
@@ -48,7 +48,11 @@ class CalibrateConfig(StageConfig):
     weight_init: str = "minmax"
     """weight range init: minmax | lp"""
     prompts: str = "world"
-    """'world', 'builtin' or a .txt/.jsonl prompt file"""
+    """prompt source: world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv |
+    parti:FILE.tsv | sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet, split by the SHA-1 of each
+    prompt into train/val/test (--split-fractions; docs/prompts.md); this stage draws from train"""
+    split_fractions: str = "0.8,0.1,0.1"
+    """train,val,test fractions of the hashed prompt split (use the same in every stage of a run)"""
     cali_n: int = 16
     """calibration prompts"""
     batch_size: int = 8
@@ -72,20 +76,28 @@ class CalibrateConfig(StageConfig):
 
 
 def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
-    qcfg = quant_config_for(cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
-                            a_bit_options=parse_bits(cfg.a_bit_options), steps=cfg.steps,
-                            time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
-                            softmax_bits=cfg.softmax_bits, act_init=cfg.act_init, weight_init=cfg.weight_init,
-                            relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end)
+    def quant_config(steps: int, relax_tau: float):
+        return quant_config_for(cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                                a_bit_options=parse_bits(cfg.a_bit_options), steps=steps,
+                                time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
+                                softmax_bits=cfg.softmax_bits, act_init=cfg.act_init, weight_init=cfg.weight_init,
+                                relax_tau=relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end)
+
+    # a bad flag fails before the model loads; without --steps the relaxing checks (they need the
+    # steps, which the model gives) wait for it
+    quant_config(cfg.steps or 1, cfg.relax_tau if cfg.steps else 0.0)
+    draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
+    prompts = draw.prompts
     run_dir = Path(cfg.run_dir)
     out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite)
     if cfg.overwrite:
         shutil.rmtree(run_dir / PARTIAL, ignore_errors=True)  # start the reconstruction over
     L.seed_everything(cfg.seed, verbose=False)
-    prompts = load_prompts(cfg.prompts, limit=cfg.cali_n, split="train", seed=cfg.seed)
     pipe = load_pipeline(cfg.model, **cfg.load_options())
+    sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance)
+    qcfg = quant_config(sampling.steps, cfg.relax_tau)
     extra_tensors, metrics = calibrate_pipeline(
-        pipe, qcfg, cfg.method, prompts, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
+        pipe, qcfg, cfg.method, prompts, steps=sampling.steps, guidance=sampling.guidance, batch_size=cfg.batch_size,
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,
         relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
         cali_dir=cfg.cali_data or run_dir / "cali_data", partial_dir=run_dir / PARTIAL, trainer=trainer,
@@ -94,10 +106,11 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         return out
     summary = {**quantized_summary(pipe.unet), **{k: v for k, v in metrics.items() if k != "units"}}
     save_quantized(pipe.unet, out, extra_tensors=extra_tensors,
-                   extra={"method": cfg.method, "model": cfg.model, "steps": cfg.steps, "guidance": cfg.guidance,
-                          "prompts": cfg.prompts, "cali_n": len(prompts), "progressive": cfg.progressive,
-                          "relax_tau": cfg.relax_tau})
-    write_manifest(out, "calibrate", cfg, summary, units=metrics.get("units", {}))
+                   extra={"method": cfg.method, "model": cfg.model, "steps": sampling.steps,
+                          "guidance": sampling.guidance, "scheduler": sampling.scheduler, "prompts": cfg.prompts,
+                          "cali_n": len(prompts), "progressive": cfg.progressive, "relax_tau": cfg.relax_tau})
+    write_manifest(out, "calibrate", cfg, summary, units=metrics.get("units", {}), sampling=sampling.as_dict(),
+                   prompt_split=draw.describe())
     print(f"calibrated {cfg.method} W{cfg.w_bits}A{cfg.a_bits} -> {out}  (BitOPs {summary['bitops_T']:.4g} T, "
           f"FAB {summary['fab']:.2f}, {summary['size_bytes'] / 2**20:.2f} MiB, {summary['calibration_seconds']:.1f} s)")
     return out

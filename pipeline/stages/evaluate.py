@@ -11,12 +11,14 @@ from pathlib import Path
 
 import lightning as L
 
+from data.prompts import parse_fractions
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig
 from pipeline.evaluation.plan import AUTO, plan_evaluation
 from pipeline.evaluation.report import write_results
 from pipeline.evaluation.runner import run_evaluation, validate
 from pipeline.evaluation.settings import EvalSettings
+from pipeline.models import load_pipeline, sampling_defaults
 
 
 @dataclass
@@ -28,20 +30,24 @@ class EvaluateConfig(StageConfig):
     labels: list[str] | None = None
     """table names of --quant-states"""
     in_domain: str = AUTO
-    """in-domain prompts: 'world[:split]', 'builtin', a .txt/.jsonl file; auto = world:val on the embedded model,
-    else builtin"""
+    """prompt source: world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv |
+    parti:FILE.tsv | sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet, split by the SHA-1 of each
+    prompt into train/val/test (--split-fractions; docs/prompts.md); this stage draws from test; auto =
+    world:test on the embedded model, else builtin"""
     generalization: str | None = None
-    """prompt-generalization prompts (another style than calibration), same syntax"""
+    """prompt-generalization prompts: another source than calibration's, same syntax; its test split"""
+    split_fractions: str = "0.8,0.1,0.1"
+    """train,val,test fractions of the hashed prompt split (use the same in every stage of a run)"""
     n: int = 128
     """prompts per split"""
     images_per_prompt: int = 1
     """seeds per prompt"""
-    steps: int = 20
-    """sampling steps"""
-    guidance: float = 5.0
-    """classifier-free guidance scale"""
+    steps: int | None = None
+    """sampling steps (default: the model's, pipeline.models.sampling_defaults)"""
+    guidance: float | None = None
+    """classifier-free guidance scale (default: the model's)"""
     resolution: int | None = None
-    """pixels; default: the model's own"""
+    """pixels (default: the model's)"""
     batch_size: int = 8
     """prompts per generation batch"""
     fid: bool = True
@@ -64,11 +70,17 @@ class EvaluateConfig(StageConfig):
 
 
 def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
-    settings = EvalSettings(steps=cfg.steps, guidance=cfg.guidance, resolution=cfg.resolution, fid=cfg.fid,
-                            sfid=cfg.sfid, lpips=cfg.lpips, real_images=cfg.real_images, grid_n=cfg.grid_n)
+    settings = EvalSettings(fid=cfg.fid, sfid=cfg.sfid, lpips=cfg.lpips, real_images=cfg.real_images,
+                            grid_n=cfg.grid_n)
     plan = plan_evaluation(cfg.model, cfg.quant_states, cfg.labels, cfg.in_domain, cfg.generalization, cfg.n,
-                           cfg.images_per_prompt, cfg.seed, settings, cfg.fid_dims, cfg.sfid_grid, cfg.clip)
-    validate(cfg.model, plan.methods, plan.splits, plan.settings, cfg.load_options())
+                           cfg.images_per_prompt, cfg.seed, settings, cfg.fid_dims, cfg.sfid_grid, cfg.clip,
+                           parse_fractions(cfg.split_fractions))
+    fp = load_pipeline(cfg.model, **cfg.load_options())
+    sampling = sampling_defaults(fp, cfg.steps, cfg.guidance, cfg.resolution)
+    settings.steps, settings.guidance = sampling.steps, sampling.guidance
+    settings.resolution, settings.scheduler = sampling.resolution, sampling.scheduler
+    validate(cfg.model, plan.methods, plan.splits, plan.settings, cfg.load_options(), fp_unet=fp.unet)
+    del fp  # each method loads its own pipeline
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["evaluate"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     res = run_evaluation(cfg.model, plan.methods, plan.splits, plan.settings, cfg.batch_size, trainer,
@@ -76,7 +88,8 @@ def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
     if not res["is_global_zero"]:
         return out
     md = write_results(out, cfg.model, plan, res)
-    write_manifest(out, "evaluate", cfg, {"rows": res["rows"]})
+    write_manifest(out, "evaluate", cfg, {"rows": res["rows"]}, sampling=sampling.as_dict(),
+                   prompt_split={s.name: s.draw for s in plan.splits})
     print(md)
     print(f"results -> {out}")
     return out

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.prompts import load_prompts
+from data.prompts import draw_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig
-from pipeline.models import load_quantized_pipeline
+from pipeline.models import load_quantized_pipeline, sampling_defaults
 from pipeline.plots import save_grid, save_images
-from pipeline.qlip.pipeline import QLIPPipeline, log_batch, write_bits
+from pipeline.qlip.pipeline import QLIPPipeline, check_deployed_sampler, log_batch, write_bits
 from pipeline.sampling import generate as sample
 
 
@@ -24,7 +24,10 @@ class GenerateConfig(StageConfig):
     """Settings of the generate stage."""
 
     prompts: str = "world"
-    """'world', 'builtin' or a .txt/.jsonl file"""
+    """prompt source: world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv |
+    parti:FILE.tsv | sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet, split by the SHA-1 of each
+    prompt into train/val/test (docs/prompts.md); this stage takes the first --n prompts of the whole source,
+    unsplit (bare 'world': its val scenes)"""
     n: int = 8
     """number of prompts"""
     quant_state: str | None = None
@@ -33,10 +36,12 @@ class GenerateConfig(StageConfig):
     """a q2b output folder: text-aware bits (QLIP)"""
     t2q: str | None = None
     """with --q2b: a T2Q folder other than its own"""
-    steps: int = 20
-    """sampling steps"""
-    guidance: float = 5.0
-    """classifier-free guidance scale"""
+    steps: int | None = None
+    """sampling steps (default: the model's, pipeline.models.sampling_defaults)"""
+    guidance: float | None = None
+    """classifier-free guidance scale (default: the model's)"""
+    resolution: int | None = None
+    """pixels (default: the model's)"""
     batch_size: int = 8
     """prompts per batch (with --q2b a batch runs the max bits of its prompts)"""
     name: str = ARTIFACTS["generate"]
@@ -44,7 +49,8 @@ class GenerateConfig(StageConfig):
 
 
 def generate(cfg: GenerateConfig) -> Path:
-    prompts = load_prompts(cfg.prompts, limit=cfg.n, split="val", seed=cfg.seed)
+    draw = draw_prompts(cfg.prompts, None, cfg.n, seed=cfg.seed, world_split="val")
+    prompts = draw.prompts
     qlip = None
     if cfg.q2b:
         qlip = QLIPPipeline.from_pretrained(cfg.q2b, model=cfg.model, quant_state=cfg.quant_state, t2q=cfg.t2q,
@@ -52,21 +58,26 @@ def generate(cfg: GenerateConfig) -> Path:
         pipe = qlip.pipe
     else:
         pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, **cfg.load_options())
+    sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance, cfg.resolution)
     n_steps = pipe.unet.quant_config.n_steps if getattr(pipe.unet, "quant_config", None) is not None else 1
-    if n_steps > 1 and n_steps != cfg.steps:
-        raise ValueError(f"--steps {cfg.steps} differs from the {n_steps} steps the quantized state was "
-                         f"calibrated for")
+    if n_steps > 1 and n_steps != sampling.steps:
+        raise ValueError(f"--steps {sampling.steps} ({sampling.origin['steps']}) differs from the {n_steps} steps "
+                         f"the quantized state was calibrated for; pass --steps {n_steps}")
+    if qlip is not None:
+        check_deployed_sampler(qlip.q2b.meta, cfg.q2b, sampling.sampler(), "generate (--guidance, --scheduler)")
     out = prepare_artifact(cfg.run_dir, cfg.name, cfg.overwrite)
     seeds = [cfg.seed + i for i in range(len(prompts))]
     summary = None
     if qlip is None:
-        images = sample(pipe, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size)
+        images = sample(pipe, prompts, seeds, steps=sampling.steps, guidance=sampling.guidance,
+                        batch_size=cfg.batch_size, resolution=sampling.resolution)
     else:
-        result = qlip(prompts, seeds, batch_size=cfg.batch_size, guidance=cfg.guidance, on_batch=log_batch)
+        result = qlip(prompts, seeds, batch_size=cfg.batch_size, guidance=sampling.guidance, on_batch=log_batch)
         images = result.images
         summary = write_bits(out, result, qlip)
     save_images(images, out / "images")
     save_grid([images], out / "grid.png", scale=4 if images.shape[1] <= 64 else 1)
-    write_manifest(out, "generate", cfg, summary, prompts=prompts, seeds=seeds)
+    write_manifest(out, "generate", cfg, summary, prompts=prompts, seeds=seeds, sampling=sampling.as_dict(),
+                   prompt_split=draw.describe())
     print(f"{len(images)} images -> {out}")
     return out

@@ -15,14 +15,16 @@ from pathlib import Path
 import lightning as L
 
 from callbacks.bit_allocation import BitAllocationCallback
-from data.prompts import load_prompts
-from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
+from data.prompts import draw_prompts, parse_fractions
+from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, write_manifest
 from pipeline.engine import StageConfig
 from pipeline.errors import UserError
-from pipeline.models import load_pipeline
+from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.qlip.q2b import relative_link, save_q2b
 from pipeline.qlip.recipe import measure_q2b, q2b_options, train_q2b_on_state
+from pipeline.qlip.scoring import check_same_sampler, t2q_sampler
 from pipeline.qlip.sources import quality_source
+from pipeline.qlip.t2q import T2Q_FORMAT
 from pipeline.quant.state import check_same_model, read_meta
 
 
@@ -41,17 +43,23 @@ class Q2BConfig(StageConfig):
     target_fab: float = 12.0
     """FAB the bit cost is steered to"""
     prompts: str = "world"
-    """'world', 'builtin' or a .txt/.jsonl file"""
+    """prompt source: world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv |
+    parti:FILE.tsv | sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet, split by the SHA-1 of each
+    prompt into train/val/test (--split-fractions; docs/prompts.md); this stage trains on train and validates on
+    val"""
+    split_fractions: str = "0.8,0.1,0.1"
+    """train,val,test fractions of the hashed prompt split (use the same in every stage of a run)"""
     n: int = 64
     """training prompts (train split)"""
     val_n: int = 64
     """validation prompts (val split) for Spearman(q, FAB)"""
-    guidance: float = 5.0
-    """classifier-free guidance scale"""
+    guidance: float | None = None
+    """classifier-free guidance scale (default: the model's, pipeline.models.sampling_defaults); the steps are
+    the quantized state's"""
     batch_size: int = 8
     """prompts per training item"""
     resolution: int | None = None
-    """pixels; default: the model's own"""
+    """pixels (default: the model's)"""
     epochs: int = 20
     """training epochs"""
     lr: float = 0.05
@@ -79,19 +87,28 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
         raise UserError("--quant-state is required: a calibrate output folder such as runs/x/quant")
     meta = read_meta(cfg.quant_state)
     options = q2b_options(meta, cfg.quant_state, cfg.bit_options, cfg.criterion, cfg.t2q, cfg.relax, cfg.target_fab)
-    steps = meta["quant_config"]["n_steps"]
+    fractions = parse_fractions(cfg.split_fractions)
+    train_draw = draw_prompts(cfg.prompts, "train", cfg.n, fractions, seed=cfg.seed)
+    val_draw = draw_prompts(cfg.prompts, "val", cfg.val_n, fractions, seed=cfg.seed) if cfg.val_n else None
+    prompts, val = train_draw.prompts, (val_draw.prompts if val_draw else [])
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
     pipe = load_pipeline(cfg.model, **cfg.load_options())
     check_same_model(meta, pipe.unet, cfg.quant_state)
-    prompts = load_prompts(cfg.prompts, limit=cfg.n, split="train", seed=cfg.seed)
-    val = load_prompts(cfg.prompts, limit=cfg.val_n, split="val", seed=cfg.seed) if cfg.val_n else []
-    source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, cfg.guidance, cfg.load_options())
+    sampling = sampling_defaults(pipe, meta["quant_config"]["n_steps"], cfg.guidance, cfg.resolution)
+    steps = sampling.steps
+    # the T2Q predicts the quality of its scored set's sampler: it must be the one deployed
+    scored = t2q_sampler(read_artifact_meta(cfg.t2q, T2Q_FORMAT)) if cfg.criterion == "t2q" else None
+    if scored is not None:
+        check_same_sampler(scored, sampling.sampler(), f"the scored set of --t2q {cfg.t2q}",
+                           f"q2b (the state {cfg.quant_state}'s steps, --guidance, --scheduler)")
+    source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, sampling.guidance, cfg.load_options())
     hparams = {"kappa": cfg.kappa, "lr": cfg.lr, "dual_lr": cfg.dual_lr, "rho": cfg.rho}
     module, training, q_train, q_val, fab_w = train_q2b_on_state(
-        pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=cfg.guidance,
-        batch_size=cfg.batch_size, resolution=cfg.resolution, cali_dir=cfg.cali_data or Path(cfg.run_dir) / "q2b_data",
+        pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=sampling.guidance,
+        batch_size=cfg.batch_size, resolution=sampling.resolution,
+        cali_dir=cfg.cali_data or Path(cfg.run_dir) / "q2b_data",
         target_fab=cfg.target_fab, epochs=cfg.epochs, seed=cfg.seed, trainer=trainer,
         callbacks=lambda q: [BitAllocationCallback(q, out / "training", cfg.plot_every)],
         tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", **hparams)
@@ -100,14 +117,15 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     module = module.cpu()
     save_q2b(module, out, {"model": cfg.model, "quant_state": relative_link(cfg.quant_state, out),
                            "criterion": cfg.criterion, "t2q": relative_link(cfg.t2q, out), "steps": steps,
-                           "guidance": cfg.guidance, "target_fab": cfg.target_fab,
+                           "guidance": sampling.guidance, "sampler": sampling.sampler(), "target_fab": cfg.target_fab,
                            "base_method": meta.get("extra", {}).get("method"), "w_bits": meta["quant_config"]["w_bits"],
                            "hparams": {**hparams, "relax": cfg.relax, "tau": [cfg.tau_start, cfg.tau_end],
                                        "epochs": cfg.epochs}})
     metrics = {**measure_q2b(module, q_train, q_val, fab_w, out), "lambda": training.lam, "d_ref": training.d_ref,
                "memory_bytes": module.memory_bytes(), "q2b_seconds": time.time() - t0, "n_train": len(prompts),
                "n_val": len(val)}
-    write_manifest(out, "q2b", cfg, metrics, history=training.history)
+    write_manifest(out, "q2b", cfg, metrics, history=training.history, sampling=sampling.as_dict(),
+                   prompt_split={"train": train_draw.describe(), "val": val_draw.describe() if val_draw else None})
     print(f"Q2B {options} -> {out}: FAB train {metrics['fab_train']:.2f} (target {cfg.target_fab}), "
           f"Spearman(q, FAB) train {metrics['spearman_q_fab_train']:.3f}"
           + (f", val FAB {metrics['fab_val']:.2f} Spearman {metrics['spearman_q_fab_val']:.3f}" if val else "")

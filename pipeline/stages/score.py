@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.prompts import PromptDataModule, dealt_loader
+from data.prompts import PromptDataModule, dealt_loader, parse_fractions
 from data.reference import ReferenceImages
 from pipeline.artifacts import ARTIFACTS, write_manifest
 from pipeline.engine import StageConfig, is_global_zero, make_trainer
 from pipeline.metrics.giqa import make_giqa
-from pipeline.models import load_pipeline
+from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.qlip import scoring
 from pipeline.quant.state import model_fingerprint
 
@@ -29,17 +29,23 @@ class ScoreConfig(StageConfig):
     """Settings of the score stage."""
 
     prompts: str = "world"
-    """world | builtin | coco:FILE|NAME | cc:FILE | parti:FILE | sd-prompts[:FILE] | FILE"""
+    """prompt source: world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv |
+    parti:FILE.tsv | sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet, split by the SHA-1 of each
+    prompt into train/val/test (--split-fractions; docs/prompts.md); this stage scores --splits ('world' here:
+    the world's train scenes, hashed into T2Q's train/val)"""
     limit: int | None = None
     """keep this many prompts (a stable subset)"""
     splits: str = "train,val"
     """prompt splits to generate and score"""
     split_fractions: str = "0.8,0.1,0.1"
-    """train,val,test"""
+    """train,val,test fractions of the hashed prompt split (use the same in every stage of a run)"""
     steps: int | None = None
-    """default: 25 on the embedded world, else 50"""
+    """sampling steps (default: the model's, pipeline.models.sampling_defaults); must be what q2b/evaluate
+    deploy"""
     guidance: float | None = None
-    """default: 5.0 embedded, else 7.5"""
+    """classifier-free guidance scale (default: the model's)"""
+    resolution: int | None = None
+    """pixels (default: the model's)"""
     shard_size: int = 32
     """images per shard (the unit of resuming)"""
     reference: str = "auto"
@@ -64,13 +70,8 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
     t0 = time.time()
     giqa = make_giqa(cfg.giqa, cfg.gmm_components, cfg.pca_dim, cfg.knn_k, cfg.seed)  # validates early
     reference = scoring.resolve_reference(cfg.reference, cfg.model)
-    steps, guidance = scoring.sampling_defaults(cfg.model, cfg.steps, cfg.guidance)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
-    try:
-        fractions = [float(f) for f in cfg.split_fractions.split(",")]
-    except ValueError:
-        raise ValueError(f"--split-fractions {cfg.split_fractions!r} must be three numbers such as "
-                         f"0.8,0.1,0.1") from None
+    fractions = parse_fractions(cfg.split_fractions)
     out = Path(cfg.run_dir) / ARTIFACTS["score"]
     if is_global_zero():
         scoring.refuse_finished(out, cfg.overwrite)  # before loading anything
@@ -80,17 +81,18 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
         dm.prepare_data()
     shards = dm.generation_shards()  # an empty split fails here, before anything is generated
     pipe = load_pipeline(cfg.model, **cfg.load_options())
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance, cfg.resolution)
+    steps, guidance, side = sampling.steps, sampling.guidance, sampling.resolution
     ref = ReferenceImages(reference, cfg.n_reference, side, cfg.shard_size, cfg.seed)
     giqa.check_reference(ref.n, f"--reference {reference}")  # too few images for the GMM: fail now
     signature = {"model": cfg.model, "unet_sha256": model_fingerprint(pipe.unet)["weights_sha256"], "steps": steps,
-                 "guidance": guidance, "resolution": side, "prompts": dm.settings(), "splits": splits,
-                 "shard_size": cfg.shard_size, "seed": cfg.seed, "reference": ref.describe()}
+                 "guidance": guidance, "resolution": side, "scheduler": sampling.scheduler, "prompts": dm.settings(),
+                 "splits": splits, "shard_size": cfg.shard_size, "seed": cfg.seed, "reference": ref.describe()}
     if is_global_zero():
         scoring.prepare_scored_dir(out, signature, cfg.overwrite)
 
     fitter = make_trainer(trainer, progress=True, forced={"use_distributed_sampler": False})
-    module = scoring.FPFeatures(pipe, out, steps, guidance, cfg.inception_batch)
+    module = scoring.FPFeatures(pipe, out, steps, guidance, cfg.inception_batch, resolution=side)
     fitter.predict(module, datamodule=dm, return_predictions=False)  # shards go to disk
     module.pipe = None  # the reference pass needs only the Inception
     fitter.predict(module, dataloaders=dealt_loader(ref, fitter), return_predictions=False)
@@ -99,7 +101,9 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
         return out
     metrics = scoring.finish_scored_set(out, shards, len(ref), giqa, cfg.norm_quantile)
     metrics.update(n_reference=ref.n, prompt_stats=vars(dm.stats), seconds=time.time() - t0)
-    write_manifest(out, "score", cfg, metrics, signature=signature)
+    write_manifest(out, "score", cfg, metrics, signature=signature, sampling=sampling.as_dict(),
+                   prompt_split={"split_by": "sha1", "fractions": list(dm.fractions), "salt": dm.salt,
+                                 "counts": {s: len(dm.splits[s]) for s in ("train", "val", "test")}})
     print(f"scored {metrics['n_rows']} FP images with {cfg.giqa.upper()}-GIQA ({ref.n} reference images) -> {out}  "
           + ", ".join(f"{s}: n={v['n']} mean score {v['score_mean']:.3f}" for s, v in metrics["per_split"].items()))
     return out

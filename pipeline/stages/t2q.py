@@ -16,11 +16,12 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
-from data.prompts import load_prompts
+from data.prompts import draw_prompts, is_source
 from data.scored import ScoredDataModule
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig, is_global_zero, make_trainer
 from pipeline.models import EMBEDDED
+from pipeline.qlip.scoring import scored_sampler
 from pipeline.qlip.t2q import T2QModule, baselines, load_t2q, load_text_tower, save_t2q, t2q_metrics
 from pipeline.world.richness import format_richness_table, richness_series, richness_table
 
@@ -44,8 +45,8 @@ class T2QConfig(StageConfig):
     norm_quantile: float = 0.01
     """target normalization (data/scored.py)"""
     predict: list[str] | str | None = None
-    """a prompt, a .txt/.jsonl file, or a list '["a", "b"]': print T2Q's predicted quality with the trained
-    <run-dir>/t2q (no training)"""
+    """a prompt, a prompt source (every prompt of it, unsplit; the syntax of --prompts, docs/prompts.md), or a
+    list '["a", "b"]': print T2Q's predicted quality with the trained <run-dir>/t2q (no training)"""
     richness: bool = True
     """print the richness table (embedded world)"""
     richness_scenes: int = 100
@@ -56,7 +57,7 @@ def predict(cfg: T2QConfig) -> list[tuple[str, float]]:
     t2q = load_t2q(Path(cfg.run_dir) / ARTIFACTS["t2q"], model=cfg.model, clip=cfg.clip)
     prompts = []
     for item in [cfg.predict] if isinstance(cfg.predict, str) else cfg.predict:
-        prompts += load_prompts(item) if Path(item).is_file() else [item]
+        prompts += draw_prompts(item, None).prompts if is_source(item) else [item]
     q = t2q.predict(prompts).tolist()
     for p, v in zip(prompts, q):
         print(f"{v:.3f}  {p}")
@@ -89,8 +90,9 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
     if cfg.richness and cfg.model == EMBEDDED:
         table = richness_table(module.predict, richness_series(cfg.richness_scenes, cfg.seed))
         print(format_richness_table(table))
+    # the sampler of the targets: q2b and evaluate refuse to deploy this T2Q under another one
     save_t2q(module, out, extra={"normalization": dm.describe()["normalization"], "scored": str(scored),
-                                 "metrics": metrics})
+                                 "sampler": scored_sampler(scored), "metrics": metrics})
     write_manifest(out, "t2q", cfg, metrics, data=dm.describe(), richness=table)
     v, b = metrics["val"], metrics["baselines"]
     print(f"T2Q on {len(val)} val prompts: MSE {v['mse']:.4f} (constant {b['constant_mse']:.4f}, "

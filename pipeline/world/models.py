@@ -36,7 +36,8 @@ def world_unet_config(resolution: int = 32) -> dict:
     )
 
 
-WORLD_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 5.0}
+# The sampler every stage uses on the embedded world (world.json declares it: pipeline.models.sampling_defaults).
+WORLD_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0}
 
 
 def tokenize(captions, device=None, pad_to_longest: bool = False) -> torch.Tensor:
