@@ -74,6 +74,10 @@ def test_sigma_samplers_use_the_sigma_of_the_call_not_alphas_cumprod():
     gaps = [abs(space.alpha_bar(t) - float(s.alphas_cumprod[int(t)])) for t in s.timesteps]
     assert max(gaps) > 5e-4
     assert space.alpha_bar(s.timesteps[2]) == pytest.approx(float(1 / (1 + s.sigmas[2] ** 2)))
+    out, x = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)  # one timestep per row, as some callers pass
+    rows = space.to_eps(out, x, s.timesteps[1:3])
+    torch.testing.assert_close(rows[1:], space.to_eps(out[1:], x[1:], s.timesteps[2]))
+    torch.testing.assert_close(space.from_eps(rows, x, s.timesteps[1:3]), out, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="timestep 3.0 is not in the schedule"):
         space.alpha_bar(3)
     with pytest.raises(ValueError, match="no schedule yet; call set_timesteps"):
