@@ -85,14 +85,14 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
     for b in tqdm(todo, desc="calibration data", leave=False):
         chunk = prompts[b * batch_size:(b + 1) * batch_size]
         cond, uncond = encode_prompts(pipe, chunk)
-        save_file({"cond": cond.contiguous().cpu(), "uncond": uncond.contiguous().cpu()},
+        save_file({"cond": cond.float().contiguous().cpu(), "uncond": uncond.float().contiguous().cpu()},
                   str(out / f"emb_{b:05d}.safetensors"))
         seeds = [seed * 1_000_003 + b * batch_size + j for j in range(len(chunk))]
         records = {}
 
         def record(i, x, t):
             if i in indices:
-                records[i] = x.detach().cpu().contiguous()
+                records[i] = x.detach().float().cpu().contiguous()  # fp32 also after an autocast pass
 
         gens = noise_generators(seeds)  # initial latents, then a stochastic sampler's step noise
         denoise(pipe, cond, uncond, initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance,

@@ -70,7 +70,7 @@ def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict
         b = k // len(data.steps)
         x, cond, uncond = x.to(device), cond.to(device), uncond.to(device)
         t = torch.tensor(t, device=device)
-        eps_fp = guided_eps(unet, x, t, cond, uncond, guidance)
+        eps_fp = guided_eps(unet, x, t, cond, uncond, guidance).float()  # fp32 also after an autocast pass
         items.append({"step": step, "x": x, "t": t, "cond": cond, "uncond": uncond,
                       "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp})
     return items

@@ -14,7 +14,7 @@ import lightning as L
 from data.prompts import load_prompts
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
-from pipeline.engine import StageConfig, is_global_zero
+from pipeline.engine import StageConfig, is_global_zero, stage_device
 from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline
 from pipeline.quant import save_quantized
@@ -83,7 +83,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         shutil.rmtree(run_dir / PARTIAL, ignore_errors=True)  # start the reconstruction over
     L.seed_everything(cfg.seed, verbose=False)
     prompts = load_prompts(cfg.prompts, limit=cfg.cali_n, split="train", seed=cfg.seed)
-    pipe = load_pipeline(cfg.model, **cfg.load_options())
+    pipe = load_pipeline(cfg.model, **cfg.load_options()).to(stage_device(trainer))
     extra_tensors, metrics = calibrate_pipeline(
         pipe, qcfg, cfg.method, prompts, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size,
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data.prompts import load_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, fp_autocast, stage_device
 from pipeline.models import load_quantized_pipeline
 from pipeline.plots import save_grid, save_images
 from pipeline.qlip.pipeline import QLIPPipeline, log_batch, write_bits
@@ -43,15 +43,16 @@ class GenerateConfig(StageConfig):
     """output folder inside --run-dir"""
 
 
-def generate(cfg: GenerateConfig) -> Path:
+def generate(cfg: GenerateConfig, trainer: dict | None = None) -> Path:
+    device = stage_device(trainer)  # only --trainer.accelerator / devices / precision matter here
     prompts = load_prompts(cfg.prompts, limit=cfg.n, split="val", seed=cfg.seed)
     qlip = None
     if cfg.q2b:
         qlip = QLIPPipeline.from_pretrained(cfg.q2b, model=cfg.model, quant_state=cfg.quant_state, t2q=cfg.t2q,
                                             load=cfg.load_options())
-        pipe = qlip.pipe
+        pipe = qlip.to(device).pipe
     else:
-        pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, **cfg.load_options())
+        pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, **cfg.load_options()).to(device)
     n_steps = pipe.unet.quant_config.n_steps if getattr(pipe.unet, "quant_config", None) is not None else 1
     if n_steps > 1 and n_steps != cfg.steps:
         raise ValueError(f"--steps {cfg.steps} differs from the {n_steps} steps the quantized state was "
@@ -59,11 +60,13 @@ def generate(cfg: GenerateConfig) -> Path:
     out = prepare_artifact(cfg.run_dir, cfg.name, cfg.overwrite)
     seeds = [cfg.seed + i for i in range(len(prompts))]
     summary = None
-    if qlip is None:
-        images = sample(pipe, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size)
-    else:
-        result = qlip(prompts, seeds, batch_size=cfg.batch_size, guidance=cfg.guidance, on_batch=log_batch)
-        images = result.images
+    with fp_autocast(trainer, device):  # the quantized layers compute in fp32 inside it
+        if qlip is None:
+            images = sample(pipe, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size)
+        else:
+            result = qlip(prompts, seeds, batch_size=cfg.batch_size, guidance=cfg.guidance, on_batch=log_batch)
+            images = result.images
+    if qlip is not None:
         summary = write_bits(out, result, qlip)
     save_images(images, out / "images")
     save_grid([images], out / "grid.png", scale=4 if images.shape[1] <= 64 else 1)

@@ -17,7 +17,7 @@ import lightning as L
 from callbacks.bit_allocation import BitAllocationCallback
 from data.prompts import load_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, stage_device
 from pipeline.errors import UserError
 from pipeline.models import load_pipeline
 from pipeline.qlip.q2b import relative_link, save_q2b
@@ -83,11 +83,14 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
-    pipe = load_pipeline(cfg.model, **cfg.load_options())
+    device = stage_device(trainer)
+    pipe = load_pipeline(cfg.model, **cfg.load_options()).to(device)
     check_same_model(meta, pipe.unet, cfg.quant_state)
     prompts = load_prompts(cfg.prompts, limit=cfg.n, split="train", seed=cfg.seed)
     val = load_prompts(cfg.prompts, limit=cfg.val_n, split="val", seed=cfg.seed) if cfg.val_n else []
     source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, cfg.guidance, cfg.load_options())
+    if hasattr(source, "to"):  # T2Q's text tower
+        source.to(device)
     hparams = {"kappa": cfg.kappa, "lr": cfg.lr, "dual_lr": cfg.dual_lr, "rho": cfg.rho}
     module, training, q_train, q_val, fab_w = train_q2b_on_state(
         pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=cfg.guidance,

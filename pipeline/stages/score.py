@@ -17,7 +17,7 @@ from pathlib import Path
 from data.prompts import PromptDataModule, dealt_loader
 from data.reference import ReferenceImages
 from pipeline.artifacts import ARTIFACTS, write_manifest
-from pipeline.engine import StageConfig, is_global_zero, make_trainer
+from pipeline.engine import StageConfig, is_global_zero, make_trainer, stage_device
 from pipeline.metrics.giqa import make_giqa
 from pipeline.models import load_pipeline
 from pipeline.qlip import scoring
@@ -79,7 +79,7 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
     if is_global_zero():
         dm.prepare_data()
     shards = dm.generation_shards()  # an empty split fails here, before anything is generated
-    pipe = load_pipeline(cfg.model, **cfg.load_options())
+    pipe = load_pipeline(cfg.model, **cfg.load_options()).to(stage_device(trainer))
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ref = ReferenceImages(reference, cfg.n_reference, side, cfg.shard_size, cfg.seed)
     giqa.check_reference(ref.n, f"--reference {reference}")  # too few images for the GMM: fail now
