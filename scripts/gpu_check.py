@@ -6,7 +6,8 @@ tokenizer is built offline (data/tokenizer.py).
     scripts/gpu_check.sh                 # CUDA, 512x512, a few steps and iterations
     scripts/gpu_check.sh --dry-run       # the same stages on the CPU at tiny size (checks the script)
 
-Writes benchmarks/results/gpu_check.json (or --out): per stage seconds, peak memory, the device."""
+Writes benchmarks/results/gpu_check.json (--dry-run: gpu_check_dry_run.json; or --out): per stage
+seconds, peak memory, the device."""
 from __future__ import annotations
 
 import argparse
@@ -134,7 +135,8 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default=None, help="--trainer.precision (default bf16-mixed on CUDA, 32-true on "
                                                      "the CPU)")
     p.add_argument("--work", default="runs/gpu_check", help="model folders and run outputs (replaced)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu_check.json"), help="JSON results")
+    p.add_argument("--out", default=None, help="JSON results (default benchmarks/results/gpu_check.json; "
+                                               "gpu_check_dry_run.json with --dry-run, never taken for a GPU result)")
     args = p.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); run it on a GPU "
@@ -156,9 +158,11 @@ def main(argv=None) -> dict:
               if size == "sd14" else "tiny seeded SD-family pipeline", "resolution": side, "device": device,
               "trainer": trainer, "torch": torch.__version__, "setup_seconds": round(setup, 2), "stages": rows,
               "total_seconds": round(time.perf_counter() - t0, 2)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, result)
-    print(f"[gpu_check] {len(rows)} stages on {device} in {result['total_seconds']:.0f} s -> {args.out}")
+    name = "gpu_check_dry_run.json" if args.dry_run else "gpu_check.json"
+    out = Path(args.out or ROOT / "benchmarks/results" / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    print(f"[gpu_check] {len(rows)} stages on {device} in {result['total_seconds']:.0f} s -> {out}")
     return result
 
 

@@ -61,6 +61,9 @@ class EvalMethod:
     def load(self, model: str, load: dict | None = None):
         return load_pipeline(model, **(load or {}))
 
+    def to(self, device) -> None:
+        """Put what the method holds besides the pipeline (e.g. QLIP's quality source) on `device`."""
+
     def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Set the bit policy for this prompt batch (no-op for static methods); return the
         prompts' (cond, uncond) embeddings if this already encoded them, else None."""
@@ -153,6 +156,9 @@ class QLIPMethod(StaticQuantState):
     def load(self, model: str, load: dict | None = None):
         self.qlip = QLIPPipeline.from_pretrained(self.q2b_path, model=model, load=load)
         return self.qlip.pipe
+
+    def to(self, device) -> None:
+        self.qlip.to(device)
 
     def before_batch(self, pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.qlip.prepare_batch(prompts)[1]  # `pipe` is self.qlip.pipe (from `load`)
