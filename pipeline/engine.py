@@ -6,6 +6,7 @@ trainer={...}) -> Path`; `trainer` holds Lightning Trainer arguments (the CLI's
 `--trainer.*` flags), so the same call scales from a CPU to a cluster."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -14,6 +15,7 @@ from functools import cache
 
 import diffusers
 import lightning as L
+import torch
 import transformers
 
 from pipeline.models import default_model
@@ -81,3 +83,93 @@ def make_trainer(trainer: dict | None = None, *, defaults: dict | None = None, f
     kwargs.update({k: v for k, v in (trainer or {}).items() if v is not None})
     kwargs.update(forced or {})
     return L.Trainer(**kwargs)
+
+
+# --trainer.precision values and the autocast dtype of the FP passes (None: full fp32)
+FP_PASS_DTYPES = {None: None, 32: None, "32": None, "32-true": None,
+                  16: torch.float16, "16": torch.float16, "16-mixed": torch.float16,
+                  "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+
+
+def _cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _mps() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def device_for(accelerator, devices, local_rank: int, n_cuda: int, mps: bool = False) -> torch.device:
+    """The device of process `local_rank` for Lightning's `accelerator` / `devices` options,
+    as Lightning's strategy.root_device picks it (a pure function: `stage_device` is this
+    with the machine's values).
+
+    accelerator: None/'auto' (CUDA, else MPS, else CPU), 'cpu', 'gpu'/'cuda', 'mps'.
+    devices: None/'auto'/-1/'-1' (all), an int N (the first N), a list [2, 3] or '2,3'
+    (those indices; under DDP process k takes the k-th entry)."""
+    acc = str(accelerator or "auto").lower()
+    if acc == "auto":
+        acc = "cuda" if n_cuda else ("mps" if mps else "cpu")
+    if acc == "gpu":
+        acc = "cuda" if n_cuda or not mps else "mps"
+    if acc == "cpu":
+        return torch.device("cpu")
+    if acc == "mps":
+        if not mps:
+            raise ValueError("--trainer.accelerator mps: no MPS device on this machine; use cpu")
+        return torch.device("mps")
+    if acc != "cuda":
+        raise ValueError(f"--trainer.accelerator {accelerator!r}: the stages run on cpu, gpu (cuda), mps or auto")
+    if not n_cuda:
+        raise ValueError(f"--trainer.accelerator {accelerator}: no CUDA device is visible on this machine "
+                         f"(torch.cuda.is_available() is False); use --trainer.accelerator cpu")
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if devices in ("auto", "-1"):
+            devices = None
+        elif "," in devices or devices.startswith("["):
+            devices = [int(d) for d in devices.strip("[]").split(",") if d.strip()]
+        else:
+            devices = int(devices)
+    if devices is None or devices == -1:
+        ids = list(range(n_cuda))
+    elif isinstance(devices, int):
+        if devices < 1:
+            raise ValueError(f"--trainer.devices {devices}: give a positive count, a list such as 0,1, or auto")
+        ids = list(range(devices))
+    else:
+        ids = [int(d) for d in devices]
+    bad = [i for i in ids if not 0 <= i < n_cuda]
+    if bad or not ids:
+        raise ValueError(f"--trainer.devices {devices}: CUDA devices {bad or ids} do not exist here "
+                         f"({n_cuda} visible)")
+    if not 0 <= local_rank < len(ids):
+        raise ValueError(f"local rank {local_rank} has no device in --trainer.devices {devices} ({ids})")
+    return torch.device("cuda", ids[local_rank])
+
+
+def stage_device(trainer: dict | None = None) -> torch.device:
+    """The one place that decides where a stage computes: the device the Trainer built from the
+    same `--trainer.*` options puts its module on (strategy.root_device). Under DDP each process
+    gets its own (LOCAL_RANK). Every stage puts every part of the pipeline there."""
+    opts = trainer or {}
+    return device_for(opts.get("accelerator"), opts.get("devices"), int(os.environ.get("LOCAL_RANK") or 0),
+                      _cuda_count(), _mps())
+
+
+def fp_pass_dtype(trainer: dict | None = None) -> torch.dtype | None:
+    """The autocast dtype --trainer.precision gives the full-precision passes (None: fp32)."""
+    precision = (trainer or {}).get("precision")
+    if precision not in FP_PASS_DTYPES:
+        raise ValueError(f"--trainer.precision {precision!r}: the stages support 32-true, 16-mixed and "
+                         f"bf16-mixed (mixed precision applies to the FP passes; fake quantization runs in fp32)")
+    return FP_PASS_DTYPES[precision]
+
+
+def fp_autocast(trainer: dict | None, device: torch.device):
+    """Autocast of an FP pass outside a Lightning loop (sampling, calibration data, teachers);
+    a no-op at precision 32, so CPU runs stay bit-identical."""
+    dtype = fp_pass_dtype(trainer)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

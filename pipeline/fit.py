@@ -42,7 +42,7 @@ STAGES = {
     "q2b": Stage("pipeline.stages.q2b", "q2b", "Q2BConfig",
                  "train QLIP's Q2B (quality -> layer- and step-wise bits) on a calibrated state"),
     "generate": Stage("pipeline.stages.generate", "generate", "GenerateConfig",
-                      "generate images with the FP or a quantized UNet", trainer=False),
+                      "generate images with the FP or a quantized UNet"),
     "evaluate": Stage("pipeline.stages.evaluate", "evaluate", "EvaluateConfig",
                       "QDiffBench: FID/sFID to FP, CLIP score, PSNR/SSIM, FAB, BitOPs, time"),
     "bitops": Stage("pipeline.stages.bitops", "bitops", "BitopsConfig",

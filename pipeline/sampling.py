@@ -62,8 +62,8 @@ class Conditioning:
         return kw
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """For a safetensors shard (CPU, contiguous; absent parts left out)."""
-        return {k: v.detach().contiguous().cpu() for k, v in vars(self).items() if v is not None}
+        """For a safetensors shard (fp32 also after an autocast pass, CPU, contiguous; absent parts left out)."""
+        return {k: v.detach().float().contiguous().cpu() for k, v in vars(self).items() if v is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Conditioning":

@@ -95,7 +95,7 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
 
         def record(i, x, t):
             if i in indices:
-                records[i] = x.detach().cpu().contiguous()
+                records[i] = x.detach().float().cpu().contiguous()  # fp32 also after an autocast pass
 
         gens = noise_generators(seeds)  # initial latents, then a stochastic sampler's step noise
         denoise(pipe, text, initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance,

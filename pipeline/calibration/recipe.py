@@ -18,7 +18,7 @@ from pipeline.calibration.naive import calibrate_naive
 from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive, default_relax_end, relaxed_steps
 from pipeline.calibration.ptqd import ptqd_statistics
 from pipeline.calibration.qdiff import calibrate_qdiff
-from pipeline.engine import is_global_zero
+from pipeline.engine import fp_autocast, is_global_zero, stage_device
 from pipeline.quant import QuantConfig, check_bits, quantize_unet
 from pipeline.sampling import check_own_sampler
 
@@ -60,13 +60,17 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
         check_own_sampler(pipe, f"--method {method}" + (" --progressive true" if progressive else ""))
     t0 = time.time()
     extra_tensors, metrics = {}, {}
+    device = stage_device(trainer)
+    pipe.to(device)
     if method == "naive":
         calibrate_naive(pipe, qcfg, prompts, steps, guidance, batch_size, seed, trainer)
+        pipe.to(device)  # the predict Trainer's teardown left its module (the UNet) on the CPU
         if progressive:
             calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size)
     else:
-        collect(pipe, prompts, cali_dir, steps=steps, cali_st=cali_st, guidance=guidance, batch_size=batch_size,
-                seed=seed)
+        with fp_autocast(trainer, device):  # an FP pass: --trainer.precision applies
+            collect(pipe, prompts, cali_dir, steps=steps, cali_st=cali_st, guidance=guidance,
+                    batch_size=batch_size, seed=seed)
         data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance)
         quantize_unet(pipe.unet, qcfg)
         # with --progressive, the step sizes are learned step by step afterwards instead (PCR)
@@ -78,7 +82,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                                   trainer_kwargs=trainer or {}, partial_dir=partial_dir,
                                   is_rank_zero=is_global_zero(), signature={"model": signature.get("model")})
         if method == "ptqd":
-            extra_tensors = ptqd_statistics(pipe.unet, data)
+            extra_tensors = ptqd_statistics(pipe.unet, data, device)
     if relax_tau:
         metrics["relax_end"] = relax_end or default_relax_end(pipe)
         metrics["relaxed_steps"] = apply_relaxing(pipe.unet, relax_tau, relax_bits, metrics["relax_end"])

@@ -167,5 +167,7 @@ def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_
     slot_of = (lambda step: min(step, n_slots - 1)) if n_slots > 1 else (lambda step: 0)
     sampler = PhaseSampler(items, phases, slot_of, seed=seed, rank=trainer.global_rank)
     loader = torch.utils.data.DataLoader(ItemDataset(items), batch_size=None, sampler=sampler)
+    device = next(unit.parameters()).device
     trainer.fit(module, loader)
+    unit.to(device)  # the Trainer's teardown moves its module to the CPU; the rest of the UNet is on `device`
     return module

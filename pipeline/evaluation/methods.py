@@ -62,6 +62,9 @@ class EvalMethod:
     def load(self, model: str, load: dict | None = None):
         return load_pipeline(model, **(load or {}))
 
+    def to(self, device) -> None:
+        """Put what the method holds besides the pipeline (e.g. QLIP's quality source) on `device`."""
+
     def before_batch(self, pipe, prompts: Sequence[str]) -> Conditioning | None:
         """Set the bit policy for this prompt batch (no-op for static methods); return the
         prompts' (cond, uncond) embeddings if this already encoded them, else None."""
@@ -162,6 +165,9 @@ class QLIPMethod(StaticQuantState):
     def check_sampler(self, sampler: dict) -> None:
         super().check_sampler(sampler)
         check_deployed_sampler(self.q2b.meta, self.q2b_path, sampler, "evaluate (--steps, --guidance, --scheduler)")
+
+    def to(self, device) -> None:
+        self.qlip.to(device)
 
     def before_batch(self, pipe, prompts: Sequence[str]) -> Conditioning | None:
         return self.qlip.prepare_batch(prompts)[1]  # `pipe` is self.qlip.pipe (from `load`)

@@ -84,6 +84,7 @@ class MethodEvaluation(L.LightningModule):
         with torch.inference_mode(False):  # quantizer state loaded here must stay a normal tensor
             self.pipe = self.method.load(self.model_name, self.load_options)
         self.pipe.to(self.device)
+        self.method.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         unet = self.pipe.unet
         side = s.resolution or unet.config.sample_size * self.pipe.vae_scale_factor

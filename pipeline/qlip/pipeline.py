@@ -86,6 +86,16 @@ class QLIPPipeline:
                                  meta["steps"], meta["guidance"], load)
         return cls(pipe, q2b, quality, meta["steps"], meta["guidance"])
 
+    def to(self, device) -> "QLIPPipeline":
+        """The pipeline and the quality source (T2Q's text tower, the complexity criterion's FP
+        pipeline) onto `device`. Q2B stays on the CPU: a few tables whose bit decisions are read
+        on the host anyway."""
+        self.pipe.to(device)
+        for part in (self.quality_source, getattr(self.quality_source, "pipe", None)):
+            if hasattr(part, "to"):
+                part.to(device)
+        return self
+
     def fab_of(self, tables: torch.Tensor) -> torch.Tensor:
         return weighted_fab(torch.as_tensor(tables, dtype=torch.float64), self.fab_w)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.calibration.data import CalibrationData, collect
+from pipeline.engine import fp_autocast, stage_device
 from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
 from pipeline.models import quantize_pipeline
 from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
@@ -61,10 +62,13 @@ def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, promp
     check_own_sampler(pipe, "q2b")
     q_train = source.predict(prompts).float().cpu()
     q_val = source.predict(val).float().cpu() if val else torch.zeros(0)
-    collect(pipe, prompts, cali_dir, steps=steps, cali_st=steps, guidance=guidance, batch_size=batch_size,
-            seed=seed, resolution=resolution)
-    data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance, resolution=resolution)
-    items = training_items(pipe.unet, data, q_train)  # FP targets: before the state is loaded
+    device = stage_device(trainer)
+    pipe.to(device)
+    with fp_autocast(trainer, device):  # FP passes: --trainer.precision applies
+        collect(pipe, prompts, cali_dir, steps=steps, cali_st=steps, guidance=guidance, batch_size=batch_size,
+                seed=seed, resolution=resolution)
+        data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance, resolution=resolution)
+        items = training_items(pipe.unet, data, q_train, device)  # FP targets: before the state is loaded
 
     quantize_pipeline(pipe, quant_state)
     layers = list(quant_layers(pipe.unet))

@@ -83,7 +83,7 @@ def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict
         b = k // len(data.steps)
         x, text = x.to(device), text.to(device)
         t = torch.tensor(t, device=device)
-        eps_fp = guided_eps(unet, x, t, text, guidance, space)
+        eps_fp = guided_eps(unet, x, t, text, guidance, space).float()  # fp32 also after an autocast pass
         text.pooled = None  # T2Q's input: not needed by the UNet
         items.append({"step": step, "x": x, "t": t, **{n: v for n, v in vars(text).items() if v is not None},
                       "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp, "space": space})

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.quant.config import QuantConfig
-from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer, mix_options
+from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer, fp32_math, mix_options
 
 
 class QuantAttnProcessor(nn.Module):
@@ -54,6 +54,7 @@ class QuantAttnProcessor(nn.Module):
         rest = self._quant(bank, proj(enc[:, 1:]), proj)
         return torch.cat([bos, rest], dim=1)
 
+    @fp32_math
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -8,6 +8,7 @@ For Q2B training a layer may instead hold a per-sample mixture of options
 (`policy.bit_mixture`); inference never takes that path."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,23 @@ from pipeline.quant.quantizer import WeightQuantizer, fake_quantize, init_range,
 def _version_of(t: torch.Tensor) -> tuple:
     """Identity + in-place version of a tensor (inference tensors have no version counter)."""
     return (t.data_ptr(), -1 if t.is_inference() else t._version)
+
+
+def fp32_math(forward):
+    """Run a fake-quantizing forward in fp32 inside an autocast region (--trainer.precision
+    16-mixed / bf16-mixed): its rounding grid and ranges must not be re-rounded to half
+    precision. Half inputs are cast up; outside autocast the forward runs unchanged."""
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        x = next((a for a in args if torch.is_tensor(a)), None)
+        if x is None or not torch.is_autocast_enabled(x.device.type):
+            return forward(self, *args, **kwargs)
+        up = lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, *[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapped
 
 
 def mix_options(quantize, indices: list[int], weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -181,6 +199,8 @@ class QuantLayer(nn.Module):
                                        config.lp_candidates, init=init, rounding=config.weight_rounding)
         self.act = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples)
         self.act_skip = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples) if split else None
+        for bank in self.banks():  # where the layer's weight is (the UNet may already be on its device)
+            bank.to(module.weight.device)
         self.bit_options = list(config.a_bit_options)
         self.time_aware = config.time_aware
         self.policy = [self.bit_options.index(config.a_bits)] * config.n_steps  # bit-option index per step
@@ -230,6 +250,7 @@ class QuantLayer(nn.Module):
             return self.act(x, k, slot)
         return torch.cat([self.act(x[:, : self.split], k, slot), self.act_skip(x[:, self.split:], k, slot)], dim=1)
 
+    @fp32_math
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
         w = self.quantized_weight()

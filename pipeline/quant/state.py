@@ -33,7 +33,7 @@ def model_fingerprint(unet: nn.Module) -> dict:
         if p.device.type == "meta":
             h.update(f"{name}{tuple(p.shape)}".encode())
             continue
-        flat = p.detach().reshape(-1)
+        flat = p.detach().reshape(-1).cpu()  # summed on the CPU: the same checksum from any device
         h.update(name.encode())
         h.update(flat[:256].float().cpu().numpy().tobytes())
         h.update(str(round(float(flat.double().sum()), 4)).encode())

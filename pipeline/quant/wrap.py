@@ -105,7 +105,8 @@ def quantize_unet(unet: nn.Module, config: QuantConfig,
 
         for module in unet.modules():
             if isinstance(module, Attention):
-                module.set_processor(QuantAttnProcessor(config, ctx))
+                # its banks go where the attention's weights are (the UNet may already be on its device)
+                module.set_processor(QuantAttnProcessor(config, ctx).to(module.to_q.weight.device))
     unet.quant_config = config
     unet.quant_context = ctx
     unet.register_forward_pre_hook(_step_pre_hook, with_kwargs=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data.prompts import draw_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, fp_autocast, stage_device
 from pipeline.models import load_quantized_pipeline, sampling_defaults
 from pipeline.plots import save_grid, save_images
 from pipeline.qlip.pipeline import QLIPPipeline, check_deployed_sampler, log_batch, write_bits
@@ -48,16 +48,17 @@ class GenerateConfig(StageConfig):
     """output folder inside --run-dir"""
 
 
-def generate(cfg: GenerateConfig) -> Path:
+def generate(cfg: GenerateConfig, trainer: dict | None = None) -> Path:
+    device = stage_device(trainer)  # only --trainer.accelerator / devices / precision matter here
     draw = draw_prompts(cfg.prompts, None, cfg.n, seed=cfg.seed, world_split="val")
     prompts = draw.prompts
     qlip = None
     if cfg.q2b:
         qlip = QLIPPipeline.from_pretrained(cfg.q2b, model=cfg.model, quant_state=cfg.quant_state, t2q=cfg.t2q,
                                             load=cfg.load_options())
-        pipe = qlip.pipe
+        pipe = qlip.to(device).pipe
     else:
-        pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, **cfg.load_options())
+        pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, **cfg.load_options()).to(device)
     sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance, cfg.resolution)
     n_steps = pipe.unet.quant_config.n_steps if getattr(pipe.unet, "quant_config", None) is not None else 1
     if n_steps > 1 and n_steps != sampling.steps:
@@ -68,12 +69,14 @@ def generate(cfg: GenerateConfig) -> Path:
     out = prepare_artifact(cfg.run_dir, cfg.name, cfg.overwrite)
     seeds = [cfg.seed + i for i in range(len(prompts))]
     summary = None
-    if qlip is None:
-        images = sample(pipe, prompts, seeds, steps=sampling.steps, guidance=sampling.guidance,
-                        batch_size=cfg.batch_size, resolution=sampling.resolution)
-    else:
-        result = qlip(prompts, seeds, batch_size=cfg.batch_size, guidance=sampling.guidance, on_batch=log_batch)
-        images = result.images
+    with fp_autocast(trainer, device):  # the quantized layers compute in fp32 inside it
+        if qlip is None:
+            images = sample(pipe, prompts, seeds, steps=sampling.steps, guidance=sampling.guidance,
+                            batch_size=cfg.batch_size, resolution=sampling.resolution)
+        else:
+            result = qlip(prompts, seeds, batch_size=cfg.batch_size, guidance=sampling.guidance, on_batch=log_batch)
+            images = result.images
+    if qlip is not None:
         summary = write_bits(out, result, qlip)
     save_images(images, out / "images")
     save_grid([images], out / "grid.png", scale=4 if images.shape[1] <= 64 else 1)

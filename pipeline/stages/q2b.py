@@ -17,7 +17,7 @@ import lightning as L
 from callbacks.bit_allocation import BitAllocationCallback
 from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, write_manifest
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, stage_device
 from pipeline.errors import UserError
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.qlip.q2b import relative_link, save_q2b
@@ -94,7 +94,8 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
-    pipe = load_pipeline(cfg.model, **cfg.load_options())
+    device = stage_device(trainer)
+    pipe = load_pipeline(cfg.model, **cfg.load_options()).to(device)
     check_same_model(meta, pipe.unet, cfg.quant_state)
     sampling = sampling_defaults(pipe, meta["quant_config"]["n_steps"], cfg.guidance, cfg.resolution)
     steps = sampling.steps
@@ -104,6 +105,8 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
         check_same_sampler(scored, sampling.sampler(), f"the scored set of --t2q {cfg.t2q}",
                            f"q2b (the state {cfg.quant_state}'s steps, --guidance, --scheduler)")
     source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, sampling.guidance, cfg.load_options())
+    if hasattr(source, "to"):  # T2Q's text tower
+        source.to(device)
     hparams = {"kappa": cfg.kappa, "lr": cfg.lr, "dual_lr": cfg.dual_lr, "rho": cfg.rho}
     module, training, q_train, q_val, fab_w = train_q2b_on_state(
         pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=sampling.guidance,

@@ -17,7 +17,7 @@ from pathlib import Path
 from data.prompts import PromptDataModule, dealt_loader, parse_fractions
 from data.reference import ReferenceImages
 from pipeline.artifacts import ARTIFACTS, write_manifest
-from pipeline.engine import StageConfig, is_global_zero, make_trainer
+from pipeline.engine import StageConfig, is_global_zero, make_trainer, stage_device
 from pipeline.metrics.giqa import make_giqa
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.qlip import scoring
@@ -80,7 +80,7 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
     if is_global_zero():
         dm.prepare_data()
     shards = dm.generation_shards()  # an empty split fails here, before anything is generated
-    pipe = load_pipeline(cfg.model, **cfg.load_options())
+    pipe = load_pipeline(cfg.model, **cfg.load_options()).to(stage_device(trainer))
     sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance, cfg.resolution)
     steps, guidance, side = sampling.steps, sampling.guidance, sampling.resolution
     ref = ReferenceImages(reference, cfg.n_reference, side, cfg.shard_size, cfg.seed)

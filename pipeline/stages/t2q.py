@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from data.prompts import draw_prompts, is_source
 from data.scored import ScoredDataModule
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig, is_global_zero, make_trainer
+from pipeline.engine import StageConfig, is_global_zero, make_trainer, stage_device
 from pipeline.models import EMBEDDED
 from pipeline.qlip.scoring import scored_sampler
 from pipeline.qlip.t2q import T2QModule, baselines, load_t2q, load_text_tower, save_t2q, t2q_metrics
@@ -81,6 +81,7 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
     fitter.fit(module, datamodule=dm)
     if not fitter.is_global_zero:
         return out
+    module.to(stage_device(trainer))  # the metric passes too; the Trainer's teardown left it on the CPU
     train, val = dm.train_set, dm.val_set
     metrics = {"val": t2q_metrics(module, val.prompts, val.targets),
                "train": t2q_metrics(module, train.prompts, train.targets),
