@@ -79,7 +79,9 @@ def _reference_images(folder, n=8):
 def test_every_stage_runs_on_an_sdxl_folder(sdxl_folder, tmp_path):
     run = tmp_path / "run"
     common = {"model": sdxl_folder, "run_dir": str(run)}
-    cali = {"prompts": "builtin", "cali_n": 4, "batch_size": 2, "steps": 3, "cali_st": 3, "iters_w": 2, "iters_a": 2}
+    # 0 iterations: every unit's inputs (SDXL's added conditioning inside the blocks' kwargs) are captured and
+    # replayed for the range init; the Lightning fits themselves are model-agnostic (tests/test_calibration.py)
+    cali = {"prompts": "builtin", "cali_n": 4, "batch_size": 2, "steps": 3, "cali_st": 3, "iters_w": 0, "iters_a": 0}
 
     def calibrate(folder, **kw):
         return api.calibrate(api.CalibrateConfig(**{**common, "run_dir": str(tmp_path / folder)}, **cali, **kw),
@@ -95,19 +97,19 @@ def test_every_stage_runs_on_an_sdxl_folder(sdxl_folder, tmp_path):
     scored = api.score(api.ScoreConfig(**common, prompts="builtin", steps=3, split_fractions="0.5,0.5,0",
                                        reference=_reference_images(tmp_path / "ref"), gmm_components=2, pca_dim=4,
                                        n_reference=8), trainer=QUIET)
-    t2q_dir = api.t2q(api.T2QConfig(**common, scored=str(scored), epochs=2, richness=False), trainer=QUIET)
+    t2q_dir = api.t2q(api.T2QConfig(**common, scored=str(scored), epochs=1, richness=False), trainer=QUIET)
     pipe = load_pipeline(sdxl_folder)
     assert load_t2q(t2q_dir).reads_same_text_as(pipe.tokenizer_2, pipe.text_encoder_2)
     qlip = api.q2b(api.Q2BConfig(**common, quant_state=str(state), t2q=str(t2q_dir), bit_options="8,16",
-                                 target_fab=12.0, prompts="builtin", n=4, val_n=2, batch_size=2, epochs=2),
+                                 target_fab=12.0, prompts="builtin", n=4, val_n=2, batch_size=2, epochs=1),
                    trainer=QUIET)
     images = api.generate(api.GenerateConfig(**common, quant_state=str(state), prompts="builtin", n=2, steps=3))
     assert len(list((images / "images").glob("*.png"))) == 2
-    ev = api.evaluate(api.EvaluateConfig(**common, quant_states=[str(state), str(qlip)], labels=["W8A8", "QLIP"],
+    ev = api.evaluate(api.EvaluateConfig(**common, quant_states=[str(qlip)], labels=["QLIP"],
                                          in_domain="builtin", n=4, steps=3, batch_size=2, fid=False, sfid=False,
                                          lpips=False, clip="none"), trainer=QUIET)
     rows = json.loads((ev / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows][-2:] == ["W8A8", "QLIP"]
+    assert rows[-1]["method"] == "QLIP"
     assert 8 <= rows[-1]["fab"] <= 16
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.prediction import PREDICTION_TYPES, prediction_space
+from pipeline.prediction import PREDICTION_TYPES, check_prediction_type, prediction_space
 from pipeline.quant import set_quant_state
 
 
@@ -67,7 +67,8 @@ def apply_ptqd(unet, stats: dict[str, torch.Tensor], pipe=None):
         raise ValueError(f"this PTQD state was calibrated on a {recorded!r} model: pass the pipeline "
                          f"(apply_ptqd(unet, stats, pipe)) so its outputs are corrected in eps space")
     if recorded is not None and pipe is not None:
-        now = prediction_space(pipe.scheduler).prediction_type
+        # the type alone: a freshly loaded scheduler has no schedule (set_timesteps) yet
+        now = check_prediction_type(getattr(pipe.scheduler.config, "prediction_type", None))
         if now != recorded:
             raise ValueError(f"this PTQD state was calibrated on a {recorded!r} model but the pipeline's "
                              f"scheduler predicts {now!r}; use the model's own prediction type")
