@@ -298,7 +298,8 @@ def prepare_artifact(run_dir: str | Path, name: str, overwrite: bool) -> Path:
     results (a manifest) are never clobbered without `overwrite`; an unfinished folder (no
     manifest: a kill before the final write) is cleared and redone, with a note."""
     path = Path(run_dir) / name
-    if lock_run_dir(run_dir, name) is None:  # a DDP rank > 0: rank 0 prepares the folder
+    stage = next((k for k, v in ARTIFACTS.items() if v == name), name)
+    if lock_run_dir(run_dir, stage) is None:  # a DDP rank > 0: rank 0 prepares the folder
         path.mkdir(parents=True, exist_ok=True)
         return path
     if path.exists() and any(path.iterdir() if path.is_dir() else [path]):

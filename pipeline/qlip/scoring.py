@@ -129,7 +129,7 @@ def resolve_reference(reference: str, model: str) -> str:
 
 def refuse_finished(out: Path, overwrite: bool) -> None:
     """Take the run directory's lock, then refuse finished results (unless overwrite)."""
-    lock_run_dir(out.parent, out.name)
+    lock_run_dir(out.parent, "score")
     if is_finished(out) and not overwrite:
         raise RunDirError(f"{out} already holds results; pass --overwrite true to replace them, "
                           f"or choose another --run-dir")
