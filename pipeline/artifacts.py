@@ -131,10 +131,11 @@ def load_artifact_tensors(folder: str | Path, fmt: ArtifactFormat, device="cpu")
     if want is None:
         raise ValueError(f"{folder / fmt.meta} records no checksum of {fmt.tensors} (written before checksums "
                          f"were kept); {fmt.made_by} again")
+    remake = f"{fmt.made_by} again, with --overwrite true on its --run-dir"
     if sha256_file(path) != want:
         raise ValueError(f"{path} does not match the SHA-256 recorded when it was written (corrupted or changed "
-                         f"since); {fmt.made_by} again")
-    return load_tensors(path, f"{fmt.made_by} again", device)
+                         f"since); {remake}")
+    return load_tensors(path, remake, device)
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:

@@ -112,7 +112,7 @@ def test_a_bit_flipped_state_is_refused_at_load_naming_the_file(killed_and_rerun
     data[len(data) // 2] ^= 0xFF  # one byte of tensor data: same size, still parses
     (q / "quant_state.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{q / 'quant_state.safetensors'} does not match the SHA-256 recorded "
-                                         f"when it was written.*calibrate again"):
+                                         f"when it was written.*calibrate` again, with --overwrite true"):
         load_quantized(tiny_pipeline(0).unet, q)
 
 
