@@ -109,7 +109,8 @@ def test_a_bit_flipped_state_is_refused_at_load_naming_the_file(killed_and_rerun
         q.joinpath(f.name).write_bytes(f.read_bytes())
     load_quantized(tiny_pipeline(0).unet, q)  # the copy loads
     data = bytearray((q / "quant_state.safetensors").read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one byte of tensor data: same size, still parses
+    header = 8 + int.from_bytes(data[:8], "little")  # safetensors: u64 header length, JSON header, tensor data
+    data[(header + len(data)) // 2] ^= 0xFF  # one byte of tensor data: same size, still parses
     (q / "quant_state.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{q / 'quant_state.safetensors'} does not match the SHA-256 recorded "
                                          f"when it was written.*calibrate` again, with --overwrite true"):
