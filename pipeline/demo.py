@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_json_atomic, write_manifest
+from pipeline.artifacts import ARTIFACTS, lock_run_dir, prepare_artifact, write_json_atomic, write_manifest
 from pipeline.engine import StageConfig
 from pipeline.errors import RunDirError
 from pipeline.metrics.frechet import min_images
@@ -68,6 +68,7 @@ class DemoConfig(StageConfig):
 
 def demo(cfg: DemoConfig, trainer: dict | None = None) -> Path:
     root = Path(cfg.run_dir)
+    lock_run_dir(root, "demo")  # before any step folder is reused or deleted
     if (root / "demo" / "report.md").is_file() and not cfg.overwrite:
         raise RunDirError(f"{root / 'demo'} already holds a report; pass --overwrite true to recompute every step, "
                           f"or choose another --run-dir")

@@ -199,10 +199,11 @@ def test_score_stage_writes_a_resumable_scored_set(tmp_path, monkeypatch):
     assert len(shards) >= 2 and len(calls) == len(generated)
     assert len(list((tmp_path / "scored" / "shards").glob("reference_*.safetensors"))) == 2  # 16 / 8
     shards[-1].unlink()  # as if killed during the last shard
+    shards[0].write_bytes(shards[0].read_bytes()[:100])  # truncated: its checksum no longer matches the index
     calls.clear()
     monkeypatch.setattr(stage, "finish_scored_set", real_finish)
-    main(args)  # resumes: only the missing shard is generated again
-    assert len(calls) == 1
+    main(args)  # resumes: only the missing and the truncated shard are generated again
+    assert len(calls) == 2
     out = tmp_path / "scored"
     rows = read_scored(out)
     assert [r["index"] for r in rows] == list(range(len(rows))) and {r["split"] for r in rows} == {"train", "val"}

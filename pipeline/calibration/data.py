@@ -5,8 +5,11 @@ every calibration prompt, with its conditional and unconditional text
 embeddings (both CFG branches). Data lives in disk shards, one file per prompt
 batch for the embeddings and one per (batch, step) for x_t, so memory stays
 bounded for SD-sized models and an interrupted collection resumes at the
-first missing shard. `meta.json` ties the data to its model, resolution and
-schedule; loading it for anything else is refused with what differs."""
+first unfinished shard: `index.json` (artifacts.ShardIndex) records each
+shard's checksums once it is written, and a shard that is missing, truncated
+or changed is deleted and collected again. `meta.json` ties the data to its
+model, resolution and schedule; loading it for anything else is refused with
+what differs."""
 from __future__ import annotations
 
 import json
@@ -14,9 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.artifacts import ShardIndex, load_tensors, save_tensors, write_json_atomic
 from pipeline.prediction import PredictionSpace, prediction_space
 from pipeline.quant import first_calls
 from pipeline.quant.state import model_fingerprint
@@ -81,15 +84,16 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
         if old["prompts"] != meta["prompts"] or old["cali_steps"] != indices or old["batch_size"] != batch_size:
             raise ValueError(f"{out} holds calibration data of other prompts or steps; use another folder")
         if "prediction" not in old:  # collected before the space was recorded; the signature matched, so it is this
-            meta_path.write_text(json.dumps({**old, "prediction": meta["prediction"]}, indent=1))
+            write_json_atomic(meta_path, {**old, "prediction": meta["prediction"]})
     else:
-        meta_path.write_text(json.dumps(meta, indent=1))
+        write_json_atomic(meta_path, meta)
+    index = ShardIndex(out)
     todo = [b for b in (range(n_shards) if shard_ids is None else shard_ids)
-            if not (out / f"x_{b:05d}_{indices[-1]:03d}.safetensors").is_file()]
+            if not index.finished(*shard_files(out, b, indices))]
     for b in tqdm(todo, desc="calibration data", leave=False):
         chunk = prompts[b * batch_size:(b + 1) * batch_size]
         text = encode_prompts(pipe, chunk, resolution)
-        save_file(text.tensors(), str(out / f"emb_{b:05d}.safetensors"))
+        save_tensors(out / f"emb_{b:05d}.safetensors", text.tensors())
         seeds = [seed * 1_000_003 + b * batch_size + j for j in range(len(chunk))]
         records = {}
 
@@ -100,9 +104,15 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
         gens = noise_generators(seeds)  # initial latents, then a stochastic sampler's step noise
         denoise(pipe, text, initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance,
                 stop=indices[-1] + 1, on_unet_input=record, generators=gens)
-        for i in indices:  # the last index is written last: its presence marks a finished shard
-            save_file({"x": records[i]}, str(out / f"x_{b:05d}_{i:03d}.safetensors"))
+        for i in indices:
+            save_tensors(out / f"x_{b:05d}_{i:03d}.safetensors", {"x": records[i]})
+        index.record(*shard_files(out, b, indices))  # after the shard's last file: the shard is finished
     return out
+
+
+def shard_files(folder: Path, b: int, indices: Sequence[int]) -> list[Path]:
+    """The files of prompt batch `b`: its text embeddings, then x_t per calibrated step."""
+    return [folder / f"emb_{b:05d}.safetensors", *(folder / f"x_{b:05d}_{i:03d}.safetensors" for i in indices)]
 
 
 class CalibrationData:
@@ -123,8 +133,9 @@ class CalibrationData:
         self.steps = self.meta["cali_steps"]
         calls = self.meta["signature"]["timesteps"]  # one per UNet call; a step's first call is its input
         self.timesteps = [calls[k] for k in first_calls(calls)]
+        recorded = ShardIndex(self.path).read()
         missing = [b for b in range(self.meta["n_shards"])
-                   if not (self.path / f"x_{b:05d}_{self.steps[-1]:03d}.safetensors").is_file()]
+                   if not all(f.name in recorded and f.is_file() for f in shard_files(self.path, b, self.steps))]
         if missing:
             raise ValueError(f"calibration data in {self.path} is incomplete (shards {missing[:5]} missing); "
                              f"run the collection again to resume it")
@@ -140,12 +151,16 @@ class CalibrationData:
                              f"it again")
         return self._pipe_space
 
+    @property
+    def fix(self) -> str:
+        return "run the same command again: the collection checks every shard and redoes a bad one"
+
     def batches(self, step_index: int | None = None):
         """Yield (step index, x_t, t, text Conditioning) per shard and step."""
         for b in range(self.meta["n_shards"]):
-            text = Conditioning.from_tensors(load_file(str(self.path / f"emb_{b:05d}.safetensors")))
+            text = Conditioning.from_tensors(load_tensors(self.path / f"emb_{b:05d}.safetensors", self.fix))
             for i in self.steps if step_index is None else [step_index]:
-                x = load_file(str(self.path / f"x_{b:05d}_{i:03d}.safetensors"))["x"]
+                x = load_tensors(self.path / f"x_{b:05d}_{i:03d}.safetensors", self.fix)["x"]
                 yield i, x, self.timesteps[i], text
 
     def unet_calls(self, step_index: int | None = None, device="cpu"):

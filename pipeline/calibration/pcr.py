@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import check_progress, jsonable, write_json_atomic
+from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, write_json_atomic
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.models import is_sdxl
@@ -122,7 +121,8 @@ def _load_progress(unet, partial_dir, signature: dict) -> int:
     record = check_progress(Path(partial_dir) / "progressive.json", signature, "progressive calibration")
     if record is None:
         return 0
-    assign_quantizer_tensors(unet, load_file(str(Path(partial_dir) / "progressive.safetensors")))
+    assign_quantizer_tensors(unet, load_tensors(Path(partial_dir) / "progressive.safetensors",
+                                                "re-run calibrate with --overwrite true to start it over"))
     return int(record["done"])
 
 
@@ -131,9 +131,7 @@ def _save_progress(unet, partial_dir, done: int, signature: dict) -> None:
         return
     d = Path(partial_dir)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "progressive.safetensors.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in quantizer_state(unet).items()}, str(tmp))
-    tmp.replace(d / "progressive.safetensors")
+    save_tensors(d / "progressive.safetensors", quantizer_state(unet))
     # written last: a kill leaves the previous step's record
     write_json_atomic(d / "progressive.json", {"done": done, "signature": jsonable(signature)})
 

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import check_progress, jsonable, write_json_atomic
+from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, write_json_atomic
 from pipeline.calibration.blocks import BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers
 from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
 from pipeline.quant import set_quant_state
@@ -141,11 +140,11 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
         if name in progress["done"] and path.is_file():
-            assign_quantizer_tensors(unet, load_file(str(path)))
+            assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --overwrite true"))
             continue
         metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed)
         if is_rank_zero:
-            save_file({k: v.cpu() for k, v in quantizer_state(unit, prefix=name).items()}, str(path))
+            save_tensors(path, quantizer_state(unit, prefix=name))
             progress["done"].append(name)
             progress["metrics"][name] = metrics
             write_json_atomic(progress_file, progress)  # a kill never leaves a half-written progress file

@@ -19,9 +19,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import save_tensors, write_json_atomic
 from pipeline.metrics.cost import fab_weights, layer_stats, weighted_fab
 from pipeline.models import load_pipeline, load_quantized_pipeline, pooled_text_encoder
 from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
@@ -167,7 +166,7 @@ def write_bits(out: Path, result: QLIPOutput, qlip: QLIPPipeline) -> dict:
     (each batch's [layers, steps] table), bits_heatmap.png and bit_shares.png. Returns the summary."""
     q2b = qlip.q2b
     tables = torch.stack([b["policy"] for b in result.batches])
-    save_file({"policies": tables.contiguous()}, str(out / "bits.safetensors"))
+    save_tensors(out / "bits.safetensors", {"policies": tables})
     batches = [{k: v for k, v in b.items() if k != "policy"} for b in result.batches]
     summary = {"fab": result.fab, "bit_options": q2b.bit_options, "criterion": q2b.meta.get("criterion"),
                "n_batches": len(batches)}

@@ -4,13 +4,13 @@ predict loop; then GIQA scores.
 A batch is one shard: prompts to generate (data/prompts.py
 `generation_shards`) or reference images (data/reference.py). Each shard
 writes its PNGs and then `shards/<name>.safetensors` (features [n, 2048]),
-renamed into place only when complete, so a shard file means a finished
-shard: an interrupted run resumes at the first missing one, and under DDP
+renamed into place only when complete and then recorded with its checksum in
+`shards/index.json` (artifacts.ShardIndex): an interrupted run resumes at the
+first unfinished shard (a truncated or changed one is redone), and under DDP
 processes share the shards without ever writing the same file."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,11 +18,20 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from data.reference import WORLD
 from data.scored import Normalizer, write_scored
-from pipeline.artifacts import check_progress, jsonable, write_json_atomic
+from pipeline.artifacts import (
+    ShardIndex,
+    check_progress,
+    is_finished,
+    jsonable,
+    load_tensors,
+    lock_run_dir,
+    save_tensors,
+    verify_manifest,
+    write_json_atomic,
+)
 from pipeline.errors import RunDirError
 from pipeline.metrics.giqa import from_description
 from pipeline.metrics.inception import inception_features, shared_backbone
@@ -60,10 +69,10 @@ class FPFeatures(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         from PIL import Image
-        from safetensors.torch import save_file
 
         path = self.out / SHARDS / f"{shard_name(batch)}.safetensors"
-        if path.is_file():
+        index = ShardIndex(self.out / SHARDS)
+        if index.finished(path):
             return None  # finished by an earlier run
         if batch["kind"] == "generate":
             images = generate(self.pipe, batch["prompts"], batch["seeds"], steps=self.steps, guidance=self.guidance,
@@ -72,35 +81,32 @@ class FPFeatures(L.LightningModule):
                 Image.fromarray(img).save(self.out / image_name(batch["split"], i))
         else:
             images = batch["images"]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         feats = inception_features(images, self.inception, self.inception_batch)
-        save_file({"features": feats.contiguous()}, str(tmp),
-                  metadata={"indices": json.dumps(batch["indices"])})
-        os.replace(tmp, path)
+        save_tensors(path, {"features": feats}, metadata={"indices": json.dumps(batch["indices"])})
+        index.record(path)
         self.written += 1
         return None
 
 
 def read_shards(out_dir: str | Path, names: list[str]) -> torch.Tensor:
     """Concatenated features of the named shards, refusing a missing one."""
-    from safetensors.torch import load_file
-
     d = Path(out_dir) / SHARDS
     missing = [n for n in names if not (d / f"{n}.safetensors").is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} feature shards are missing in {d} ({', '.join(missing[:5])}); "
                                 f"run the same command again to finish them")
-    return torch.cat([load_file(str(d / f"{n}.safetensors"))["features"] for n in names])
+    fix = "run the same command again: it checks every shard and redoes a bad one"
+    return torch.cat([load_tensors(d / f"{n}.safetensors", fix)["features"] for n in names])
 
 
 def scored_set_giqa(scored_dir: str | Path):
     """(GIQA refitted on the set's stored reference features, its Normalizer):
     scores new images on the same scale as the scored set."""
-    from safetensors.torch import load_file
-
     d = Path(scored_dir)
+    fix = "re-run the score stage with --overwrite true"
+    verify_manifest(d, ["features.safetensors"], fix)
     metrics = json.loads((d / "manifest.json").read_text())["metrics"]
-    giqa = from_description(metrics["giqa"]).fit(load_file(str(d / "features.safetensors"))["reference"])
+    giqa = from_description(metrics["giqa"]).fit(load_tensors(d / "features.safetensors", fix)["reference"])
     norm = metrics["normalization"]
     return giqa, Normalizer(norm["lo"], norm["hi"], norm["quantile"])
 
@@ -152,7 +158,9 @@ def resolve_reference(reference: str, model: str) -> str:
 
 
 def refuse_finished(out: Path, overwrite: bool) -> None:
-    if (out / "manifest.json").is_file() and not overwrite:
+    """Take the run directory's lock, then refuse finished results (unless overwrite)."""
+    lock_run_dir(out.parent, "score")
+    if is_finished(out) and not overwrite:
         raise RunDirError(f"{out} already holds results; pass --overwrite true to replace them, "
                           f"or choose another --run-dir")
 
@@ -184,8 +192,8 @@ def finish_scored_set(out: Path, shards: list[dict], n_reference: int, giqa, qua
     for r, v, q in zip(rows, raw, normalizer(raw)):
         r["score_raw"], r["score"] = float(v), float(q)
     write_scored(out, rows)
-    save_file({"generated": gen.contiguous(), "reference": ref_feats.contiguous()}, str(out / "features.safetensors"),
-              metadata={"giqa": json.dumps(giqa.describe()), "rows": "scored.jsonl order"})
+    save_tensors(out / "features.safetensors", {"generated": gen, "reference": ref_feats},
+                 metadata={"giqa": json.dumps(giqa.describe()), "rows": "scored.jsonl order"})
     shutil.rmtree(out / SHARDS, ignore_errors=True)  # merged into features.safetensors
     save_extremes(out, rows)
     per_split = {s: {"n": int(sum(r["split"] == s for r in rows)),
