@@ -19,6 +19,7 @@ from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline
 from pipeline.quant import save_quantized
 from pipeline.quant.config import parse_bits
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, ram_cap_bytes
 
 
 @dataclass
@@ -69,6 +70,9 @@ class CalibrateConfig(StageConfig):
     """x0 (SD-like) | xT (SDXL-like)"""
     cali_data: str | None = None
     """calibration-data folder (default <run-dir>/cali_data; reused when it matches)"""
+    ram_cap_gib: float = DEFAULT_RAM_CAP_GIB
+    """GiB of a unit's reconstruction inputs/outputs kept in RAM (qdiff/ptqd); the rest go to disk shards in
+    <run-dir>/partial/spill (same result, slower)"""
 
 
 def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
@@ -77,6 +81,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
                             time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
                             softmax_bits=cfg.softmax_bits, act_init=cfg.act_init, weight_init=cfg.weight_init,
                             relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end)
+    ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
     run_dir = Path(cfg.run_dir)
     out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite)
     if cfg.overwrite:
@@ -89,7 +94,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,
         relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
         cali_dir=cfg.cali_data or run_dir / "cali_data", partial_dir=run_dir / PARTIAL, trainer=trainer,
-        signature={"model": cfg.model, "prompts": prompts})
+        signature={"model": cfg.model, "prompts": prompts}, ram_cap_gib=cfg.ram_cap_gib)
     if not is_global_zero():
         return out
     summary = {**quantized_summary(pipe.unet), **{k: v for k, v in metrics.items() if k != "units"}}

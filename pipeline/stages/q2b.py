@@ -24,6 +24,7 @@ from pipeline.qlip.q2b import relative_link, save_q2b
 from pipeline.qlip.recipe import measure_q2b, q2b_options, train_q2b_on_state
 from pipeline.qlip.sources import quality_source
 from pipeline.quant.state import check_same_model, read_meta
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, ram_cap_bytes
 
 
 @dataclass
@@ -72,6 +73,9 @@ class Q2BConfig(StageConfig):
     """calibration-data folder (default <run-dir>/q2b_data)"""
     plot_every: int = 5
     """epochs between training heatmaps"""
+    ram_cap_gib: float = DEFAULT_RAM_CAP_GIB
+    """GiB of training items (prompt batches with FP targets) kept in RAM; the rest go to disk shards in
+    <run-dir>/q2b_items (same result, slower)"""
 
 
 def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
@@ -80,6 +84,7 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     meta = read_meta(cfg.quant_state)
     options = q2b_options(meta, cfg.quant_state, cfg.bit_options, cfg.criterion, cfg.t2q, cfg.relax, cfg.target_fab)
     steps = meta["quant_config"]["n_steps"]
+    ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
@@ -94,7 +99,8 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
         batch_size=cfg.batch_size, resolution=cfg.resolution, cali_dir=cfg.cali_data or Path(cfg.run_dir) / "q2b_data",
         target_fab=cfg.target_fab, epochs=cfg.epochs, seed=cfg.seed, trainer=trainer,
         callbacks=lambda q: [BitAllocationCallback(q, out / "training", cfg.plot_every)],
-        tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", **hparams)
+        tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", ram_cap_gib=cfg.ram_cap_gib,
+        spill_dir=Path(cfg.run_dir) / "q2b_items", **hparams)
     if not training.trainer.is_global_zero:
         return out
     module = module.cpu()
