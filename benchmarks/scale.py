@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pipeline.models import SD14_UNET_CONFIG, TINY_RANDOM, tiny_pipeline  # noqa: E402
+from data.tokenizer import clip_tokenizer  # noqa: E402
+from pipeline.models import SD14_UNET_CONFIG, SD_SCHEDULER_CONFIG, tiny_pipeline  # noqa: E402
 
 # SD v1.x VAE (CompVis/stable-diffusion-v1-4 vae/config.json) and CLIP ViT-L/14 text tower (text_encoder/config.json)
 SD_VAE_CONFIG = dict(
@@ -59,9 +60,6 @@ def build_sd14(out: Path, resolution: int, seed: int = 0) -> Path:
     """A seeded random SD v1.4 pipeline (full-size components), default resolution `resolution`."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from data.tokenizer import clip_tokenizer
-    from pipeline.models import SD_SCHEDULER_CONFIG
 
     if (out / "model_index.json").is_file():
         return out
@@ -160,7 +158,7 @@ def main(argv=None) -> dict:
     result = {"entry": args.entry, "resolution": args.resolution, "steps": args.steps, "prompts": args.prompts,
               "iters": args.iters, "model_build_s": build_s, "model_disk_gib": du(model), "paper": PAPER,
               "stages": stages, "not_run": not_run, "torch_threads": torch.get_num_threads()}
-    if args.entry == TINY_RANDOM:
+    if args.entry == "tiny":
         result["note"] = "smoke run of the code path"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
