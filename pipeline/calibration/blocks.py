@@ -44,11 +44,13 @@ def unit_banks(unit: nn.Module) -> list[ActQuantBank]:
 
 
 class BlockIO:
-    """Capture a unit's inputs (args and kwargs) and output during UNet calls."""
+    """Capture a unit's inputs (args and kwargs) and output during UNet calls.
 
-    def __init__(self, unit: nn.Module):
+    Items go to `sink` (anything with `append`, e.g. a `pipeline.shards.ItemStore`; default a list)."""
+
+    def __init__(self, unit: nn.Module, sink=None):
         self.unit = unit
-        self.items: list[dict] = []
+        self.items = [] if sink is None else sink
         self._step = 0
 
     def __enter__(self):

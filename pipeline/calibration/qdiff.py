@@ -14,16 +14,31 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, write_json_atomic
 from pipeline.calibration.blocks import BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers
+from pipeline.calibration.naive import merge_observations, sync_banks_from_rank0
 from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
 from pipeline.quant import set_quant_state
 from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
+from pipeline.shards import (
+    DEFAULT_RAM_CAP_GIB,
+    ItemStore,
+    estimate_line,
+    item_nbytes,
+    process_share,
+    ram_cap_bytes,
+    rank_share,
+    take,
+)
 
 
-def capture_unit_io(unet, unit, data, device="cpu") -> list[dict]:
-    """FP inputs and outputs of `unit` over every calibration UNet call."""
+def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int, int] = (0, 1)):
+    """FP inputs and outputs of `unit` over this process's calibration UNet calls, into `store` (an
+    ItemStore; default a list in RAM). `share` = (rank, world): a process runs every world-th call only."""
+    rank, world = share
     set_quant_state(unet, weight=False, act=False)
-    with BlockIO(unit) as io, torch.no_grad():
-        for step, call in data.unet_calls(device=device):
+    with BlockIO(unit, store) as io, torch.no_grad():
+        for k, (step, call) in enumerate(data.unet_calls(device=device)):
+            if k % world != rank:
+                continue
             io.set_step(step)
             unet.quant_context.timesteps = []
             unet.quant_context.step = step
@@ -31,20 +46,65 @@ def capture_unit_io(unet, unit, data, device="cpu") -> list[dict]:
     return io.items
 
 
-def _split(items: list[dict], every: int = 5):
-    held = items[::every] if len(items) >= every else items[:1]
-    train = [it for i, it in enumerate(items) if i % every != 0] if len(items) >= every else items
-    return train, held
+def unit_call_bytes(unet, data, device="cpu") -> dict[str, int]:
+    """Bytes one calibration UNet call leaves per unit (inputs and FP output), from one FP call."""
+    sizes = {}
+
+    def measure(name):
+        def hook(module, args, kwargs, out):  # returns None: the output passes unchanged
+            out = out[0] if isinstance(out, tuple) else out
+            sizes.setdefault(name, item_nbytes({"args": args, "kwargs": kwargs, "out": out}))
+        return hook
+
+    hooks = [unit.register_forward_hook(measure(name), with_kwargs=True)
+             for name, unit in reconstruction_units(unet).items()]
+    set_quant_state(unet, weight=False, act=False)
+    try:
+        with torch.no_grad():
+            step, call = next(iter(data.unet_calls(device=device)))
+            unet.quant_context.timesteps = []
+            unet.quant_context.step = step
+            unet(**call)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def print_estimate(unet, data, cap: float, share: tuple[int, int]) -> str:
+    """Print (and return) what the reconstruction will hold: its largest unit's items, one unit at a time."""
+    rank, world = share
+    n_calls = data.meta["n_shards"] * len(data.steps)
+    per_call = max(unit_call_bytes(unet, data, next(unet.parameters()).device).values(), default=0)
+    line = estimate_line("the reconstruction" + (f" (rank {rank} of {world})" if world > 1 else ""),
+                         per_call * len(rank_share(n_calls, rank, world)), cap, per_call)
+    print(line)
+    return line
+
+
+def _split(items, every: int = 5):
+    n = len(items)
+    if n < every:
+        return items, take(items, [0])
+    return take(items, [i for i in range(n) if i % every != 0]), take(items, range(0, n, every))
 
 
 def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
-                     a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0) -> dict:
-    """Weights (AdaRound), then activation ranges and step sizes, of one unit."""
-    cfg = unet.quant_config
-    ctx = unet.quant_context
+                     a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
+                     store: ItemStore | None = None, share: tuple[int, int] = (0, 1)) -> dict:
+    """Weights (AdaRound), then activation ranges and step sizes, of one unit.
+
+    The unit's items go to `store` (default: all in RAM), which is emptied (its shards deleted) at the end."""
     device = next(unet.parameters()).device
     t0 = time.time()
-    items = capture_unit_io(unet, unit, data, device)
+    with store if store is not None else ItemStore() as st:
+        items = capture_unit_io(unet, unit, data, device, st, share)
+        return _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0)
+
+
+def _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0) -> dict:
+    cfg = unet.quant_config
+    ctx = unet.quant_context
     train, held = _split(items)
     layers = unit_layers(unit)
     for p in unit.parameters():
@@ -92,8 +152,10 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
         for it in items:
             ctx.step = int(it["step"])
             unit(*it["args"], **it["kwargs"])
+    merge_observations(unit)  # under DDP each rank observed its own share of the items
     for b in banks:
         b.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates, slots=slots)
+    sync_banks_from_rank0(unit)  # the L_p search saw rank 0's sample: every rank takes rank 0's result
     metrics = {}
     learn_options = [k for k, b in enumerate(cfg.a_bit_options) if b < 16]
     learn_banks = [b for b in banks if b.bit_options == cfg.a_bit_options]  # not the fixed softmax bank
@@ -120,14 +182,19 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
 
 def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, iters_a: int = 5000,
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
-                    is_rank_zero: bool = True, signature: dict | None = None) -> dict:
+                    is_rank_zero: bool = True, signature: dict | None = None,
+                    ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB) -> dict:
     """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
 
     `signature` (the run's settings) is stored with the progress; progress made
-    under another signature is refused rather than silently mixed in."""
+    under another signature is refused rather than silently mixed in.
+    A unit's items (FP inputs and outputs) stay in RAM up to `ram_cap_gib` (None: no cap); the rest go to
+    <partial>/spill/rank<r>/ and are deleted once the unit is done. Under DDP each process captures and holds
+    only its own share of the UNet calls. The cap does not change the result."""
     cfg = unet.quant_config
     if cfg.weight_rounding != "adaround":
         raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
+    cap = ram_cap_bytes(ram_cap_gib)
     partial = Path(partial_dir)
     (partial / "units").mkdir(parents=True, exist_ok=True)
     progress_file = partial / "progress.json"
@@ -137,12 +204,16 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     progress = check_progress(progress_file, signature, "reconstruction progress") or {
         "signature": signature, "done": [], "metrics": {}}
     units = reconstruction_units(unet)
+    rank, world = share = process_share(trainer_kwargs)
+    spill = partial / "spill" / f"rank{rank}"
+    print_estimate(unet, data, cap, share)
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
         if name in progress["done"] and path.is_file():
             assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --overwrite true"))
             continue
-        metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed)
+        metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed,
+                                   store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share)
         if is_rank_zero:
             save_tensors(path, quantizer_state(unit, prefix=name))
             progress["done"].append(name)

@@ -21,6 +21,7 @@ from pipeline.calibration.qdiff import calibrate_qdiff
 from pipeline.engine import fp_autocast, is_global_zero, stage_device
 from pipeline.quant import QuantConfig, check_bits, quantize_unet
 from pipeline.sampling import check_own_sampler
+from pipeline.shards import DEFAULT_RAM_CAP_GIB
 
 METHODS = ("naive", "qdiff", "ptqd")  # ptqd = qdiff + PTQD noise correction
 LEARNED = ("qdiff", "ptqd")
@@ -50,11 +51,13 @@ def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: li
 def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str], *, steps: int, guidance: float,
                        batch_size: int, seed: int, cali_st: int, iters_w: int, iters_a: int, progressive: bool,
                        relax_tau: float, relax_bits: int, relax_end: str | None, cali_dir: str | Path,
-                       partial_dir: str | Path, trainer: dict | None, signature: dict) -> tuple[dict, dict]:
+                       partial_dir: str | Path, trainer: dict | None, signature: dict,
+                       ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB) -> tuple[dict, dict]:
     """Quantize `pipe.unet` with `qcfg` and calibrate it by `method`.
 
     Returns (extra tensors for the state, e.g. PTQD's statistics; metrics).
-    `signature` (model id, prompts) ties resumable progress to this run. `relax_end`
+    `signature` (model id, prompts) ties resumable progress to this run; `ram_cap_gib` bounds the
+    reconstruction's items in RAM (the rest go to disk shards; the result is the same). `relax_end`
     None: the model family's (`default_relax_end`)."""
     if method != "naive" or progressive:
         check_own_sampler(pipe, f"--method {method}" + (" --progressive true" if progressive else ""))
@@ -76,7 +79,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
         # with --progressive, the step sizes are learned step by step afterwards instead (PCR)
         metrics["units"] = calibrate_qdiff(pipe.unet, data, partial_dir, iters_w, 0 if progressive else iters_a,
                                            trainer_kwargs=trainer or {}, seed=seed, is_rank_zero=is_global_zero(),
-                                           signature=signature)
+                                           signature=signature, ram_cap_gib=ram_cap_gib)
         if progressive:
             calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size, iters_a=iters_a,
                                   trainer_kwargs=trainer or {}, partial_dir=partial_dir,

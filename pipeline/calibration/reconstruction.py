@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.calibration.blocks import unit_banks, unit_layers
 from pipeline.engine import make_trainer
 from pipeline.quant.adaround import BetaSchedule, rounding_regularizer
+from pipeline.shards import item_field
 
 
 def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ class Phase:
 
 
 class ItemDataset(Dataset):
-    def __init__(self, items: list[dict]):
+    def __init__(self, items: Sequence[dict]):
         self.items = items
 
     def __len__(self):
@@ -54,7 +56,7 @@ class PhaseSampler(Sampler):
 
     Each DDP rank draws its own stream (seed + rank)."""
 
-    def __init__(self, items: list[dict], phases: list[Phase], slot_of, seed: int = 0, rank: int = 0):
+    def __init__(self, items: Sequence[dict], phases: list[Phase], slot_of, seed: int = 0, rank: int = 0):
         self.items, self.phases, self.slot_of = items, phases, slot_of
         self.seed, self.rank = seed, rank
 
@@ -64,7 +66,8 @@ class PhaseSampler(Sampler):
     def __iter__(self):
         rng = random.Random(self.seed * 7919 + self.rank)
         for p in self.phases:
-            pool = [i for i, it in enumerate(self.items) if p.slot is None or self.slot_of(it["step"]) == p.slot]
+            pool = [i for i in range(len(self.items))  # steps read without loading items stored on disk
+                    if p.slot is None or self.slot_of(item_field(self.items, i, "step")) == p.slot]
             pool = pool or list(range(len(self.items)))
             for _ in range(p.iters):
                 yield rng.choice(pool)
@@ -134,7 +137,7 @@ class UnitReconstruction(L.LightningModule):
         return loss
 
 
-def held_out_mse(unit: nn.Module, ctx, items: list[dict], k: int | None = None) -> float:
+def held_out_mse(unit: nn.Module, ctx, items: Sequence[dict], k: int | None = None) -> float:
     """Mean reconstruction loss of the unit on `items` under its current state."""
     layers = unit_layers(unit)
     saved = [list(layer.policy) for layer in layers]

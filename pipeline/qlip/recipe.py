@@ -20,10 +20,11 @@ from pipeline.models import quantize_pipeline
 from pipeline.plots import plot_bit_heatmaps, plot_bit_shares
 from pipeline.qlip.q2b import Q2BModule, check_target_fab
 from pipeline.qlip.sources import CRITERIA
-from pipeline.qlip.train import fit_q2b, spearman, training_items
+from pipeline.qlip.train import fit_q2b, item_bytes, spearman, training_items
 from pipeline.quant import quant_layers
 from pipeline.quant.config import parse_bits
 from pipeline.sampling import check_own_sampler
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, ItemStore, estimate_line, process_share, ram_cap_bytes, rank_share
 
 RELAXATIONS = ("gumbel", "ste")
 
@@ -55,10 +56,16 @@ def q2b_options(meta: dict, state_path: str, bit_options: str | None, criterion:
 def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, prompts: list[str], val: list[str], *,
                        steps: int, guidance: float, batch_size: int, resolution: int | None, cali_dir: str | Path,
                        target_fab: float, epochs: int, seed: int, trainer: dict | None,
-                       callbacks: Callable[[torch.Tensor], list] | None = None, **hparams):
+                       callbacks: Callable[[torch.Tensor], list] | None = None,
+                       ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, spill_dir: str | Path | None = None,
+                       **hparams):
     """Steps 1 and 2 on the FP `pipe` (quantized in place). Returns (q2b, training module, q_train, q_val, fab_w).
 
-    `callbacks(q_train)` makes the Lightning callbacks of the Q2B Trainer (the stage attaches them)."""
+    `callbacks(q_train)` makes the Lightning callbacks of the Q2B Trainer (the stage attaches them).
+    The training items stay in RAM up to `ram_cap_gib` (None: no cap); the rest go to disk shards in
+    `spill_dir`/rank<r> (default: next to `cali_dir`), deleted after training. Under DDP each process
+    builds and holds only its own share of them. The cap does not change the result."""
+    cap = ram_cap_bytes(ram_cap_gib)
     check_own_sampler(pipe, "q2b")
     q_train = source.predict(prompts).float().cpu()
     q_val = source.predict(val).float().cpu() if val else torch.zeros(0)
@@ -68,15 +75,24 @@ def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, promp
         collect(pipe, prompts, cali_dir, steps=steps, cali_st=steps, guidance=guidance, batch_size=batch_size,
                 seed=seed, resolution=resolution)
         data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance, resolution=resolution)
-        items = training_items(pipe.unet, data, q_train, device)  # FP targets: before the state is loaded
+        rank, world = share = process_share(trainer)
+        total = data.meta["n_shards"] * len(data.steps)
+        per_item = item_bytes(data)
+        print(estimate_line("Q2B's training items" + (f" (rank {rank} of {world})" if world > 1 else ""),
+                            per_item * len(rank_share(total, rank, world)), cap, per_item))
+        spill = Path(spill_dir or Path(cali_dir).with_name(Path(cali_dir).name + "_items")) / f"rank{rank}"
+        store = ItemStore(spill, cap, name="q2b")
+        # FP targets: before the state is loaded
+        items = training_items(pipe.unet, data, q_train, device, store=store, share=share)
 
     quantize_pipeline(pipe, quant_state)
     layers = list(quant_layers(pipe.unet))
     q2b = Q2BModule(layers, steps, options, float(q_train.mean()), float(q_train.std()))
     fab_w = fab_weights(layer_stats(pipe.unet), layers)
-    module = fit_q2b(pipe.unet, q2b, items, fab_w, target_fab, guidance, epochs=epochs, seed=seed,
-                     trainer_kwargs=trainer, callbacks=callbacks(q_train) if callbacks else [],
-                     **hparams)
+    with store:
+        module = fit_q2b(pipe.unet, q2b, items, fab_w, target_fab, guidance, epochs=epochs, seed=seed,
+                         trainer_kwargs=trainer, callbacks=callbacks(q_train) if callbacks else [],
+                         total_items=total if world > 1 else None, **hparams)
     return q2b, module, q_train, q_val, fab_w
 
 

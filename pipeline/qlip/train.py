@@ -36,7 +36,7 @@ import math
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from pipeline.engine import make_trainer
 from pipeline.metrics.cost import weighted_fab
@@ -44,6 +44,7 @@ from pipeline.prediction import PredictionSpace
 from pipeline.qlip.q2b import Q2BModule, check_target_fab
 from pipeline.quant import bit_mixture, get_bit_policy, set_bit_policy, set_quant_state, set_step
 from pipeline.sampling import Conditioning
+from pipeline.shards import tensor_nbytes
 
 
 def guided_eps(unet, x, t, text: Conditioning, guidance: float, space: PredictionSpace | None = None) -> torch.Tensor:
@@ -65,10 +66,14 @@ def relative_error(eps: torch.Tensor, eps_fp: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict]:
+def training_items(unet, data, quality: torch.Tensor, device="cpu", store=None, share: tuple[int, int] = (0, 1)):
     """One item per (prompt shard, step) of `data` (a CalibrationData), with the
     FP guided noise prediction (in eps space, `data.space`) as target. Run it on
-    the *FP* UNet (before the quantized state and any PTQD correction are loaded)."""
+    the *FP* UNet (before the quantized state and any PTQD correction are loaded).
+
+    Items go to `store` (a pipeline.shards.ItemStore; default a list in RAM). `share` = (rank, world):
+    a DDP process builds and keeps every world-th item only."""
+    rank, world = share
     meta = data.meta
     guidance, bs = float(meta["signature"]["guidance"]), meta["batch_size"]
     if len(quality) != meta["n_prompts"]:
@@ -78,22 +83,33 @@ def training_items(unet, data, quality: torch.Tensor, device="cpu") -> list[dict
         raise ValueError(f"Q2B needs calibration data at every step; {data.path} lacks steps {missing[:5]} "
                          f"(collect it with cali_st = steps)")
     space = data.space
-    items = []
+    items = [] if store is None else store
     for k, (step, x, t, text) in enumerate(data.batches()):
+        if k % world != rank:
+            continue
         b = k // len(data.steps)
         x, text = x.to(device), text.to(device)
         t = torch.tensor(t, device=device)
         eps_fp = guided_eps(unet, x, t, text, guidance, space).float()  # fp32 also after an autocast pass
         text.pooled = None  # T2Q's input: not needed by the UNet
         items.append({"step": step, "x": x, "t": t, **{n: v for n, v in vars(text).items() if v is not None},
-                      "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp, "space": space})
+                      "q": quality[b * bs:b * bs + len(x)].float().to(device), "eps_fp": eps_fp,
+                      "space": space.to_meta()})  # plain values: an item may go to a disk shard
     return items
 
 
 def item_distortion(unet, item: dict, guidance: float) -> torch.Tensor:
     """Per-prompt D of one training item under the UNet's current bits, in eps space (the item's `space`)."""
-    eps = guided_eps(unet, item["x"], item["t"], item_text(item), guidance, item.get("space"))
+    space = PredictionSpace.from_meta(item["space"]) if "space" in item else None
+    eps = guided_eps(unet, item["x"], item["t"], item_text(item), guidance, space)
     return relative_error(eps, item["eps_fp"])
+
+
+def item_bytes(data) -> int:
+    """Bytes of one training item of `data`: x and its FP target, the text conditioning, q and t."""
+    _, x, _, text = next(data.batches())
+    text.pooled = None
+    return 2 * tensor_nbytes(x) + sum(tensor_nbytes(v) for v in text.tensors().values()) + 4 * len(x) + 8
 
 
 @torch.no_grad()
@@ -173,8 +189,11 @@ class Q2BTraining(L.LightningModule):
 
 def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, target_fab: float,
             guidance: float, epochs: int = 20, seed: int = 0, trainer_kwargs: dict | None = None,
-            callbacks: list | None = None, **hparams) -> Q2BTraining:
-    """Train `q2b` on `items` (training_items) against the quantized `unet`."""
+            callbacks: list | None = None, total_items: int | None = None, **hparams) -> Q2BTraining:
+    """Train `q2b` on `items` (training_items) against the quantized `unet`.
+
+    `total_items`: the number of items over all processes when each DDP process holds only its own share
+    (training_items' `share`); None when every process holds them all."""
 
     check_target_fab(target_fab, q2b.bit_options)
     q2b.check_unet(unet)
@@ -187,8 +206,15 @@ def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, 
     w_norm = float(torch.exp(kappa * (q_all - q2b.q_mean.cpu()) / q2b.q_std.cpu()).mean())
     module = Q2BTraining(unet, q2b, fab_weights, target_fab, guidance, d_ref, w_norm, **hparams)
     L.seed_everything(seed, verbose=False)
-    trainer = make_trainer(trainer_kwargs, progress=True, defaults={"max_epochs": epochs, "callbacks": callbacks or []})
-    loader = DataLoader(items, batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    trainer = make_trainer(trainer_kwargs, progress=True, defaults={"max_epochs": epochs, "callbacks": callbacks or []},
+                           forced={"use_distributed_sampler": False} if total_items else None)
+    gen = torch.Generator().manual_seed(seed)
+    if total_items:  # each process holds its own share: it shuffles that, as many items per epoch as every rank
+        per_rank = -(-total_items // trainer.world_size)
+        sampler = RandomSampler(items, replacement=False, num_samples=per_rank, generator=gen)
+        loader = DataLoader(items, batch_size=None, sampler=sampler)
+    else:
+        loader = DataLoader(items, batch_size=None, shuffle=True, generator=gen)
     trainer.fit(module, loader)
     return module
 

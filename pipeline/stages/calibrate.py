@@ -19,6 +19,7 @@ from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.quant import save_quantized
 from pipeline.quant.config import parse_bits
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, ram_cap_bytes
 
 
 @dataclass
@@ -73,6 +74,9 @@ class CalibrateConfig(StageConfig):
     """x0 | xT: the end whose steps are relaxed (default: the model's, as PCR: x0 for SD, xT for SDXL)"""
     cali_data: str | None = None
     """calibration-data folder (default <run-dir>/cali_data; reused when it matches)"""
+    ram_cap_gib: float = DEFAULT_RAM_CAP_GIB
+    """GiB of a unit's reconstruction inputs/outputs kept in RAM (qdiff/ptqd); the rest go to disk shards in
+    <run-dir>/partial/spill (same result, slower)"""
 
 
 def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
@@ -88,6 +92,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     quant_config(cfg.steps or 1, cfg.relax_tau if cfg.steps else 0.0)
     draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
     prompts = draw.prompts
+    ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
     run_dir = Path(cfg.run_dir)
     out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite)
     if cfg.overwrite:
@@ -101,7 +106,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,
         relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
         cali_dir=cfg.cali_data or run_dir / "cali_data", partial_dir=run_dir / PARTIAL, trainer=trainer,
-        signature={"model": cfg.model, "prompts": prompts})
+        signature={"model": cfg.model, "prompts": prompts}, ram_cap_gib=cfg.ram_cap_gib)
     if not is_global_zero():
         return out
     summary = {**quantized_summary(pipe.unet), **{k: v for k, v in metrics.items() if k != "units"}}

@@ -26,6 +26,7 @@ from pipeline.qlip.scoring import check_same_sampler, t2q_sampler
 from pipeline.qlip.sources import quality_source
 from pipeline.qlip.t2q import T2Q_FORMAT
 from pipeline.quant.state import check_same_model, read_meta
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, ram_cap_bytes
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Q2BConfig(StageConfig):
     """calibration-data folder (default <run-dir>/q2b_data)"""
     plot_every: int = 5
     """epochs between training heatmaps"""
+    ram_cap_gib: float = DEFAULT_RAM_CAP_GIB
+    """GiB of training items (prompt batches with FP targets) kept in RAM; the rest go to disk shards in
+    <run-dir>/q2b_items (same result, slower)"""
 
 
 def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
@@ -91,6 +95,7 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     train_draw = draw_prompts(cfg.prompts, "train", cfg.n, fractions, seed=cfg.seed)
     val_draw = draw_prompts(cfg.prompts, "val", cfg.val_n, fractions, seed=cfg.seed) if cfg.val_n else None
     prompts, val = train_draw.prompts, (val_draw.prompts if val_draw else [])
+    ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
     out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite)
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
@@ -114,7 +119,8 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
         cali_dir=cfg.cali_data or Path(cfg.run_dir) / "q2b_data",
         target_fab=cfg.target_fab, epochs=cfg.epochs, seed=cfg.seed, trainer=trainer,
         callbacks=lambda q: [BitAllocationCallback(q, out / "training", cfg.plot_every)],
-        tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", **hparams)
+        tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", ram_cap_gib=cfg.ram_cap_gib,
+        spill_dir=Path(cfg.run_dir) / "q2b_items", **hparams)
     if not training.trainer.is_global_zero:
         return out
     module = module.cpu()

@@ -1,0 +1,169 @@
+"""Rehearsal at real model size (issue 15, item 10): the stages on the full-size SD v1.4 architecture with
+random seeded weights, at a reduced resolution, with wall time, peak RSS and disk use per stage and a
+projection to the paper's sizes.
+
+    python benchmarks/scale.py                        # SD v1.4 architecture, 64x64 px (latents 8x8), 2 steps
+    python benchmarks/scale.py --entry tiny           # the same code path on the seeded tiny pipeline (seconds)
+
+The model is built from the published configs written in code (pipeline.models.SD14_UNET_CONFIG plus the SD
+v1.x VAE and the CLIP ViT-L/14 text tower below), seeded, saved once as a diffusers folder under --work: no
+hub. Each stage runs through `pipeline.api` in a fresh Python process, so the peak RSS it reports
+(ru_maxrss) is that stage's alone. Disk use is the size of the stage's folders afterwards.
+
+Stages: calibrate naive (W8A8), calibrate qdiff (W4A8, --iters 1-2), q2b (--criterion length: score and t2q
+need the embedded world's GIQA reference and CLIP, so they are reported as not applicable to a random model),
+generate. evaluate also needs the world's CLIP judge; not run here.
+
+Projection (labelled as such in the JSON): every stage's work is a number of UNet calls, each linear in the
+latent pixels, so time and the per-item data scale linearly in pixels * steps * prompts from this run to the
+paper's setting (512x512 px, 20 steps for the calibration/Q2B trajectories, the prompt counts below). The
+model's own memory does not scale (it is already full size); the items' share does. It ignores the GPU's
+speed-up and attention's quadratic cost in tokens (1024 latent tokens at 512 px vs 64 here), so read it as a
+CPU-time order of magnitude, not a forecast.
+
+TODO(SDXL): when the pipeline supports SDXL, add an `ENTRIES["sdxl-base"]` built from
+pipeline.models.SDXL_BASE_UNET_CONFIG with the two text towers; nothing else here is SD-specific."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from data.tokenizer import clip_tokenizer  # noqa: E402
+from pipeline.models import SD14_UNET_CONFIG, SD_SCHEDULER_CONFIG, tiny_pipeline  # noqa: E402
+
+# SD v1.x VAE (CompVis/stable-diffusion-v1-4 vae/config.json) and CLIP ViT-L/14 text tower (text_encoder/config.json)
+SD_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, sample_size=512, act_fn="silu",
+)
+CLIP_L_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", bos_token_id=49406,
+    eos_token_id=49407, pad_token_id=49407,
+)
+# the paper's sizes the projection targets: pixels, trajectory steps, prompts per stage
+PAPER = {"resolution": 512, "steps": 20, "prompts": {"calibrate-naive": 256, "calibrate-qdiff": 256, "q2b": 1024,
+                                                       "generate": 5000}}
+
+
+def build_sd14(out: Path, resolution: int, seed: int = 0) -> Path:
+    """A seeded random SD v1.4 pipeline (full-size components), default resolution `resolution`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if (out / "model_index.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**SD14_UNET_CONFIG, "sample_size": resolution // 8})
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD_VAE_CONFIG), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)),
+        tokenizer=clip_tokenizer(), unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def build_tiny(out: Path, resolution: int, seed: int = 0) -> Path:
+    if not (out / "model_index.json").is_file():
+        tiny_pipeline(seed).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+ENTRIES = {"sd-v1-4": build_sd14, "tiny": build_tiny}  # TODO(SDXL): "sdxl-base" (see the module docstring)
+
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from pipeline import api
+t = time.time()
+getattr(api, {fn!r})(getattr(api, {cls!r})(**{cfg!r}){trainer})
+print("SCALE_RESULT " + json.dumps({{"wall_s": time.time() - t,
+                                     "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
+"""
+
+
+def run_stage(fn: str, cls: str, cfg: dict, trainer: bool) -> dict:
+    code = CHILD.format(root=str(ROOT), fn=fn, cls=cls, cfg=cfg,
+                        trainer=", trainer={'enable_progress_bar': False}" if trainer else "")
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCALE_RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"stage {fn} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    estimates = [ln for ln in proc.stdout.splitlines() if "will hold about" in ln]
+    return {**json.loads(lines[-1][len("SCALE_RESULT "):]), "process_s": time.time() - t, "estimates": estimates}
+
+
+def du(*paths: Path) -> float:
+    return sum(f.stat().st_size for p in paths if p.exists() for f in p.rglob("*") if f.is_file()) / 2 ** 30
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--entry", default="sd-v1-4", choices=sorted(ENTRIES))
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "scale"))
+    p.add_argument("--resolution", type=int, default=64, help="pixels (latents are 1/8)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--iters", type=int, default=1, help="AdaRound and LSQ iterations per unit (qdiff)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
+    args = p.parse_args(argv)
+    work = Path(args.work) / args.entry
+    t = time.time()
+    model = ENTRIES[args.entry](work / "model", args.resolution)
+    build_s = time.time() - t
+    common = {"model": str(model), "overwrite": True, "prompts": "builtin", "steps": args.steps, "guidance": 5.0,
+              "batch_size": args.prompts}
+    runs = {
+        "calibrate-naive": ("calibrate", "CalibrateConfig", {**common, "run_dir": str(work / "naive"),
+                                                             "method": "naive", "a_bit_options": "8,16,32",
+                                                             "cali_n": args.prompts}, True),
+        "calibrate-qdiff": ("calibrate", "CalibrateConfig", {**common, "run_dir": str(work / "qdiff"),
+                                                             "method": "qdiff", "w_bits": 4, "cali_n": args.prompts,
+                                                             "cali_st": args.steps, "iters_w": args.iters,
+                                                             "iters_a": args.iters}, True),
+        "q2b": ("q2b", "Q2BConfig", {**{k: v for k, v in common.items() if k != "steps"},
+                                     "run_dir": str(work / "q2b"), "quant_state": str(work / "naive" / "quant"),
+                                     "criterion": "length", "n": args.prompts, "val_n": 0, "epochs": 1,
+                                     "target_fab": 12.0, "plot_every": 100}, True),
+        "generate": ("generate", "GenerateConfig", {**common, "run_dir": str(work / "gen"), "n": args.prompts,
+                                                    "quant_state": str(work / "naive" / "quant")}, False),
+    }
+    folders = {"calibrate-naive": [work / "naive"], "calibrate-qdiff": [work / "qdiff"], "q2b": [work / "q2b"],
+               "generate": [work / "gen"]}
+    stages = {}
+    for name, (fn, cls, cfg, trainer) in runs.items():
+        print(f"[scale] {name} ...", flush=True)
+        r = run_stage(fn, cls, cfg, trainer)
+        r["disk_gib"] = du(*folders[name])
+        factor = (PAPER["resolution"] / args.resolution) ** 2 * (PAPER["steps"] / args.steps) * \
+            (PAPER["prompts"][name] / args.prompts)
+        r["projection"] = {"rule": "linear in pixels * steps * prompts (a projection, not a measurement)",
+                           "factor": factor, "wall_h_at_paper_size_cpu": r["wall_s"] * factor / 3600}
+        stages[name] = r
+        print(f"[scale] {name}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, "
+              f"disk {r['disk_gib']:.3f} GiB; projected x{factor:.3g}", flush=True)
+    not_run = {"score": "needs the GIQA reference images of the embedded world", "t2q": "needs score's output",
+               "evaluate": "needs the embedded world's CLIP judge"}
+    result = {"entry": args.entry, "resolution": args.resolution, "steps": args.steps, "prompts": args.prompts,
+              "iters": args.iters, "model_build_s": build_s, "model_disk_gib": du(model), "paper": PAPER,
+              "stages": stages, "not_run": not_run, "torch_threads": torch.get_num_threads()}
+    if args.entry == "tiny":
+        result["note"] = "smoke run of the code path"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
