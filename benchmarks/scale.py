@@ -5,10 +5,10 @@ projection to the paper's sizes.
     python benchmarks/scale.py                        # SD v1.4 architecture, 64x64 px (latents 8x8), 2 steps
     python benchmarks/scale.py --entry tiny           # the same code path on the seeded tiny pipeline (seconds)
 
-The model is built from the published configs written in code (pipeline.models.SD14_UNET_CONFIG plus the SD
-v1.x VAE and the CLIP ViT-L/14 text tower below), seeded, saved once as a diffusers folder under --work: no
-hub. Each stage runs through `pipeline.api` in a fresh Python process, so the peak RSS it reports
-(ru_maxrss) is that stage's alone. Disk use is the size of the stage's folders afterwards.
+The model is built from the published configs written in code (pipeline.models.reference_pipeline),
+seeded, saved once as a diffusers folder under --work: no hub. Each stage runs through `pipeline.api` in a
+fresh Python process, so the peak RSS it reports (ru_maxrss) is that stage's alone. Disk use is the size of the
+stage's folders afterwards.
 
 Stages: calibrate naive (W8A8), calibrate qdiff (W4A8, --iters 1-2), q2b (--criterion length: score and t2q
 need the embedded world's GIQA reference and CLIP, so they are reported as not applicable to a random model),
@@ -21,8 +21,8 @@ model's own memory does not scale (it is already full size); the items' share do
 speed-up and attention's quadratic cost in tokens (1024 latent tokens at 512 px vs 64 here), so read it as a
 CPU-time order of magnitude, not a forecast.
 
-TODO(SDXL): when the pipeline supports SDXL, add an `ENTRIES["sdxl-base"]` built from
-pipeline.models.SDXL_BASE_UNET_CONFIG with the two text towers; nothing else here is SD-specific."""
+`--entry sdxl-base`: the SDXL-base architecture (both text towers, 2.6 B-parameter UNet; about 14 GB of
+fp32 weights in RAM and on disk)."""
 from __future__ import annotations
 
 import argparse
@@ -37,40 +37,22 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from data.tokenizer import clip_tokenizer  # noqa: E402
-from pipeline.models import SD14_UNET_CONFIG, SD_SCHEDULER_CONFIG, tiny_pipeline  # noqa: E402
+from pipeline.models import reference_pipeline, tiny_pipeline  # noqa: E402
 
-# SD v1.x VAE (CompVis/stable-diffusion-v1-4 vae/config.json) and CLIP ViT-L/14 text tower (text_encoder/config.json)
-SD_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-    norm_num_groups=32, sample_size=512, act_fn="silu",
-)
-CLIP_L_TEXT_CONFIG = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", bos_token_id=49406,
-    eos_token_id=49407, pad_token_id=49407,
-)
 # the paper's sizes the projection targets: pixels, trajectory steps, prompts per stage
 PAPER = {"resolution": 512, "steps": 20, "prompts": {"calibrate-naive": 256, "calibrate-qdiff": 256, "q2b": 1024,
                                                        "generate": 5000}}
 
 
-def build_sd14(out: Path, resolution: int, seed: int = 0) -> Path:
-    """A seeded random SD v1.4 pipeline (full-size components), default resolution `resolution`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    if (out / "model_index.json").is_file():
+def build_reference(name: str):
+    """A builder of the published architecture `name` with seeded random weights (pipeline.models.reference_pipeline),
+    default resolution `resolution`, saved once under `out`."""
+    def build(out: Path, resolution: int, seed: int = 0) -> Path:
+        if not (out / "model_index.json").is_file():
+            pipe = reference_pipeline(name, seed, sample_size=resolution // 8)
+            pipe.save_pretrained(str(out), safe_serialization=True)
         return out
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**{**SD14_UNET_CONFIG, "sample_size": resolution // 8})
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD_VAE_CONFIG), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)),
-        tokenizer=clip_tokenizer(), unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    return out
+    return build
 
 
 def build_tiny(out: Path, resolution: int, seed: int = 0) -> Path:
@@ -79,7 +61,7 @@ def build_tiny(out: Path, resolution: int, seed: int = 0) -> Path:
     return out
 
 
-ENTRIES = {"sd-v1-4": build_sd14, "tiny": build_tiny}  # TODO(SDXL): "sdxl-base" (see the module docstring)
+ENTRIES = {"sd-v1-4": build_reference("sd-v1-4"), "sdxl-base": build_reference("sdxl-base"), "tiny": build_tiny}
 
 CHILD = """
 import json, resource, sys, time

@@ -84,8 +84,8 @@ def embedded_errors(work: Path, steps: int = 10, iters_a: int = 200) -> tuple[di
                                                                                           held_refs)
     # Rank on a few train-prompt calls (one per calibrated step), judge on the held-out test-prompt calls.
     first_per_step = {}
-    for step, args in CalibrationData(cali).unet_calls():
-        first_per_step.setdefault(step, args)
+    for step, call in CalibrationData(cali).unet_calls():
+        first_per_step.setdefault(step, call)
     rank = list(first_per_step.items())
     rank_refs = reference_outputs(fp.unet, rank)
     mixed = mixed_a16(pipe.unet, lambda: eps_relative_error(pipe.unet, rank, rank_refs),

@@ -63,6 +63,26 @@ SDXL_BASE_UNET_CONFIG = dict(
     norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
 )
 
+# CompVis/stable-diffusion-v1-4's vae/, text_encoder/ (CLIP ViT-L/14's text tower; SDXL's first encoder too)
+# and scheduler/ configs; stabilityai/stable-diffusion-xl-base-1.0's text_encoder_2 (OpenCLIP ViT-bigG/14)
+SD14_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    act_fn="silu", sample_size=512,
+)
+CLIP_L_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2,
+    pad_token_id=1,
+)
+CLIP_BIGG_TEXT_CONFIG = dict(
+    CLIP_L_TEXT_CONFIG, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280,
+)
+SD14_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+
+
 REFERENCE_UNET_CONFIGS = {
     "sd-v1-4": SD14_UNET_CONFIG,
     "bk-sdm-tiny": BKSDM_TINY_UNET_CONFIG,
@@ -80,6 +100,35 @@ def meta_unet(name: str):
         raise ModelNotFoundError(f"unknown reference UNet {name!r}; choose one of {sorted(REFERENCE_UNET_CONFIGS)}")
     with torch.device("meta"):
         return UNet2DConditionModel(**REFERENCE_UNET_CONFIGS[name])
+
+
+def reference_pipeline(name: str, seed: int = 0, sample_size: int | None = None):
+    """A published architecture ("sd-v1-4", "bk-sdm-tiny" or "sdxl-base") as a full pipeline with seeded random
+    weights and the family's own scheduler (PNDM for SD, Euler for SDXL), for rehearsals at real size without
+    the hub. `sample_size` (latent side) lowers the default resolution."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if name not in REFERENCE_UNET_CONFIGS:
+        raise ModelNotFoundError(f"unknown reference model {name!r}; choose one of {sorted(REFERENCE_UNET_CONFIGS)}")
+    torch.manual_seed(seed)
+    unet_cfg = {**REFERENCE_UNET_CONFIGS[name], **({"sample_size": sample_size} if sample_size else {})}
+    unet = diffusers.UNet2DConditionModel(**unet_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
+    if name == "sdxl-base":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=diffusers.AutoencoderKL(**SD14_VAE_CONFIG, scaling_factor=0.13025, force_upcast=True),
+            text_encoder=text_encoder,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT_CONFIG)),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
+            scheduler=diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG))
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=diffusers.AutoencoderKL(**SD14_VAE_CONFIG), text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+            unet=unet,
+            scheduler=diffusers.PNDMScheduler(**SD14_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def unet_example_inputs(unet, batch: int = 2, resolution: int | None = None, device="meta", tokens: int = 77):

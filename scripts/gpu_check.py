@@ -30,21 +30,8 @@ from data.tokenizer import clip_tokenizer  # noqa: E402
 from pipeline import api, models as M  # noqa: E402
 from pipeline.artifacts import write_json_atomic  # noqa: E402
 
-# CompVis/stable-diffusion-v1-4: vae/, text_encoder/ (CLIP ViT-L/14's text tower) and scheduler/ configs
-SD14_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    act_fn="silu", sample_size=512,
-)
-SD14_TEXT_CONFIG = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2,
-    pad_token_id=1,
-)
-SD14_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                             beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 SIZES = {  # model configs and the stages' settings: a few steps and iterations
-    "sd14": dict(unet=M.SD14_UNET_CONFIG, vae=SD14_VAE_CONFIG, text=SD14_TEXT_CONFIG, steps=4, cali_n=4, iters=4,
+    "sd14": dict(unet=M.SD14_UNET_CONFIG, vae=M.SD14_VAE_CONFIG, text=M.CLIP_L_TEXT_CONFIG, steps=4, cali_n=4, iters=4,
                  score_n=16, n_reference=8, t2q_epochs=2, q2b_n=4, eval_n=4),
     "tiny": dict(unet=M.TINY_UNET_CONFIG, vae=M.TINY_VAE_CONFIG, text=M.TINY_TEXT_CONFIG, steps=2, cali_n=2, iters=2,
                  score_n=16, n_reference=8, t2q_epochs=1, q2b_n=2, eval_n=2),
@@ -62,7 +49,7 @@ def write_model(out: Path, size: str, seed: int = 0) -> tuple[Path, Path]:
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**cfg["vae"]), text_encoder=text_encoder, tokenizer=clip_tokenizer(),
         unet=UNet2DConditionModel(**cfg["unet"]),
-        scheduler=PNDMScheduler(**SD14_SCHEDULER_CONFIG), safety_checker=None,
+        scheduler=PNDMScheduler(**M.SD14_SCHEDULER_CONFIG), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     model, clip_dir = out / "model", out / "clip"
     pipe.save_pretrained(model, safe_serialization=True)

@@ -45,7 +45,8 @@ def test_collection_layout_and_refusals(cali_dir):
     data = CalibrationData(cali_dir, tiny_pipeline(0), steps=STEPS)
     calls = list(data.unet_calls())
     assert len(calls) == 2 * 3
-    step, (x, t, emb) = calls[0]
+    step, call = calls[0]
+    x, emb = call["sample"], call["encoder_hidden_states"]
     assert x.shape == (6, 4, 16, 16) and emb.shape == (6, 77, 64)  # CFG: both branches
     assert torch.equal(x[:3], x[3:])
     with pytest.raises(ValueError, match="weights_sha256"):
@@ -61,7 +62,7 @@ def test_collection_matches_the_pipeline_trajectory(cali_dir):
     from pipeline.sampling import initial_latents
 
     data = CalibrationData(cali_dir)
-    i, x, t, cond, uncond = next(data.batches(step_index=0))
+    i, x, t, text = next(data.batches(step_index=0))
     assert torch.equal(x, initial_latents(tiny_pipeline(0), [0, 1, 2]))
 
 

@@ -186,9 +186,9 @@ def test_q2b_with_a_tiny_cap_gives_the_same_tables(world, tmp_path, capsys):
             assert item_nbytes(items[0]) == item_bytes(data)  # the estimate's item size is the real one
         quantize_unet(pipe.unet, QuantConfig(w_bits=4, a_bits=8, a_bit_options=[8, 16, 32], n_steps=STEPS))
         with observing(pipe.unet), torch.no_grad():
-            for step, args in data.unet_calls():
+            for step, call in data.unet_calls():
                 set_step(pipe.unet, step)
-                pipe.unet(*args)
+                pipe.unet(**call)
         for bank in act_banks(pipe.unet).values():
             bank.finalize()
         layers = list(quant_layers(pipe.unet))
