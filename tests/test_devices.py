@@ -106,9 +106,9 @@ def test_elsewhere_catches_a_part_left_behind(tiny_pipe):
     audit.violations.clear()
     with audit:
         tiny_pipe.to("cpu")
-        cond, _ = encode_prompts(tiny_pipe, ["a red circle"])
+        cond = encode_prompts(tiny_pipe, ["a red circle"]).cond
     assert not audit.violations
-    ref, _ = encode_prompts(models.tiny_pipeline(0), ["a red circle"])
+    ref = encode_prompts(models.tiny_pipeline(0), ["a red circle"]).cond
     assert torch.equal(cond, ref)  # the copies hold the same values
 
 

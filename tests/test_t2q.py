@@ -103,6 +103,13 @@ def test_checkpoint_round_trip_and_refusals(tower, tmp_path):
     state = load_file(str(tmp_path / "t2q" / "t2q.safetensors"))
     state["projection.weight"] = state["projection.weight"] + 0.1
     save_file(state, str(tmp_path / "t2q" / "t2q.safetensors"))
+    with pytest.raises(ValueError, match="t2q.safetensors does not match the SHA-256 recorded"):
+        load_t2q(tmp_path / "t2q")  # changed after it was written: the checksum says so first
+    from pipeline.artifacts import sha256_file
+
+    meta = json.loads((tmp_path / "t2q" / "t2q.json").read_text())  # as if written so: a consistent folder
+    meta["sha256"]["t2q.safetensors"] = sha256_file(tmp_path / "t2q" / "t2q.safetensors")
+    (tmp_path / "t2q" / "t2q.json").write_text(json.dumps(meta))
     with pytest.raises(T2QCheckpointError, match="trained on another text encoder.*retrain"):
         load_t2q(tmp_path / "t2q")
     with pytest.raises(FileNotFoundError, match="is missing: .* is not a T2Q folder"):

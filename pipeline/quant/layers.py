@@ -32,7 +32,7 @@ def fp32_math(forward):
     @functools.wraps(forward)
     def wrapped(self, *args, **kwargs):
         x = next((a for a in args if torch.is_tensor(a)), None)
-        if x is None or not torch.is_autocast_enabled(x.device.type):
+        if x is None or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):  # meta: no math
             return forward(self, *args, **kwargs)
         up = lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
         with torch.autocast(x.device.type, enabled=False):
@@ -109,6 +109,8 @@ class ActQuantBank(nn.Module):
     def _fast(self, x: torch.Tensor, k: int, slot: int, inplace: bool) -> torch.Tensor:
         """Inference fast path: the same arithmetic with python-float bounds
         (tensor-bounded clamps and per-call indexing dominate small layers)."""
+        if x.is_meta:  # a shape trace of a published architecture (its quantizers are on meta too)
+            return x
         s, lo, hi = self._inference_params()[k][slot]
         q = x.div_(s) if inplace else torch.div(x, s)
         return q.round_().clamp_(lo, hi).mul_(s)
