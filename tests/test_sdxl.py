@@ -1,18 +1,12 @@
 """SDXL end to end, on a tiny seeded StableDiffusionXLPipeline saved as a diffusers
 folder with SDXL's own Euler scheduler: both text encoders, the pooled text
 embedding and the time ids reach the UNet in the project's own sampler exactly
-as in the pipeline's `__call__`, and every stage runs on it."""
-import json
-
-import numpy as np
+as in the pipeline's `__call__` (every stage runs on it: tests/test_families.py)."""
 import pytest
 import torch
-from PIL import Image
 
-import pipeline.api as api
 from pipeline.calibration.data import CalibrationData, collect
 from pipeline.models import load_pipeline, tiny_pipeline, tiny_sdxl_pipeline
-from pipeline.qlip.t2q import load_t2q
 from pipeline.quant import load_quantized
 from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators
 
@@ -66,51 +60,6 @@ def test_calibration_data_keeps_the_added_conditioning(tmp_path):
     assert torch.equal(call["encoder_hidden_states"], torch.cat([text.uncond, text.cond]))
     with torch.no_grad():
         pipe.unet(**call)  # a valid UNet call
-
-
-def _reference_images(folder, n=8):
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return str(folder)
-
-
-def test_every_stage_runs_on_an_sdxl_folder(sdxl_folder, tmp_path):
-    run = tmp_path / "run"
-    common = {"model": sdxl_folder, "run_dir": str(run)}
-    # 0 iterations: every unit's inputs (SDXL's added conditioning inside the blocks' kwargs) are captured and
-    # replayed for the range init; the Lightning fits themselves are model-agnostic (tests/test_calibration.py)
-    cali = {"prompts": "builtin", "cali_n": 4, "batch_size": 2, "steps": 3, "cali_st": 3, "iters_w": 0, "iters_a": 0}
-
-    def calibrate(folder, **kw):
-        return api.calibrate(api.CalibrateConfig(**{**common, "run_dir": str(tmp_path / folder)}, **cali, **kw),
-                             trainer=QUIET)
-
-    naive = calibrate("naive", method="naive", progressive=True, relax_tau=0.34)
-    meta = json.loads((naive / "manifest.json").read_text())["metrics"]
-    assert meta["relax_end"] == "xT" and meta["relaxed_steps"] == [0]  # PCR: SDXL relaxes the x_T end
-    state = calibrate("run", method="ptqd", a_bit_options="8,16", time_aware=True)  # = qdiff + PTQD's statistics
-    _, _, extra = load_quantized(tiny_sdxl_pipeline(0).unet, state)
-    assert extra["ptqd_k"].shape == (3,) and torch.isfinite(extra["ptqd_bias"]).all()
-
-    scored = api.score(api.ScoreConfig(**common, prompts="builtin", steps=3, split_fractions="0.5,0.5,0",
-                                       reference=_reference_images(tmp_path / "ref"), gmm_components=2, pca_dim=4,
-                                       n_reference=8), trainer=QUIET)
-    t2q_dir = api.t2q(api.T2QConfig(**common, scored=str(scored), epochs=1, richness=False), trainer=QUIET)
-    pipe = load_pipeline(sdxl_folder)
-    assert load_t2q(t2q_dir).reads_same_text_as(pipe.tokenizer_2, pipe.text_encoder_2)
-    qlip = api.q2b(api.Q2BConfig(**common, quant_state=str(state), t2q=str(t2q_dir), bit_options="8,16",
-                                 target_fab=12.0, prompts="builtin", n=4, val_n=2, batch_size=2, epochs=1),
-                   trainer=QUIET)
-    images = api.generate(api.GenerateConfig(**common, quant_state=str(state), prompts="builtin", n=2, steps=3))
-    assert len(list((images / "images").glob("*.png"))) == 2
-    ev = api.evaluate(api.EvaluateConfig(**common, quant_states=[str(qlip)], labels=["QLIP"],
-                                         in_domain="builtin", n=4, steps=3, batch_size=2, fid=False, sfid=False,
-                                         lpips=False, clip="none"), trainer=QUIET)
-    rows = json.loads((ev / "results.json").read_text())["rows"]
-    assert rows[-1]["method"] == "QLIP"
-    assert 8 <= rows[-1]["fab"] <= 16
 
 
 def test_sdxl_state_into_an_sd_pipeline_is_refused(tmp_path):
