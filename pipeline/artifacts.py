@@ -299,6 +299,9 @@ def prepare_artifact(run_dir: str | Path, name: str, overwrite: bool) -> Path:
     results (a manifest) are never clobbered without `overwrite`; an unfinished folder (no
     manifest: a kill before the final write) is cleared and redone, with a note."""
     path = Path(run_dir) / name
+    if not path.resolve().is_relative_to(Path(run_dir).resolve()) or path.resolve() == Path(run_dir).resolve():
+        raise ValueError(f"output name {name!r} is not a folder inside --run-dir {run_dir}; use a plain name "
+                         f"such as 'samples'")
     stage = next((k for k, v in ARTIFACTS.items() if v == name), name)
     if lock_run_dir(run_dir, stage) is None:  # a DDP rank > 0: rank 0 prepares the folder
         path.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from torchmetrics import Metric
 from pipeline.models import unet_example_inputs
 from pipeline.quant.layers import QuantLayer
 from pipeline.quant.policy import get_bit_policy, quant_layers
+from pipeline.quant.quantizer import check_bits
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ def bitops_table(unets: Mapping[str, nn.Module], resolution: int | None, bits: S
             w, a = (int(v) for v in pair.split("/"))
         except ValueError:
             raise ValueError(f"--bits {pair!r} must be W/A pairs such as 8/8 or 4/16") from None
-        pairs.append((w, a))
+        pairs.append((check_bits(w, f"--bits {pair!r}: the weight bits"), check_bits(a, f"--bits {pair!r}: the "
+                                                                                           f"activation bits")))
     rows = []
     for name, unet in unets.items():
         res = resolution or unet.config.sample_size * 8
