@@ -14,7 +14,7 @@ import lightning as L
 from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
-from pipeline.engine import StageConfig, is_global_zero, stage_device
+from pipeline.engine import StageConfig, is_global_zero
 from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.quant import save_quantized
@@ -98,7 +98,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     if cfg.overwrite:
         shutil.rmtree(run_dir / PARTIAL, ignore_errors=True)  # start the reconstruction over
     L.seed_everything(cfg.seed, verbose=False)
-    pipe = load_pipeline(cfg.model, **cfg.load_options()).to(stage_device(trainer))
+    pipe = load_pipeline(cfg.model, **cfg.load_options())  # calibrate_pipeline puts it on the stage's device
     sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance)
     qcfg = quant_config(sampling.steps, cfg.relax_tau)
     extra_tensors, metrics = calibrate_pipeline(
