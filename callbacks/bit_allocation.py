@@ -19,8 +19,9 @@ class BitAllocationCallback(L.Callback):
         self.out_dir, self.every = Path(out_dir), every_n_epochs
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        epoch = trainer.current_epoch
-        if not trainer.is_global_zero or (epoch + 1) % self.every and epoch + 1 != trainer.max_epochs:
+        offset = getattr(pl_module, "epoch_offset", 0)  # epochs done before a resumed fit
+        epoch = offset + trainer.current_epoch
+        if not trainer.is_global_zero or (epoch + 1) % self.every and epoch + 1 != offset + trainer.max_epochs:
             return
         q2b = pl_module.q2b
         qs = torch.quantile(self.q, torch.tensor([0.1, 0.5, 0.9])).to(q2b.gate_bias.device)

@@ -16,9 +16,12 @@
   (calibration data, score shards) keep a `ShardIndex`: a shard is finished
   only when it matches the checksum recorded after it was written.
 - One resume check (`check_progress`): unfinished progress is reused only
-  under the same settings, and refused with the differing settings named.
+  under the same settings; progress of other settings is refused with the
+  differing settings named, or under --overwrite discarded with a note.
 - `prepare_artifact` never overwrites results without --overwrite, and takes
   the run directory's lock (`lock_run_dir`): one process per run directory.
+  --overwrite replaces results but keeps the stage's reusable progress
+  (`PROGRESS`); --fresh discards that too.
 The stage -> folder table is `ARTIFACTS`; docs/architecture.md draws the graph."""
 from __future__ import annotations
 
@@ -46,6 +49,12 @@ ARTIFACTS = {
     "generate": "images", "evaluate": "evaluate", "demo": "demo",
 }
 PARTIAL = "partial"  # calibrate's resumable reconstruction progress
+# stage -> its reusable progress inside --run-dir (docs/reliability.md): kept by --overwrite when made under the
+# same settings, discarded by --fresh. score keeps its shards inside its own folder ("scored").
+PROGRESS = {
+    "calibrate": (PARTIAL, "cali_data"), "score": ("prompts", "scored"),
+    "q2b": ("q2b_data", "q2b_items", "q2b_progress"), "evaluate": ("evaluate_progress",),
+}
 
 
 @dataclass(frozen=True)
@@ -294,10 +303,11 @@ def _pid_alive(pid) -> bool:
     return True
 
 
-def prepare_artifact(run_dir: str | Path, name: str, overwrite: bool) -> Path:
+def prepare_artifact(run_dir: str | Path, name: str, overwrite: bool, fresh: bool = False) -> Path:
     """Path of artifact `name` in `run_dir`, after taking the run directory's lock. Finished
-    results (a manifest) are never clobbered without `overwrite`; an unfinished folder (no
-    manifest: a kill before the final write) is cleared and redone, with a note."""
+    results (a manifest) are never clobbered without `overwrite` (or `fresh`); an unfinished folder
+    (no manifest: a kill before the final write) is cleared and redone, with a note. `fresh` also
+    discards the stage's reusable progress (`PROGRESS`)."""
     path = Path(run_dir) / name
     if not path.resolve().is_relative_to(Path(run_dir).resolve()) or path.resolve() == Path(run_dir).resolve():
         raise ValueError(f"output name {name!r} is not a folder inside --run-dir {run_dir}; use a plain name "
@@ -306,25 +316,40 @@ def prepare_artifact(run_dir: str | Path, name: str, overwrite: bool) -> Path:
     if lock_run_dir(run_dir, stage) is None:  # a DDP rank > 0: rank 0 prepares the folder
         path.mkdir(parents=True, exist_ok=True)
         return path
+    if fresh:
+        discard_progress(run_dir, stage)
     if path.exists() and any(path.iterdir() if path.is_dir() else [path]):
-        if not overwrite and is_finished(path):
+        if not (overwrite or fresh) and is_finished(path):
             raise RunDirError(f"{path} already holds results; pass --overwrite true to replace them, "
                               f"or choose another --run-dir")
-        if not overwrite:
+        if not (overwrite or fresh):
             print(f"note: {path} holds an unfinished {name} (no {MANIFEST}: interrupted before the end); redoing it")
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def check_progress(path: str | Path, signature: dict, what: str) -> dict | None:
+def discard_progress(run_dir: str | Path, stage: str) -> None:
+    """--fresh: delete the stage's reusable progress folders in `run_dir` (with a note)."""
+    for name in PROGRESS.get(stage, ()):
+        folder = Path(run_dir) / name
+        if folder.exists():
+            print(f"note: --fresh: discarding {folder}")
+            shutil.rmtree(folder)
+
+
+def check_progress(path: str | Path, signature: dict, what: str, discard_stale: bool = False) -> dict | None:
     """The progress record at `path` (JSON with a "signature") if it was made
     under `signature`; None if there is none. Progress of other settings is
-    refused, naming the settings that differ, rather than silently mixed in."""
+    refused, naming the settings that differ, rather than silently mixed in;
+    with `discard_stale` (--overwrite) its folder, `path.parent`, is deleted instead, with a note."""
     path = Path(path)
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = {"signature": {"unreadable": str(path)}}  # a kill cannot leave this (atomic writes); redo it
     old = record.get("signature", {})
     signature = jsonable(signature)
     # settings both runs have but set differently first: they are what a user changed
@@ -332,8 +357,12 @@ def check_progress(path: str | Path, signature: dict, what: str) -> dict | None:
     diff = changed + sorted(k for k in set(signature) ^ set(old))
     if diff:
         shown = "; ".join(f"{k}: {old.get(k)!r:.40} (now {signature.get(k)!r:.40})" for k in diff[:3])
+        if discard_stale:
+            print(f"note: --overwrite: discarding {what} of other settings in {path.parent} ({shown})")
+            shutil.rmtree(path.parent)
+            return None
         raise RunDirError(f"{path.parent} holds {what} of other settings ({shown}); pass --overwrite true to "
-                          f"start over, or use another --run-dir")
+                          f"discard it, or use another --run-dir")
     return record
 
 

@@ -32,7 +32,9 @@ class StageConfig:
     run_dir: str = "runs/default"
     """where this stage writes its artifacts"""
     overwrite: bool = False
-    """replace results already in --run-dir"""
+    """replace results already in --run-dir (progress made under the same settings is reused; docs/reliability.md)"""
+    fresh: bool = False
+    """start over: discard results and every reusable progress of this stage in --run-dir"""
     seed: int = 0
     """seed of everything random (noise, sampling order)"""
     scheduler: str | None = None

@@ -261,7 +261,7 @@ def test_progressive_learns_step_sizes_per_step_and_resumes(tmp_path, monkeypatc
     monkeypatch.setattr(pcr, "denoise", interrupt_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         calibrate_progressive(fresh(), prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
-    assert json.loads((tmp_path / "cut" / "progressive.json").read_text())["done"] == 2
+    assert json.loads((tmp_path / "cut" / "progressive" / "progressive.json").read_text())["done"] == 2
     monkeypatch.setattr(pcr, "denoise",
                         lambda *a, stop=None, **k: stops.append(stop) or real_denoise(*a, stop=stop, **k))
     stops.clear()

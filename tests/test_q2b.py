@@ -239,6 +239,36 @@ def test_training_reaches_the_target_and_follows_quality(tiny_state):
     assert set(q2b(torch.linspace(-3, 3, 50)).unique().tolist()) <= {8, 16, 32}
 
 
+def test_a_killed_training_resumes_from_its_epoch_checkpoint_and_ends_identical(tiny_state, tmp_path):
+    """Killed at the start of epoch 2 of 4 (an exception: the checkpoint of epochs 0-1 is on disk), the
+    rerun restores tables, Adam, the dual variable, the history and the random states (Gumbel noise,
+    shuffling) and ends tensor-identical to an uninterrupted run. Other settings are refused."""
+    import lightning as L
+
+    from pipeline.errors import RunDirError
+
+    class Kill(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if pl_module.epoch == 2:
+                raise RuntimeError("killed")
+
+    sig = {"run": "test"}
+    full, _, module_full = trained(tiny_state, 12.0, epochs=4, progress={"folder": tmp_path / "a", "signature": sig})
+    with pytest.raises(RuntimeError, match="killed"):
+        trained(tiny_state, 12.0, epochs=4, progress={"folder": tmp_path / "b", "signature": sig}, callbacks=[Kill()])
+    assert json.loads((tmp_path / "b" / "progress.json").read_text())["epochs_done"] == 2
+    resumed, _, module = trained(tiny_state, 12.0, epochs=4, progress={"folder": tmp_path / "b", "signature": sig})
+    assert module.epoch_offset == 2
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert module.lam == module_full.lam and module.history == module_full.history
+    # killed after the last epoch's checkpoint (before the stage saved the result): nothing left to train
+    again, _, module = trained(tiny_state, 12.0, epochs=4, progress={"folder": tmp_path / "a", "signature": sig})
+    assert module.epoch_offset == 4 and all(torch.equal(v, again.state_dict()[k]) for k, v in full.state_dict().items())
+    with pytest.raises(RunDirError, match="Q2B training progress of other settings.*run"):
+        trained(tiny_state, 12.0, epochs=4, progress={"folder": tmp_path / "b", "signature": {"run": "other"}})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [10.0, 16.0])
 def test_fab_steering_follows_the_target(tiny_state, target):

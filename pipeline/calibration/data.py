@@ -13,6 +13,7 @@ what differs."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -59,12 +60,17 @@ def check_signature(meta: dict, want: dict, path) -> None:
                          f"collect it again into another folder")
 
 
+def _same_collection(old: dict, new: dict) -> bool:
+    return all(old.get(k) == new[k] for k in ("signature", "prompts", "cali_steps", "batch_size", "seed"))
+
+
 def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, cali_st: int = 5,
             guidance: float = 5.0, batch_size: int = 8, seed: int = 0, resolution: int | None = None,
-            shard_ids: Sequence[int] | None = None) -> Path:
+            shard_ids: Sequence[int] | None = None, discard_stale: bool = False) -> Path:
     """Record calibration data for `prompts` into `out_dir` (resumable).
 
-    `shard_ids` restricts the work to some prompt batches (one DDP rank's share)."""
+    `shard_ids` restricts the work to some prompt batches (one DDP rank's share). Data of other
+    settings in `out_dir` is refused, or with `discard_stale` (--overwrite) deleted and collected again."""
 
     if not prompts:
         raise ValueError("no calibration prompts")
@@ -78,11 +84,16 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
     meta = {"signature": sig, "cali_steps": indices, "n_prompts": len(prompts), "batch_size": batch_size,
             "n_shards": n_shards, "seed": seed, "prompts": list(prompts),
             "prediction": prediction_space(pipe.scheduler).to_meta()}  # refuses an unsupported type up front
+    if meta_path.is_file() and discard_stale and not _same_collection(json.loads(meta_path.read_text()), meta):
+        print(f"note: --overwrite: discarding the calibration data of other settings in {out}")
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         check_signature(old, sig, out)
-        if old["prompts"] != meta["prompts"] or old["cali_steps"] != indices or old["batch_size"] != batch_size:
-            raise ValueError(f"{out} holds calibration data of other prompts or steps; use another folder")
+        if not _same_collection(old, meta):
+            raise ValueError(f"{out} holds calibration data of other prompts, steps or seed; pass --overwrite true to "
+                             f"discard it, or use another folder")
         if "prediction" not in old:  # collected before the space was recorded; the signature matched, so it is this
             write_json_atomic(meta_path, {**old, "prediction": meta["prediction"]})
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, write_json_atomic
+from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.models import is_sdxl
@@ -44,7 +44,8 @@ def _to(value, device):
 def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int = 0, batch_size: int = 8,
                           resolution: int | None = None, iters_a: int = 0, a_lr: float = 4e-4,
                           trainer_kwargs: dict | None = None, partial_dir: str | Path | None = None,
-                          is_rank_zero: bool = True, signature: dict | None = None) -> None:
+                          is_rank_zero: bool = True, signature: dict | None = None,
+                          discard_stale: bool = False) -> None:
     """Set the time-aware activation quantizers step by step in sampling order.
 
     iters_a = 0: ranges (min-max / L_p) from the whole quantized UNet observing
@@ -55,7 +56,8 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
     With `partial_dir`, the state after each finished step is kept there and a
     rerun continues with the first unfinished step; progress made under other
     settings, another model or another starting state (e.g. other Q-Diffusion
-    weights) is refused. `signature` adds the caller's own settings to that check."""
+    weights) is refused (`discard_stale`: discarded). `signature` adds the caller's own settings to that check.
+    The progress lives in `partial_dir`/progressive, apart from Q-Diffusion's units that it starts from."""
     unet = pipe.unet
     cfg = unet.quant_config
     if not cfg.time_aware or cfg.n_steps != steps:
@@ -68,7 +70,7 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
         "batch_size": batch_size, "resolution": resolution, "prompts": list(prompts),
         "quant_config": cfg.to_dict(), "weights_sha256": model_fingerprint(unet)["weights_sha256"],
         "start_state_sha256": _state_hash(unet), **(signature or {})}))
-    done = _load_progress(unet, partial_dir, signature)
+    done = _load_progress(unet, partial_dir, signature, discard_stale)
     batches = []
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b:b + batch_size]
@@ -114,26 +116,37 @@ def _state_hash(unet) -> str:
     return h.hexdigest()
 
 
-def _load_progress(unet, partial_dir, signature: dict) -> int:
+PROGRESSIVE = "progressive"  # its folder inside partial_dir
+
+
+def _load_progress(unet, partial_dir, signature: dict, discard_stale: bool = False) -> int:
     """Number of steps already done in `partial_dir` (their quantizers loaded), else 0."""
     if partial_dir is None:
         return 0
-    record = check_progress(Path(partial_dir) / "progressive.json", signature, "progressive calibration")
+    d = Path(partial_dir) / PROGRESSIVE
+    record = check_progress(d / "progressive.json", signature, "progressive calibration", discard_stale)
     if record is None:
         return 0
-    assign_quantizer_tensors(unet, load_tensors(Path(partial_dir) / "progressive.safetensors",
-                                                "re-run calibrate with --overwrite true to start it over"))
+    path = d / str(record.get("file"))
+    if not path.is_file() or record.get("sha256") != sha256_file(path):
+        print(f"note: {path} does not match the checksum of its record; redoing progressive calibration")
+        return 0
+    assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --fresh true to start it over"))
     return int(record["done"])
 
 
 def _save_progress(unet, partial_dir, done: int, signature: dict) -> None:
     if partial_dir is None:
         return
-    d = Path(partial_dir)
+    d = Path(partial_dir) / PROGRESSIVE
     d.mkdir(parents=True, exist_ok=True)
-    save_tensors(d / "progressive.safetensors", quantizer_state(unet))
-    # written last: a kill leaves the previous step's record
-    write_json_atomic(d / "progressive.json", {"done": done, "signature": jsonable(signature)})
+    path = save_tensors(d / f"step_{done:04d}.safetensors", quantizer_state(unet))
+    # the record last: a kill before it leaves the previous step's record and file, so one step is redone
+    write_json_atomic(d / "progressive.json", {"done": done, "signature": jsonable(signature), "file": path.name,
+                                               "sha256": sha256_file(path)})
+    for old in d.glob("step_*.safetensors"):
+        if old != path:
+            old.unlink()
 
 
 def default_relax_end(pipe) -> str:

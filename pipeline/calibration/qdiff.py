@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, write_json_atomic
+from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
 from pipeline.calibration.blocks import BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers
 from pipeline.calibration.naive import merge_observations, sync_banks_from_rank0
 from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
@@ -183,11 +183,12 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
 def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, iters_a: int = 5000,
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None,
-                    ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB) -> dict:
+                    ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False) -> dict:
     """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
 
     `signature` (the run's settings) is stored with the progress; progress made
-    under another signature is refused rather than silently mixed in.
+    under another signature is refused rather than silently mixed in (`discard_stale`: discarded).
+    Each finished unit's file is recorded with its SHA-256; a file that no longer matches is redone.
     A unit's items (FP inputs and outputs) stay in RAM up to `ram_cap_gib` (None: no cap); the rest go to
     <partial>/spill/rank<r>/ and are deleted once the unit is done. Under DDP each process captures and holds
     only its own share of the UNet calls. The cap does not change the result."""
@@ -196,13 +197,13 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
         raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
     cap = ram_cap_bytes(ram_cap_gib)
     partial = Path(partial_dir)
-    (partial / "units").mkdir(parents=True, exist_ok=True)
     progress_file = partial / "progress.json"
     signature = jsonable({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a, "w_lr": w_lr,
                           "a_lr": a_lr, "seed": seed, "data": data.meta["signature"],  # the model's weight hash
                           **(signature or {})})
-    progress = check_progress(progress_file, signature, "reconstruction progress") or {
-        "signature": signature, "done": [], "metrics": {}}
+    progress = check_progress(progress_file, signature, "reconstruction progress", discard_stale) or {
+        "signature": signature, "done": [], "metrics": {}, "sha256": {}}
+    (partial / "units").mkdir(parents=True, exist_ok=True)
     units = reconstruction_units(unet)
     rank, world = share = process_share(trainer_kwargs)
     spill = partial / "spill" / f"rank{rank}"
@@ -210,13 +211,16 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
         if name in progress["done"] and path.is_file():
-            assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --overwrite true"))
-            continue
+            if sha256_file(path) == progress.get("sha256", {}).get(name):
+                assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --fresh true"))
+                continue
+            print(f"note: {path} does not match its checksum in {progress_file}; redoing unit {name}")
         metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed,
                                    store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share)
         if is_rank_zero:
             save_tensors(path, quantizer_state(unit, prefix=name))
-            progress["done"].append(name)
+            progress["done"] = [n for n in progress["done"] if n != name] + [name]
+            progress.setdefault("sha256", {})[name] = sha256_file(path)
             progress["metrics"][name] = metrics
             write_json_atomic(progress_file, progress)  # a kill never leaves a half-written progress file
     set_quant_state(unet, weight=True, act=True)

@@ -52,13 +52,15 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                        batch_size: int, seed: int, cali_st: int, iters_w: int, iters_a: int, progressive: bool,
                        relax_tau: float, relax_bits: int, relax_end: str | None, cali_dir: str | Path,
                        partial_dir: str | Path, trainer: dict | None, signature: dict,
-                       ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB) -> tuple[dict, dict]:
+                       ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False
+                       ) -> tuple[dict, dict]:
     """Quantize `pipe.unet` with `qcfg` and calibrate it by `method`.
 
     Returns (extra tensors for the state, e.g. PTQD's statistics; metrics).
     `signature` (model id, prompts) ties resumable progress to this run; `ram_cap_gib` bounds the
     reconstruction's items in RAM (the rest go to disk shards; the result is the same). `relax_end`
-    None: the model family's (`default_relax_end`)."""
+    None: the model family's (`default_relax_end`). `discard_stale` (--overwrite): progress and
+    calibration data of other settings are discarded instead of refused."""
     if method != "naive" or progressive:
         check_own_sampler(pipe, f"--method {method}" + (" --progressive true" if progressive else ""))
     t0 = time.time()
@@ -69,21 +71,25 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
         calibrate_naive(pipe, qcfg, prompts, steps, guidance, batch_size, seed, trainer)
         pipe.to(device)  # the predict Trainer's teardown left its module (the UNet) on the CPU
         if progressive:
-            calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size)
+            calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size, partial_dir=partial_dir,
+                                  is_rank_zero=is_global_zero(), signature={"model": signature.get("model")},
+                                  discard_stale=discard_stale)
     else:
         with fp_autocast(trainer, device):  # an FP pass: --trainer.precision applies
             collect(pipe, prompts, cali_dir, steps=steps, cali_st=cali_st, guidance=guidance,
-                    batch_size=batch_size, seed=seed)
+                    batch_size=batch_size, seed=seed, discard_stale=discard_stale)
         data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance)
         quantize_unet(pipe.unet, qcfg)
         # with --progressive, the step sizes are learned step by step afterwards instead (PCR)
         metrics["units"] = calibrate_qdiff(pipe.unet, data, partial_dir, iters_w, 0 if progressive else iters_a,
                                            trainer_kwargs=trainer or {}, seed=seed, is_rank_zero=is_global_zero(),
-                                           signature=signature, ram_cap_gib=ram_cap_gib)
+                                           signature=signature, ram_cap_gib=ram_cap_gib,
+                                           discard_stale=discard_stale)
         if progressive:
             calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size, iters_a=iters_a,
                                   trainer_kwargs=trainer or {}, partial_dir=partial_dir,
-                                  is_rank_zero=is_global_zero(), signature={"model": signature.get("model")})
+                                  is_rank_zero=is_global_zero(), signature={"model": signature.get("model")},
+                                  discard_stale=discard_stale)
         if method == "ptqd":
             extra_tensors = ptqd_statistics(pipe.unet, data, device)
     if relax_tau:

@@ -22,8 +22,10 @@ from PIL import Image
 from data.reference import WORLD
 from data.scored import Normalizer, write_scored
 from pipeline.artifacts import (
+    MANIFEST,
     ShardIndex,
     check_progress,
+    discard_progress,
     is_finished,
     jsonable,
     load_tensors,
@@ -157,20 +159,23 @@ def resolve_reference(reference: str, model: str) -> str:
                      f"{model!r} pass --reference PATH, a folder of real images (e.g. COCO val2017 photos)")
 
 
-def refuse_finished(out: Path, overwrite: bool) -> None:
-    """Take the run directory's lock, then refuse finished results (unless overwrite)."""
+def refuse_finished(out: Path, overwrite: bool, fresh: bool = False) -> None:
+    """Take the run directory's lock, then refuse finished results (unless overwrite or fresh)."""
     lock_run_dir(out.parent, "score")
+    if fresh:
+        discard_progress(out.parent, "score")
     if is_finished(out) and not overwrite:
         raise RunDirError(f"{out} already holds results; pass --overwrite true to replace them, "
                           f"or choose another --run-dir")
 
 
 def prepare_scored_dir(out: Path, signature: dict, overwrite: bool) -> None:
-    """Refuse finished results (unless overwrite); resume unfinished ones only with the same settings."""
+    """Refuse finished results (unless overwrite); resume unfinished ones only with the same settings.
+    --overwrite keeps the shards of the same settings (only the finished set is redone) and discards others'."""
     refuse_finished(out, overwrite)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if check_progress(out / "meta.json", signature, "an unfinished score run") is not None:
+    if overwrite and is_finished(out):
+        (out / MANIFEST).unlink()  # now unfinished: the shards below are reused if the signature matches
+    if check_progress(out / "meta.json", signature, "an unfinished score run", discard_stale=overwrite) is not None:
         print(f"resuming the unfinished score run in {out}")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "meta.json", {"signature": jsonable(signature)})

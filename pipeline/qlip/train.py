@@ -29,15 +29,23 @@ Why these choices:
 - The cost term covers only the step being trained, so distortion and cost
   gradients reach each (layer, step) entry equally often.
 - The forward pass uses the hard decision (straight-through), so the UNet sees
-  only deployable bit choices and the dual variable watches the hard FAB."""
+  only deployable bit choices and the dual variable watches the hard FAB.
+
+Resume (`Q2BProgress`): after every epoch the tables, Adam's moments, the dual variable, the
+history and every random state (the global generator for the Gumbel noise, the loader's for the
+order; per process under DDP) go to a safetensors + JSON checkpoint. A rerun under the same
+settings restores them and trains only the remaining epochs, so the result equals an
+uninterrupted run's (tests/test_faults.py)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
 from pipeline.engine import make_trainer
 from pipeline.metrics.cost import weighted_fab
 from pipeline.prediction import PredictionSpace
@@ -144,19 +152,31 @@ class Q2BTraining(L.LightningModule):
         self.lam = 0.0
         self.history: list[dict] = []
         self._epoch: list[tuple] = []
+        # set by a resume (Q2BProgress.restore): epochs and optimizer steps done before this fit
+        self.epoch_offset, self.step_offset = 0, 0
+        self.resume_optimizer: dict | None = None
+        self.progress: Q2BProgress | None = None  # saves a checkpoint after every epoch
 
     def weight(self, q: torch.Tensor) -> torch.Tensor:
         """w(q): increasing in q, mean 1 over the training prompts."""
         return torch.exp(self.kappa * (q - self.q2b.q_mean) / self.q2b.q_std) / self.w_norm
 
+    @property
+    def epoch(self) -> int:
+        """The epoch over the whole training, resumed or not."""
+        return self.epoch_offset + self.current_epoch
+
     def tau(self) -> float:
-        """Temperature, annealed geometrically over training."""
-        total = max(1, self.trainer.estimated_stepping_batches - 1)
-        frac = min(1.0, self.global_step / total)
+        """Temperature, annealed geometrically over the whole training (a resumed fit runs only its rest)."""
+        total = max(1, self.trainer.estimated_stepping_batches + self.step_offset - 1)
+        frac = min(1.0, (self.global_step + self.step_offset) / total)
         return self.tau_range[0] * (self.tau_range[1] / self.tau_range[0]) ** frac
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.q2b.parameters(), lr=self.lr)
+        opt = torch.optim.Adam(self.q2b.parameters(), lr=self.lr)
+        if self.resume_optimizer is not None:
+            opt.load_state_dict(self.resume_optimizer)
+        return opt
 
     def training_step(self, batch, batch_idx):
         step, q = int(batch["step"]), batch["q"]
@@ -182,18 +202,105 @@ class Q2BTraining(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._epoch:
             d, fab, dist = (sum(v) / len(v) for v in zip(*self._epoch))
-            self.history.append({"epoch": self.current_epoch, "distortion": d, "weighted_distortion": dist,
+            self.history.append({"epoch": self.epoch, "distortion": d, "weighted_distortion": dist,
                                  "fab": fab, "lambda": self.lam, "tau": self.tau()})
         self._epoch = []
+        if self.progress is not None:
+            self.progress.save(self)
+
+
+class Q2BProgress:
+    """Q2B's epoch checkpoint in `folder`: `progress.json` (signature, epochs done, dual variable,
+    history, Adam's hyper-parameters, file checksums) and per epoch `epoch_NNNN.safetensors` (tables,
+    Adam's moments, rank 0's random states) plus `rng_rankR_NNNN.safetensors` for the other processes.
+    The JSON is written last, after every process has written its file, so a kill at any point leaves
+    the previous epoch's checkpoint whole."""
+
+    def __init__(self, folder: str | Path, signature: dict, loader_generator: torch.Generator,
+                 discard_stale: bool = False):
+        self.folder, self.signature, self.gen = Path(folder), jsonable(signature), loader_generator
+        self.record = check_progress(self.folder / "progress.json", self.signature, "Q2B training progress",
+                                     discard_stale)
+        if self.record is not None and not self._intact(self.record):
+            print(f"note: the Q2B checkpoint in {self.folder} does not match its checksums; training from the start")
+            self.record = None
+
+    @property
+    def epochs_done(self) -> int:
+        return 0 if self.record is None else int(self.record["epochs_done"])
+
+    def _intact(self, record: dict) -> bool:
+        return all((self.folder / f).is_file() and sha256_file(self.folder / f) == h
+                   for f, h in record.get("sha256", {}).items())
+
+    @staticmethod
+    def _random_states(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        states = {"rng.cpu": torch.get_rng_state(), "rng.loader": gen.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["rng.cuda"] = torch.cuda.get_rng_state()
+        return states
+
+    def save(self, module: Q2BTraining) -> None:
+        trainer, epochs = module.trainer, module.epoch + 1
+        rank, world = trainer.global_rank, trainer.world_size
+        self.folder.mkdir(parents=True, exist_ok=True)
+        rng = self.folder / f"rng_rank{rank}_{epochs:04d}.safetensors"
+        if rank:
+            save_tensors(rng, self._random_states(self.gen))
+        else:
+            opt = trainer.optimizers[0].state_dict()
+            tensors = {f"q2b.{k}": v for k, v in module.q2b.state_dict().items()}
+            tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for i, st in opt["state"].items()
+                            for k, v in st.items()})
+            tensors.update(self._random_states(self.gen))
+            save_tensors(self.folder / f"epoch_{epochs:04d}.safetensors", tensors)
+        trainer.strategy.barrier()  # every process's file is on disk before the record names them
+        if rank == 0:
+            files = [f"epoch_{epochs:04d}.safetensors"] + [f"rng_rank{r}_{epochs:04d}.safetensors"
+                                                           for r in range(1, world)]
+            self.record = {"signature": self.signature, "epochs_done": epochs,
+                           "global_step": module.global_step + module.step_offset, "lam": module.lam,
+                           "history": module.history, "param_groups": jsonable(opt["param_groups"]),
+                           "sha256": {f: sha256_file(self.folder / f) for f in files}}
+            write_json_atomic(self.folder / "progress.json", self.record)
+            for old in self.folder.glob("*.safetensors"):
+                if old.name not in files:
+                    old.unlink()
+        trainer.strategy.barrier()
+
+    def restore(self, module: Q2BTraining, rank: int = 0) -> None:
+        """Put the checkpoint into `module` (before its fit) and the random states into this process."""
+        if self.record is None:
+            return
+        r, n = self.record, self.epochs_done
+        fix = f"delete {self.folder} (or re-run q2b with --fresh true) to train from the start"
+        main = load_tensors(self.folder / f"epoch_{n:04d}.safetensors", fix)
+        module.q2b.load_state_dict({k[4:]: v for k, v in main.items() if k.startswith("q2b.")})
+        state: dict[int, dict] = {}
+        for k, v in main.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        module.resume_optimizer = {"state": state, "param_groups": r["param_groups"]}
+        module.lam, module.history = float(r["lam"]), list(r["history"])
+        module.epoch_offset, module.step_offset = n, int(r["global_step"])
+        states = main if rank == 0 else load_tensors(self.folder / f"rng_rank{rank}_{n:04d}.safetensors", fix)
+        torch.set_rng_state(states["rng.cpu"])
+        self.gen.set_state(states["rng.loader"])
+        if "rng.cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["rng.cuda"])
+        print(f"resuming Q2B training after epoch {n} from {self.folder}")
 
 
 def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, target_fab: float,
             guidance: float, epochs: int = 20, seed: int = 0, trainer_kwargs: dict | None = None,
-            callbacks: list | None = None, total_items: int | None = None, **hparams) -> Q2BTraining:
+            callbacks: list | None = None, total_items: int | None = None, progress: dict | None = None,
+            **hparams) -> Q2BTraining:
     """Train `q2b` on `items` (training_items) against the quantized `unet`.
 
     `total_items`: the number of items over all processes when each DDP process holds only its own share
-    (training_items' `share`); None when every process holds them all."""
+    (training_items' `share`); None when every process holds them all. `progress`
+    ({"folder", "signature", "discard_stale"}): keep an epoch checkpoint there and resume from it."""
 
     check_target_fab(target_fab, q2b.bit_options)
     q2b.check_unet(unet)
@@ -206,9 +313,16 @@ def fit_q2b(unet, q2b: Q2BModule, items: list[dict], fab_weights: torch.Tensor, 
     w_norm = float(torch.exp(kappa * (q_all - q2b.q_mean.cpu()) / q2b.q_std.cpu()).mean())
     module = Q2BTraining(unet, q2b, fab_weights, target_fab, guidance, d_ref, w_norm, **hparams)
     L.seed_everything(seed, verbose=False)
-    trainer = make_trainer(trainer_kwargs, progress=True, defaults={"max_epochs": epochs, "callbacks": callbacks or []},
-                           forced={"use_distributed_sampler": False} if total_items else None)
     gen = torch.Generator().manual_seed(seed)
+    if progress is not None:
+        module.progress = Q2BProgress(progress["folder"], {**progress["signature"], "epochs": epochs}, gen,
+                                      progress.get("discard_stale", False))
+    done = module.progress.epochs_done if module.progress else 0
+    trainer = make_trainer(trainer_kwargs, progress=True,
+                           defaults={"max_epochs": epochs - done, "callbacks": callbacks or []},
+                           forced={"use_distributed_sampler": False} if total_items else None)
+    if module.progress is not None:
+        module.progress.restore(module, trainer.global_rank)
     if total_items:  # each process holds its own share: it shuffles that, as many items per epoch as every rank
         per_rank = -(-total_items // trainer.world_size)
         sampler = RandomSampler(items, replacement=False, num_samples=per_rank, generator=gen)

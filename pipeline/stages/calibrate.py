@@ -5,7 +5,6 @@ qdiff/ptqd also keep <run-dir>/cali_data (reused when it matches) and
 <run-dir>/partial (resumable reconstruction progress)."""
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +93,8 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     prompts = draw.prompts
     ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
     run_dir = Path(cfg.run_dir)
-    out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite)
-    if cfg.overwrite:
-        shutil.rmtree(run_dir / PARTIAL, ignore_errors=True)  # start the reconstruction over
+    # --overwrite keeps partial/ and cali_data/ where they were made under these settings (--fresh: neither)
+    out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite, cfg.fresh)
     L.seed_everything(cfg.seed, verbose=False)
     pipe = load_pipeline(cfg.model, **cfg.load_options())  # calibrate_pipeline puts it on the stage's device
     sampling = sampling_defaults(pipe, cfg.steps, cfg.guidance)
@@ -106,7 +104,8 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,
         relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
         cali_dir=cfg.cali_data or run_dir / "cali_data", partial_dir=run_dir / PARTIAL, trainer=trainer,
-        signature={"model": cfg.model, "prompts": prompts}, ram_cap_gib=cfg.ram_cap_gib)
+        signature={"model": cfg.model, "prompts": prompts}, ram_cap_gib=cfg.ram_cap_gib,
+        discard_stale=cfg.overwrite or cfg.fresh)
     if not is_global_zero():
         return out
     summary = {**quantized_summary(pipe.unet), **{k: v for k, v in metrics.items() if k != "units"}}

@@ -5,9 +5,13 @@ option Q2B may choose) and a quality source (`--criterion t2q --t2q runs/x/t2q`,
 or `length` / `complexity` for the Table S3 ablation). Writes
 <run-dir>/q2b/{q2b.safetensors, q2b.json, manifest.json, bits_heatmap.png,
 bit_shares.png, training/bits_epoch*.png}; the calibration data (every step of
-the training prompts' FP trajectories) goes to <run-dir>/q2b_data. See docs/q2b.md."""
+the training prompts' FP trajectories) goes to <run-dir>/q2b_data, and a checkpoint after every
+epoch to <run-dir>/q2b_progress: a rerun after a kill resumes from it (docs/reliability.md).
+See docs/q2b.md."""
 from __future__ import annotations
 
+import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,7 @@ from pipeline.qlip.scoring import check_same_sampler, t2q_sampler
 from pipeline.qlip.sources import quality_source
 from pipeline.qlip.t2q import T2Q_FORMAT
 from pipeline.quant.state import check_same_model, read_meta
-from pipeline.shards import DEFAULT_RAM_CAP_GIB, ram_cap_bytes
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, process_share, ram_cap_bytes
 
 
 @dataclass
@@ -96,7 +100,8 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     val_draw = draw_prompts(cfg.prompts, "val", cfg.val_n, fractions, seed=cfg.seed) if cfg.val_n else None
     prompts, val = train_draw.prompts, (val_draw.prompts if val_draw else [])
     ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
-    out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite)
+    out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite, cfg.fresh)
+    progress_dir = Path(cfg.run_dir) / "q2b_progress"
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
     device = stage_device(trainer)
@@ -113,17 +118,29 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     if hasattr(source, "to"):  # T2Q's text tower
         source.to(device)
     hparams = {"kappa": cfg.kappa, "lr": cfg.lr, "dual_lr": cfg.dual_lr, "rho": cfg.rho}
+    # what a resumed training must share with the killed one (its epoch checkpoint is refused otherwise)
+    signature = {"model": cfg.model, "unet_sha256": meta["model"]["weights_sha256"],
+                 "quant_state_sha256": meta["sha256"],
+                 "criterion": cfg.criterion, "t2q_sha256": read_artifact_meta(cfg.t2q, T2Q_FORMAT)["sha256"]
+                 if cfg.criterion == "t2q" else None, "options": options, "target_fab": cfg.target_fab,
+                 "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "batch_size": cfg.batch_size,
+                 "sampler": sampling.sampler(), "resolution": sampling.resolution, "seed": cfg.seed,
+                 "relax": cfg.relax, "tau": [cfg.tau_start, cfg.tau_end], "world_size": process_share(trainer)[1],
+                 **hparams}
     module, training, q_train, q_val, fab_w = train_q2b_on_state(
         pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=sampling.guidance,
         batch_size=cfg.batch_size, resolution=sampling.resolution,
         cali_dir=cfg.cali_data or Path(cfg.run_dir) / "q2b_data",
         target_fab=cfg.target_fab, epochs=cfg.epochs, seed=cfg.seed, trainer=trainer,
-        callbacks=lambda q: [BitAllocationCallback(q, out / "training", cfg.plot_every)],
+        callbacks=lambda q: [BitAllocationCallback(q, progress_dir / "training", cfg.plot_every)],
         tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", ram_cap_gib=cfg.ram_cap_gib,
-        spill_dir=Path(cfg.run_dir) / "q2b_items", **hparams)
+        spill_dir=Path(cfg.run_dir) / "q2b_items",
+        progress={"folder": progress_dir, "signature": signature, "discard_stale": cfg.overwrite}, **hparams)
     if not training.trainer.is_global_zero:
         return out
     module = module.cpu()
+    if (progress_dir / "training").is_dir():  # the heatmaps drawn while training, resumed or not
+        shutil.copytree(progress_dir / "training", out / "training", dirs_exist_ok=True)
     save_q2b(module, out, {"model": cfg.model, "quant_state": relative_link(cfg.quant_state, out),
                            "criterion": cfg.criterion, "t2q": relative_link(cfg.t2q, out), "steps": steps,
                            "guidance": sampling.guidance, "sampler": sampling.sampler(), "target_fab": cfg.target_fab,

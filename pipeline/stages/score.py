@@ -74,7 +74,7 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
     fractions = parse_fractions(cfg.split_fractions)
     out = Path(cfg.run_dir) / ARTIFACTS["score"]
     if is_global_zero():
-        scoring.refuse_finished(out, cfg.overwrite)  # before loading anything
+        scoring.refuse_finished(out, cfg.overwrite, cfg.fresh)  # before loading anything
     dm = PromptDataModule(cfg.prompts, cfg.run_dir, cfg.limit, fractions, seed=cfg.seed, overwrite=cfg.overwrite,
                           predict_splits=splits, shard_size=cfg.shard_size)
     if is_global_zero():
@@ -89,7 +89,7 @@ def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
                  "guidance": guidance, "resolution": side, "scheduler": sampling.scheduler, "prompts": dm.settings(),
                  "splits": splits, "shard_size": cfg.shard_size, "seed": cfg.seed, "reference": ref.describe()}
     if is_global_zero():
-        scoring.prepare_scored_dir(out, signature, cfg.overwrite)
+        scoring.prepare_scored_dir(out, signature, cfg.overwrite or cfg.fresh)
 
     fitter = make_trainer(trainer, progress=True, forced={"use_distributed_sampler": False})
     module = scoring.FPFeatures(pipe, out, steps, guidance, cfg.inception_batch, resolution=side)
