@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	python -m pipeline.fit demo --run-dir runs/demo --overwrite true
+	python -m pipeline.fit demo --run-dir runs/demo --fresh true
 
 test: setup
 	ruff check .

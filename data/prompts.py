@@ -292,8 +292,8 @@ class PromptDataModule(L.LightningDataModule):
         splits, stats = self._build()
         cache.mkdir(parents=True, exist_ok=True)
         for s in SPLITS:
-            _write_atomic(cache / f"{s}.txt", "".join(p + "\n" for p in splits[s]))
-        _write_atomic(meta_path, json.dumps({"settings": self.settings(), "stats": asdict(stats),
+            write_atomic(cache / f"{s}.txt", "".join(p + "\n" for p in splits[s]))
+        write_atomic(meta_path, json.dumps({"settings": self.settings(), "stats": asdict(stats),
                                              "counts": {s: len(splits[s]) for s in SPLITS}}, indent=1))
         self.splits, self.stats = splits, stats
 
@@ -368,7 +368,7 @@ def _identity(x):
     return x
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Readers in other processes see the old file or the new one, never half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")

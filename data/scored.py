@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.prompts import write_atomic
+
 SCORED_FILE = "scored.jsonl"
 COLUMNS = ("index", "split", "prompt", "seed", "image", "score_raw", "score")
 
@@ -56,7 +58,7 @@ class Normalizer:
 
 def write_scored(out_dir: str | Path, rows: list[dict]) -> Path:
     path = Path(out_dir) / SCORED_FILE
-    path.write_text("".join(json.dumps({k: r[k] for k in COLUMNS}) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps({k: r[k] for k in COLUMNS}) + "\n" for r in rows))
     return path
 
 

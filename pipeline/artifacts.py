@@ -26,6 +26,7 @@ The stage -> folder table is `ARTIFACTS`; docs/architecture.md draws the graph."
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -147,13 +148,29 @@ def load_artifact_tensors(folder: str | Path, fmt: ArtifactFormat, device="cpu")
     return load_tensors(path, remake, device)
 
 
-def write_json_atomic(path: str | Path, obj) -> Path:
+def write_json_atomic(path: str | Path, obj, **dumps) -> Path:
     """JSON written to a temporary name and renamed: a kill never leaves half a file."""
+    return write_text_atomic(path, json.dumps(obj, indent=1, **dumps))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Text written to a temporary name and renamed."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temporary name next to `path` to write to (images, plots: pass the format explicitly, the
+    name ends in .tmp); renamed to `path` when the block ends without error, removed otherwise."""
     path = Path(path)
     tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return path
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 MANIFEST = "manifest.json"

@@ -13,9 +13,10 @@ A workflow over the stage functions, each run into its own folder of --run-dir:
 
 Sizes are small so that the chain runs in minutes on a laptop CPU; every size
 is a flag. Without --overwrite, a rerun resumes: finished steps are kept, and
-an interrupted calibrate or score continues from its own partial results (an
-interrupted t2q or q2b must have its folder removed first; docs/architecture.md).
-With --overwrite true every step is recomputed."""
+an interrupted step continues from its own progress (calibrate's units, score's
+shards, Q2B's last epoch, evaluate's finished passes; docs/reliability.md).
+With --overwrite true every step is recomputed, reusing the progress each stage
+keeps under the same settings; --fresh true discards that too."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import ARTIFACTS, lock_run_dir, prepare_artifact, write_json_atomic, write_manifest
+from pipeline.artifacts import (
+    ARTIFACTS,
+    lock_run_dir,
+    prepare_artifact,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from pipeline.engine import StageConfig
 from pipeline.errors import RunDirError
 from pipeline.metrics.frechet import min_images
@@ -69,23 +77,21 @@ class DemoConfig(StageConfig):
 def demo(cfg: DemoConfig, trainer: dict | None = None) -> Path:
     root = Path(cfg.run_dir)
     lock_run_dir(root, "demo")  # before any step folder is reused or deleted
-    if (root / "demo" / "report.md").is_file() and not cfg.overwrite:
+    if (root / "demo" / "manifest.json").is_file() and not (cfg.overwrite or cfg.fresh):
         raise RunDirError(f"{root / 'demo'} already holds a report; pass --overwrite true to recompute every step, "
                           f"or choose another --run-dir")
-    if cfg.overwrite:
-        for name in STEPS:
-            shutil.rmtree(root / name, ignore_errors=True)
     world = cfg.model == EMBEDDED
     passed = {k: v for k, v in (trainer or {}).items() if k in PASSED_ON}
     common = {"model": cfg.model, "seed": cfg.seed, "allow_download": cfg.allow_download, "scheduler": cfg.scheduler,
-              "allow_pickle": cfg.allow_pickle}
+              "allow_pickle": cfg.allow_pickle, "overwrite": cfg.overwrite, "fresh": cfg.fresh}
     prompts = "world" if world else "builtin"
     timings = {}
 
     def step(folder: str, label: str, stage: str, fn, config, uses_trainer: bool = True) -> Path:
-        """Run one stage into root/folder unless its artifact is there (then reuse it: resume)."""
+        """Run one stage into root/folder unless its artifact is there (then reuse it: resume; with
+        --overwrite the stage replaces it, keeping its progress)."""
         artifact = root / folder / ARTIFACTS[stage]
-        if (artifact / "manifest.json").is_file():
+        if (artifact / "manifest.json").is_file() and not (cfg.overwrite or cfg.fresh):
             print(f"[demo] {label}: reusing {root / folder}", flush=True)
             return artifact
         print(f"[demo] {label} ...", flush=True)
@@ -156,7 +162,7 @@ def write_report(root: Path, out: Path, cfg: DemoConfig, methods: dict) -> str:
              "## Evaluation (the evaluate stage's table)", "", table.strip(), "",
              "## Bits QLIP chose", "", "![bits](bits_heatmap.png)", "", "![shares](bit_shares.png)"]
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
+    write_text_atomic(out / "report.md", text)
     write_json_atomic(out / "results.json", {"evaluate": ev["rows"], "qlip": q2b_metrics,
                                              "methods": {k: str(v) for k, v in methods.items()}})
     return text

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline.artifacts import atomic_path
+
 _SHORT = [("down_blocks.", "d"), ("up_blocks.", "u"), ("mid_block.", "m."), ("attentions.", "at"),
           ("resnets.", "r"), ("transformer_blocks.", "tb"), ("downsamplers.", "ds"), ("upsamplers.", "us"),
           ("time_embedding.", "temb.")]
@@ -21,7 +23,8 @@ def save_images(images: np.ndarray, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
-        Image.fromarray(img).save(folder / f"{i:05d}.png")
+        with atomic_path(folder / f"{i:05d}.png") as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
     return folder
 
 
@@ -42,7 +45,8 @@ def save_grid(rows: Sequence[np.ndarray], path: str | Path, labels: Sequence[str
             canvas.paste(tile, (lw + pad + c * (w * scale + pad), y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path
 
 
@@ -150,6 +154,7 @@ def plot_fab_vs_batch_size(fab: Mapping[int, float], path: str | Path, baseline:
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     _plt().close(fig)
     return path

@@ -343,6 +343,49 @@ def test_a_per_batch_policy_method_plugs_in(tmp_path):
     assert row["bit_options"] == "W8A{8,16}"
 
 
+@pytest.mark.slow
+def test_evaluate_resumes_per_method_and_split(tmp_path, w8a8_state, monkeypatch):
+    """Killed in the quantized method's second split, the rerun redoes only that pass: FP's reference
+    (images and Inception features) and the finished rows come back from the progress folder, and the
+    results equal an uninterrupted run's (timing aside). A corrupted reference file is redone."""
+    from pipeline.evaluation.module import MethodEvaluation
+
+    prompts = ["a red circle", "two dogs", "a striped purple circle at the top left", "a cat"]
+    splits = [Split("in_domain", "test", prompts[:2]), Split("generalization", "test", prompts[2:])]
+    settings = EvalSettings(steps=2, guidance=5.0, fid=True, fid_dims=64, sfid=False, grid_n=2)
+    splits = [Split(s.name, s.source, s.prompts, images_per_prompt=33) for s in splits]  # 66 > 64 for the FID
+    kw = dict(batch_size=33, trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    method = [method_from_state(w8a8_state)]
+    full = run_evaluation("tiny-random", method, splits, settings, progress_dir=tmp_path / "a", **kw)
+    real, passes = MethodEvaluation.predict_step, []
+
+    def killed(self, batch, idx):
+        if not self.method.is_reference and batch["split"] == "generalization":
+            raise RuntimeError("killed")
+        return real(self, batch, idx)
+
+    monkeypatch.setattr(MethodEvaluation, "predict_step", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_evaluation("tiny-random", method, splits, settings, progress_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(MethodEvaluation, "predict_step",
+                        lambda self, b, i: passes.append((self.method.label, b["split"])) or real(self, b, i))
+    resumed = run_evaluation("tiny-random", method, splits, settings, progress_dir=tmp_path / "b", **kw)
+    assert set(passes) == {("naive", "generalization")}
+    timing = {"seconds_per_image", "metric_seconds_per_image", "generate_share"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in full["rows"]]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in resumed["rows"]]
+    assert next(r for r in resumed["rows"] if r["method"] == "naive")["fid_to_fp"] > 0
+    for label, per_split in full["grids"].items():
+        for split, grid in per_split.items():
+            assert np.array_equal(grid, resumed["grids"][label][split]), (label, split)
+    ref = next((tmp_path / "b").glob("fp_*_rank0.safetensors"))
+    ref.write_bytes(ref.read_bytes()[:-8] + b"\0" * 8)  # flipped bytes in the FP reference
+    passes.clear()
+    again = run_evaluation("tiny-random", method, splits, settings, progress_dir=tmp_path / "b", **kw)
+    assert len(set(passes)) == 1 and passes[0][0] == "FP32"  # the bad split's FP pass, nothing else
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in again["rows"]]
+
+
 # ---------------------------------------------------------------------------
 # DDP: two processes give the numbers of one
 # ---------------------------------------------------------------------------

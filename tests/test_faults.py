@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,11 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.artifacts import ShardIndex, load_tensors, lock_run_dir, release_run_dir, save_tensors, sha256_file
+from pipeline.artifacts import (
+    ARTIFACTS,
+    ShardIndex,
+    load_tensors,
+    lock_run_dir,
+    release_run_dir,
+    save_tensors,
+    sha256_file,
+)
 from pipeline.calibration.data import CalibrationData, collect
 from pipeline.errors import RunDirError
 from pipeline.models import tiny_pipeline
@@ -193,3 +203,175 @@ def test_bad_flags_are_refused_naming_the_flag_before_anything_is_written(tmp_pa
     with pytest.raises(ValueError, match=message):
         main(args + (["--run-dir", str(run)] if args[0] != "bitops" else []))
     assert not run.exists() and not (tmp_path.parent / "x").exists()
+
+
+# ---------------------------------------------------------------------------
+# kill -9 at seeded random points of every resumable stage
+# ---------------------------------------------------------------------------
+# Every artifact write ends in os.replace (pipeline.artifacts' atomic writes), so the child counts them and
+# SIGKILLs itself just before or just after the k-th: a kill in the middle of a write (its temporary file
+# left behind) or between two writes. An uninterrupted run counts the renames; k is drawn, seeded, from them.
+KILLER = """
+import os, signal, sys, atexit
+k, when = int(sys.argv[1]), sys.argv[2]
+n, real = [0], os.replace
+def replace(src, dst, *a, **kw):
+    n[0] += 1
+    print(f"RENAME {n[0]} {os.fspath(dst)}", flush=True)
+    if n[0] == k and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, *a, **kw)
+    if n[0] == k and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+atexit.register(lambda: print(f"RENAMES {n[0]}", flush=True))
+from pipeline.fit import main
+main(sys.argv[3:])
+"""
+QUIET = ["--trainer.enable_progress_bar", "false"]
+TIMING = {"seconds_per_image", "metric_seconds_per_image", "generate_share", "q2b_seconds", "seconds",
+          "calibration_seconds", "timings_s", "wall_seconds"}
+
+
+def _killable(args, k=0, when="after"):
+    """Run the CLI with `args`, killed -9 at its k-th rename (0: never). Returns (process, the renamed paths)."""
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(k), when, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc, [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("RENAME ")]
+
+
+def _tensors_equal(a: Path, b: Path):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys(), a
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), (a.name, key)
+
+
+def _strip(obj):
+    """JSON without wall times (and without paths, which name the run dir)."""
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _same_calibration(ref: Path, run: Path):
+    _tensors_equal(ref / "quant" / "quant_state.safetensors", run / "quant" / "quant_state.safetensors")
+
+
+def _same_score(ref: Path, run: Path):
+    assert (ref / "scored" / "scored.jsonl").read_text() == (run / "scored" / "scored.jsonl").read_text()
+
+
+def _same_q2b(ref: Path, run: Path):
+    _tensors_equal(ref / "q2b" / "q2b.safetensors", run / "q2b" / "q2b.safetensors")
+    metrics = [_strip(json.loads((d / "q2b" / "manifest.json").read_text())["metrics"]) for d in (ref, run)]
+    assert metrics[0] == metrics[1]
+
+
+def _same_evaluation(ref: Path, run: Path):
+    rows = [_strip(json.loads((d / "evaluate" / "results.json").read_text())["rows"]) for d in (ref, run)]
+    assert rows[0] == rows[1]
+
+
+def _same_demo(ref: Path, run: Path):
+    res = [_strip(json.loads((d / "demo" / "results.json").read_text())) for d in (ref, run)]
+    assert res[0]["evaluate"] == res[1]["evaluate"] and res[0]["qlip"] == res[1]["qlip"]
+
+
+@pytest.fixture(scope="module")
+def kill_inputs(tmp_path_factory):
+    """What the killed stages read: a W4A16 naive state with {8,16,32} banks, and reference images for score."""
+    root = tmp_path_factory.mktemp("inputs")
+    proc, _ = _killable(["calibrate", "--model", "tiny-random", "--method", "naive", "--w-bits", "4", "--a-bits", "16",
+                         "--a-bit-options", "8,16,32", "--prompts", "builtin", "--cali-n", "2", "--steps", "3",
+                         "--run-dir", str(root / "state"), *QUIET])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    (root / "ref").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "ref" / f"{i}.png")
+    return root
+
+
+TINY = ["--model", "tiny-random", "--prompts", "builtin"]
+KILL_CASES = {  # case: (flags, how the final artifacts are compared, where its resumable progress is written)
+    "calibrate-naive": (lambda i: ["calibrate", *TINY, "--method", "naive", "--cali-n", "4", "--batch-size", "2",
+                                   "--steps", "3"], _same_calibration, None),
+    "calibrate-qdiff": (lambda i: ["calibrate", *TINY, "--method", "qdiff", "--w-bits", "4", "--cali-n", "2",
+                                   "--steps", "2", "--cali-st", "2", "--iters-w", "2", "--iters-a", "2"],
+                        _same_calibration, "/partial/units/"),
+    "calibrate-progressive": (lambda i: ["calibrate", *TINY, "--method", "naive", "--progressive", "true",
+                                         "--cali-n", "2", "--steps", "3"], _same_calibration, "/partial/progressive/"),
+    "score": (lambda i: ["score", *TINY, "--steps", "2", "--split-fractions", "0.5,0.5,0", "--reference",
+                         str(i / "ref"), "--giqa", "gmm", "--gmm-components", "2", "--pca-dim", "4", "--n-reference",
+                         "8", "--shard-size", "2"], _same_score, "/scored/shards/"),
+    "q2b": (lambda i: ["q2b", *TINY, "--quant-state", str(i / "state" / "quant"), "--criterion", "length", "--n", "8",
+                       "--val-n", "4", "--batch-size", "4", "--resolution", "16", "--epochs", "4", "--plot-every", "2"],
+            _same_q2b, "/q2b_progress/"),
+    "evaluate": (lambda i: ["evaluate", "--model", "tiny-random", "--quant-states", f"[{i / 'state' / 'quant'}]",
+                            "--in-domain", "builtin", "--generalization", str(ROOT / "tests/assets/prompts.txt"),
+                            "--split-fractions", "0,0,1", "--n", "4", "--steps", "3", "--batch-size", "2", "--fid",
+                            "false", "--sfid", "false", "--clip", "none"], _same_evaluation, "/evaluate_progress/"),
+    # the whole chain (tiny-random: prompt length stands in for T2Q), killed inside any stage's progress
+    "demo": (lambda i: ["demo", "--model", "tiny-random", "--n", "4", "--cali-n", "2", "--q2b-n", "4", "--q2b-epochs",
+                        "3", "--iters-w", "2", "--iters-a", "2", "--steps", "3", "--eval-batch", "2"], _same_demo,
+             ("/partial/units/", "/q2b_progress/", "/evaluate_progress/")),
+}
+# two kills in a row, then a rerun to the end: the first at a random one of the middle half of the stage's
+# progress writes (so that the rerun has progress to resume from and work left), the second at a random point
+# of that rerun
+KILLS_PER_CASE = 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(KILL_CASES))
+def test_killed_twice_at_random_points_the_rerun_ends_identical(case, kill_inputs, tmp_path):
+    flags, same, progress = KILL_CASES[case]
+    args = [*flags(kill_inputs), *QUIET]
+    proc, renames = _killable([*args, "--run-dir", str(tmp_path / "ref")])
+    assert proc.returncode == 0 and renames, proc.stderr[-3000:]
+    marks = (progress,) if isinstance(progress, str) else progress or ()
+    points = [i for i, dst in enumerate(renames, 1) if any(m in dst for m in marks)] or range(1, len(renames) + 1)
+    points = points[len(points) // 4: max(len(points) // 4 + 1, 3 * len(points) // 4)]
+    rng = random.Random(f"{case}-kills")  # seeded: the same kill points on every run of the suite
+    run, killed = tmp_path / "run", 0
+    finished = run / ARTIFACTS[args[0]] / "manifest.json"
+    for j in range(KILLS_PER_CASE):
+        k, when = (rng.choice(points) if j == 0 else rng.randint(1, len(renames))), rng.choice(["before", "after"])
+        proc, _ = _killable([*args, "--run-dir", str(run)], k, when)
+        killed += proc.returncode == -signal.SIGKILL
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]  # a rerun may finish before k
+        if finished.is_file():  # done (or killed after its last write): a rerun would be refused, rightly
+            break
+    assert killed >= 1
+    if not finished.is_file():
+        proc, _ = _killable([*args, "--run-dir", str(run)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    same(tmp_path / "ref", run)
+
+
+@pytest.mark.slow
+def test_a_corrupted_finished_unit_is_redone_alone_and_the_state_matches(kill_inputs, tmp_path):
+    """Q-Diffusion's finished units are checksummed: one with a flipped byte is reconstructed again, the
+    others are loaded, and the state equals the uninterrupted run's."""
+    import shutil
+
+    args = [*KILL_CASES["calibrate-qdiff"][0](kill_inputs), *QUIET]
+    proc, _ = _killable([*args, "--run-dir", str(tmp_path / "ref")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", run)
+    shutil.rmtree(run / "quant")  # as if killed before the state was written: partial/ holds every unit
+    unit = sorted((run / "partial" / "units").glob("*.safetensors"))[1]
+    data = bytearray(unit.read_bytes())
+    data[-1] ^= 0xFF
+    unit.write_bytes(bytes(data))
+    proc, renames = _killable([*args, "--run-dir", str(run)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{unit} does not match its checksum" in proc.stdout
+    assert [d for d in renames if "/partial/units/" in d] == [str(unit)]  # that unit alone was redone
+    _same_calibration(tmp_path / "ref", run)

@@ -139,7 +139,7 @@ class StaticQuantState(EvalMethod):
 
     def describe(self) -> dict:
         return {**super().describe(), "path": str(self.path), "quant_config": self.meta["quant_config"],
-                "extra": self.meta.get("extra", {})}
+                "extra": self.meta.get("extra", {}), "sha256": self.meta.get("sha256")}
 
 
 @register_method("qlip")
@@ -178,7 +178,7 @@ class QLIPMethod(StaticQuantState):
     def describe(self) -> dict:
         m = self.q2b.meta
         return {**super().describe(), "q2b": str(self.q2b_path), "criterion": m.get("criterion"),
-                "t2q": m.get("t2q"), "target_fab": m.get("target_fab")}
+                "t2q": m.get("t2q"), "target_fab": m.get("target_fab"), "q2b_sha256": m.get("sha256")}
 
 
 def method_from_state(path: str | Path, label: str | None = None) -> EvalMethod:

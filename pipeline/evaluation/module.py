@@ -1,5 +1,8 @@
 """One method's QDiffBench pass as a Lightning predict loop.
 
+One predict pass covers the splits in `active` (the runner runs one split at a
+time, so each finished (method, split) can be kept: pipeline/evaluation/progress.py);
+the method's pipeline is loaded once and kept across its passes until `release`.
 predict_step generates one global batch (same prompts and seeds for every
 method), runs the Inception once for all Frechet metrics and updates every
 metric of the batch's split; on_predict_end computes them, which syncs the
@@ -60,6 +63,7 @@ class MethodEvaluation(L.LightningModule):
         self.method, self.model_name, self.load_options = method, model, load or {}
         self.splits, self.batches, self.settings, self.shared = splits, batches, settings, shared
         self.pipe = None
+        self.active: list[Split] = list(splits)  # the splits of the next predict pass
         self.split_metrics = nn.ModuleDict()
         self.results: dict[str, dict] = {}
         self.grid_images: dict[str, np.ndarray] = {}
@@ -70,7 +74,8 @@ class MethodEvaluation(L.LightningModule):
     def predict_dataloader(self):
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-        ds = BatchDataset(self.batches)
+        names = {s.name for s in self.active}
+        ds = BatchDataset([b for b in self.batches if b["split"] in names])
         sampler = UnrepeatedDistributedSampler(ds, num_replicas=self.trainer.world_size,
                                                rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(ds, batch_size=None, sampler=sampler, collate_fn=identity)
@@ -81,11 +86,12 @@ class MethodEvaluation(L.LightningModule):
     # -- setup ----------------------------------------------------------------
     def on_predict_start(self) -> None:
         s = self.settings
-        with torch.inference_mode(False):  # quantizer state loaded here must stay a normal tensor
-            self.pipe = self.method.load(self.model_name, self.load_options)
-        self.pipe.to(self.device)
+        if self.pipe is None:  # loaded once per method, kept across its splits
+            with torch.inference_mode(False):  # quantizer state loaded here must stay a normal tensor
+                self.pipe = self.method.load(self.model_name, self.load_options)
+            self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.to(self.device)  # a predict Trainer's teardown moves the module (not the pipeline) back
         self.method.to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
         unet = self.pipe.unet
         side = s.resolution or unet.config.sample_size * self.pipe.vae_scale_factor
         latent = side // self.pipe.vae_scale_factor
@@ -94,7 +100,9 @@ class MethodEvaluation(L.LightningModule):
         self.size_bytes = model_size_bytes(unet)
         if s.real_images and self.shared.real_features is None:
             self._load_real_features(side)
-        for split in self.splits:
+        self.split_metrics = nn.ModuleDict()
+        self._grid = {}
+        for split in self.active:
             m = nn.ModuleDict({"fab": FAB(stats, layers), "bitops": BitOPs(stats, layers, w_bits), "timing": Timing()})
             if not self.method.is_reference:
                 m["fidelity"] = FidelityToFP(lpips=s.lpips)
@@ -170,16 +178,19 @@ class MethodEvaluation(L.LightningModule):
     def on_predict_end(self) -> None:
         with warnings.catch_warnings():  # a process may hold no batch of some split: its states are zeros
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            for split in self.splits:
+            for split in self.active:
                 self.results[split.name] = self._compute(self.split_metrics[split.name])
         grids = {}
         for part in all_gather_objects(self._grid):
             grids.update(part)
-        for split in self.splits:
+        for split in self.active:
             keys = sorted(k for k in grids if k[0] == split.name)
             if keys:
                 self.grid_images[split.name] = np.stack([grids[k] for k in keys])
         self.split_metrics = nn.ModuleDict()  # free the covariance sums
+
+    def release(self) -> None:
+        """After the method's last pass: free its pipeline."""
         self.pipe = None
 
     def _compute(self, m: nn.ModuleDict) -> dict:

@@ -33,6 +33,10 @@ class FPReference:
             self._items[(split, int(i))] = (prompts[j], int(seeds[j]), images[j].cpu(),
                                             {k: v[j].cpu() for k, v in features.items()})
 
+    def items_of(self, split: str) -> list[tuple[int, tuple]]:
+        """(index, (prompt, seed, image, features)) of `split`, by index."""
+        return sorted((k[1], v) for k, v in self._items.items() if k[0] == split)
+
     def get(self, split: str, indices: Sequence[int], prompts: Sequence[str], seeds: Sequence[int],
             label: str = "the evaluated model") -> ReferenceBatch:
         """The FP images/features of these images; refuses a prompt or seed that

@@ -3,10 +3,10 @@ metrics, per split) and one PNG grid per method (FP row above the method's
 row, per split, same prompts and seeds)."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from pipeline.artifacts import write_json_atomic, write_text_atomic
 from pipeline.plots import save_grid
 
 MAIN_COLUMNS = [("Method", "method"), ("Bit options", "bit_options"), ("FAB", "fab"), ("BitOPs (T)", "bitops_T"),
@@ -70,8 +70,7 @@ def write_markdown(path: Path, results: dict) -> Path:
                                              f"FID to real ({s['fid_dims']}-d)"})
     lines += ["", "## Grids (top: FP32, below: the method; per split)", ""]
     lines += [f"- {label}: ![{label}]({name})" for label, name in results["grid_files"].items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_grids(out: Path, grids: dict, splits: list[str], reference: str) -> dict[str, str]:
@@ -100,8 +99,7 @@ def write_grids(out: Path, grids: dict, splits: list[str], reference: str) -> di
 
 
 def write_json(path: Path, results: dict) -> Path:
-    path.write_text(json.dumps(results, indent=1, allow_nan=False))
-    return path
+    return write_json_atomic(path, results, allow_nan=False)
 
 
 def write_results(out: Path, model: str, plan, res: dict) -> str:

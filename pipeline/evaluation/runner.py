@@ -1,15 +1,18 @@
 """QDiffBench: validate everything cheap first, then one Lightning predict pass
-per method (FP first: it is the reference), on one process or many."""
+per method and split (FP first: it is the reference), on one process or many,
+each finished pass kept in the progress folder so that a rerun resumes."""
 from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 from data.images import list_images
 from pipeline.engine import make_trainer
 from pipeline.evaluation.methods import EvalMethod, FullPrecision, StaticQuantState
 from pipeline.evaluation.module import MethodEvaluation, SharedState
+from pipeline.evaluation.progress import EvalProgress, splits_signature
 from pipeline.evaluation.settings import EvalSettings
 from pipeline.evaluation.splits import Split, global_batches
 from pipeline.metrics.frechet import check_enough_images
@@ -51,9 +54,13 @@ def validate(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split],
 
 
 def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[Split], settings: EvalSettings,
-                   batch_size: int = 8, trainer_kwargs: dict | None = None, load: dict | None = None) -> dict:
+                   batch_size: int = 8, trainer_kwargs: dict | None = None, load: dict | None = None,
+                   progress_dir: str | Path | None = None, discard_stale: bool = False) -> dict:
     """Evaluate FP and every method on every split. Returns
-    {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "is_global_zero": bool, ...}."""
+    {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "is_global_zero": bool, ...}.
+
+    With `progress_dir`, each finished (method, split) is kept there and a rerun under the same
+    settings skips it (`discard_stale`: progress of other settings is discarded, not refused)."""
 
     splits = list(splits)
     batches = global_batches(splits, batch_size)
@@ -61,24 +68,48 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
     # state (loaded inside the loop) ordinary tensors
     trainer = make_trainer(trainer_kwargs, progress=True,
                            forced={"use_distributed_sampler": False, "inference_mode": False})
-    if len(batches) < trainer.world_size:
-        raise ValueError(f"{len(batches)} batches for {trainer.world_size} processes: every process needs at least "
-                         f"one; lower --batch-size (now {batch_size}) or the number of devices")
+    for split in splits:
+        n = sum(b["split"] == split.name for b in batches)
+        if n < trainer.world_size:
+            raise ValueError(f"split {split.name!r} has {n} batches for {trainer.world_size} processes: every "
+                             f"process needs at least one; lower --batch-size (now {batch_size}) or the number "
+                             f"of devices")
     everything = [FullPrecision()] + [m for m in methods if not m.is_reference]
+    signature = {"model": model, "methods": [m.describe() for m in everything], "splits": splits_signature(splits),
+                 "settings": settings, "batch_size": batch_size, "world_size": trainer.world_size, "load": load}
+    progress = EvalProgress(progress_dir, signature, trainer.global_rank, discard_stale)
     shared = SharedState()
     rows, grids, walls = [], {}, {}
     for method in everything:
         module = MethodEvaluation(method, model, splits, batches, settings, shared, load)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*predict returned None.*")
-            trainer.predict(module, return_predictions=False)
-        walls[method.label] = time.perf_counter() - t0
+        grids[method.label], walls[method.label] = {}, 0.0
         for split in splits:
+            entry = progress.finished(method.label, split.name)
+            if entry is None:
+                module.active = [split]
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                    warnings.filterwarnings("ignore", message=".*predict returned None.*")
+                    trainer.predict(module, return_predictions=False)
+                row, wall = module.results[split.name], time.perf_counter() - t0
+                grid = module.grid_images.get(split.name)
+                if method.is_reference:
+                    progress.save_reference(shared.reference, split.name)
+                trainer.strategy.barrier()  # every process's reference file is on disk before it is recorded
+                progress.record_pass(method.label, split.name, row, wall, grid, trainer.world_size,
+                                     method.is_reference)
+            else:
+                row, wall, grid = entry["row"], entry["wall_s"], progress.grid(entry, method.label, split.name)
+                if method.is_reference:
+                    progress.load_reference(shared.reference, split.name)
+                print(f"[evaluate] {method.label} on {split.name}: reusing the finished pass in {progress_dir}")
             rows.append({"split": split.name, "method": method.label, "kind": method.kind,
-                         "bit_options": method.bit_options(), **module.results[split.name]})
-        grids[method.label] = module.grid_images
+                         "bit_options": method.bit_options(), **row})
+            walls[method.label] += wall
+            if grid is not None:
+                grids[method.label][split.name] = grid
+        module.release()
     return {"rows": rows, "grids": grids, "wall_seconds": walls, "world_size": trainer.world_size,
             "is_global_zero": trainer.is_global_zero, "n_real_images": shared.n_real,
             "methods": [m.describe() for m in everything]}

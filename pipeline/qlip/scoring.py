@@ -24,6 +24,7 @@ from data.scored import Normalizer, write_scored
 from pipeline.artifacts import (
     MANIFEST,
     ShardIndex,
+    atomic_path,
     check_progress,
     discard_progress,
     is_finished,
@@ -80,7 +81,8 @@ class FPFeatures(L.LightningModule):
             images = generate(self.pipe, batch["prompts"], batch["seeds"], steps=self.steps, guidance=self.guidance,
                               batch_size=len(batch["prompts"]), resolution=self.resolution, progress=False)
             for i, img in zip(batch["indices"], images):
-                Image.fromarray(img).save(self.out / image_name(batch["split"], i))
+                with atomic_path(self.out / image_name(batch["split"], i)) as tmp:
+                    Image.fromarray(img).save(tmp, format="PNG")
         else:
             images = batch["images"]
         feats = inception_features(images, self.inception, self.inception_batch)

@@ -81,10 +81,11 @@ def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
     settings.resolution, settings.scheduler = sampling.resolution, sampling.scheduler
     validate(cfg.model, plan.methods, plan.splits, plan.settings, cfg.load_options(), fp_unet=fp.unet)
     del fp  # each method loads its own pipeline
-    out = prepare_artifact(cfg.run_dir, ARTIFACTS["evaluate"], cfg.overwrite)
+    out = prepare_artifact(cfg.run_dir, ARTIFACTS["evaluate"], cfg.overwrite, cfg.fresh)
     L.seed_everything(cfg.seed, verbose=False)
     res = run_evaluation(cfg.model, plan.methods, plan.splits, plan.settings, cfg.batch_size, trainer,
-                         cfg.load_options())
+                         cfg.load_options(), progress_dir=Path(cfg.run_dir) / "evaluate_progress",
+                         discard_stale=cfg.overwrite)
     if not res["is_global_zero"]:
         return out
     md = write_results(out, cfg.model, plan, res)
