@@ -10,6 +10,7 @@ Euler ancestral, DDIM with eta > 0, LCM), so a (prompt, seed) gets the same
 noise on any device, in any batch, for the FP and every quantized model."""
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.models import is_sdxl
-from pipeline.quant import call_steps, first_calls, set_schedule
+from pipeline.quant import call_steps, first_calls, set_schedule, set_step
 
 
 @dataclass
@@ -206,23 +207,70 @@ def denoise(pipe, text: Conditioning, latents: torch.Tensor, steps: int, guidanc
     if getattr(unet, "quant_config", None) is not None:
         set_schedule(unet, sched.timesteps)
     step_of, firsts = call_steps(sched.timesteps), set(first_calls(sched.timesteps))
-    device = text.cond.device
-    x = latents.to(device) * sched.init_noise_sigma
+    x = latents.to(text.cond.device) * sched.init_noise_sigma
     text_kwargs = text.unet_kwargs()
     stop = steps if stop is None else stop
-    extra = {"generator": list(generators)} if generators is not None and _takes_generator(sched) else {}
+    extra = _step_noise(sched, generators)
     with torch.no_grad():
         for k, t in enumerate(sched.timesteps):
             i = step_of[k]
             if i >= stop:
                 break
-            model_in = sched.scale_model_input(torch.cat([x, x]), t)
             if on_unet_input is not None and k in firsts:
-                on_unet_input(i, model_in[: len(x)], t)
-            eps_u, eps_c = unet(model_in, t, **text_kwargs).sample.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x, **extra).prev_sample
+                on_unet_input(i, sched.scale_model_input(torch.cat([x, x]), t)[: len(x)], t)
+            x = _guided_step(sched, unet, x, t, text_kwargs, guidance, extra)
     return x
+
+
+def _guided_step(sched, unet, x, t, text_kwargs: dict, guidance: float, extra: dict) -> torch.Tensor:
+    """One UNet call on [uncond; cond], the CFG combination, and the scheduler's update."""
+    eps_u, eps_c = unet(sched.scale_model_input(torch.cat([x, x]), t), t, **text_kwargs).sample.chunk(2)
+    return sched.step(eps_u + guidance * (eps_c - eps_u), t, x, **extra).prev_sample
+
+
+def _step_noise(sched, generators) -> dict:
+    return {"generator": list(generators)} if generators is not None and _takes_generator(sched) else {}
+
+
+class Trajectory:
+    """One prompt batch's sampling loop, advanced one step at a time.
+
+    Progressive calibration runs every batch to step i, calibrates step i, then
+    advances each batch by one step: O(1) UNet calls per calibrated step, where
+    rerunning `denoise` from x_T costs O(i). Each trajectory keeps its own copy
+    of the scheduler (multistep samplers such as PNDM and DPM++ carry state
+    between steps) and its own generators. A quantized UNet runs all calls of
+    step i at step index i (`set_step`): what the call counter maps them to."""
+
+    def __init__(self, pipe, text: Conditioning, latents: torch.Tensor, steps: int, guidance: float,
+                 generators: Sequence[torch.Generator] | None = None):
+        self.text, self.guidance = text, guidance
+        self.sched = copy.deepcopy(pipe.scheduler)
+        self.sched.set_timesteps(steps)
+        self.step_of = call_steps(self.sched.timesteps)
+        self.x = latents.to(text.cond.device) * self.sched.init_noise_sigma
+        self.extra, self.k = _step_noise(self.sched, generators), 0
+
+    @property
+    def step(self) -> int:
+        """The step whose input `x` is (the number of steps when done)."""
+        return self.step_of[self.k] if self.k < len(self.step_of) else self.step_of[-1] + 1
+
+    def unet_input(self) -> dict:
+        """The keyword arguments of the current step's first UNet call."""
+        t = self.sched.timesteps[self.k]
+        return unet_call(self.sched.scale_model_input(torch.cat([self.x, self.x]), t), t, self.text, self.x.device)
+
+    @torch.no_grad()
+    def advance(self, unet) -> None:
+        """Run every call of the current step with `unet`."""
+        i, kwargs = self.step, self.text.unet_kwargs()
+        while self.k < len(self.step_of) and self.step_of[self.k] == i:
+            if getattr(unet, "quant_config", None) is not None:
+                set_step(unet, i)
+            self.x = _guided_step(self.sched, unet, self.x, self.sched.timesteps[self.k], kwargs, self.guidance,
+                                  self.extra)
+            self.k += 1
 
 
 def _takes_generator(scheduler) -> bool:

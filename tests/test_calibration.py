@@ -211,11 +211,17 @@ def test_relaxing_raises_bits_at_the_chosen_end():
 
 
 def test_progressive_calibrates_each_step_on_quantized_trajectories():
+    """One quantizer per step from its own data, at O(1) UNet calls per calibrated step: each batch's
+    trajectory advances one step after the step is calibrated (mutation caught: rerunning the trajectory
+    from x_T for every step, as `denoise(stop=i)` did, makes 20 calls here instead of 14)."""
     pipe = tiny_pipeline(0)
     quantize_unet(pipe.unet, QuantConfig(w_bits=8, a_bits=8, n_steps=4, time_aware=True))
     with pytest.raises(ValueError, match="time-aware quantizers for 5 steps"):
         calibrate_progressive(pipe, load_prompts("builtin", 2), 5, 5.0)
+    calls = []
+    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
     calibrate_progressive(pipe, load_prompts("builtin", 4), 4, 5.0, batch_size=2)
+    assert len(calls) == 2 * 3 + 2 * 4  # 2 batches: 3 advances (DDIM: one call a step) + 4 observation passes
     banks = act_banks(pipe.unet)
     assert all(b.calibrated.all() for b in banks.values())
     conv_in = quant_layers(pipe.unet)["conv_in"].act.scale.detach()[0]
@@ -249,25 +255,23 @@ def test_progressive_learns_step_sizes_per_step_and_resumes(tmp_path, monkeypatc
     init = quant_layers(ranges_only.unet)["conv_in"].act.scale.detach()[0]
     assert len(set(lsq.tolist())) == 3 and not torch.allclose(lsq, init, rtol=1e-3)
 
-    real_denoise = pcr.denoise
-    stops = []
+    real_advance, real_save = pcr.Trajectory.advance, pcr._save_progress
 
-    def interrupt_at_step_2(*a, stop=None, **k):
-        stops.append(stop)
-        if stop == 2:
+    def interrupt_in_step_1(self, unet):
+        if self.step == 1:  # after step 1 was calibrated and saved
             raise KeyboardInterrupt
-        return real_denoise(*a, stop=stop, **k)
+        return real_advance(self, unet)
 
-    monkeypatch.setattr(pcr, "denoise", interrupt_at_step_2)
+    monkeypatch.setattr(pcr.Trajectory, "advance", interrupt_in_step_1)
     with pytest.raises(KeyboardInterrupt):
         calibrate_progressive(fresh(), prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
     assert json.loads((tmp_path / "cut" / "progressive" / "progressive.json").read_text())["done"] == 2
-    monkeypatch.setattr(pcr, "denoise",
-                        lambda *a, stop=None, **k: stops.append(stop) or real_denoise(*a, stop=stop, **k))
-    stops.clear()
+    monkeypatch.setattr(pcr.Trajectory, "advance", real_advance)
+    saved = []
+    monkeypatch.setattr(pcr, "_save_progress", lambda u, d, done, sig: saved.append(done) or real_save(u, d, done, sig))
     resumed = fresh()
     calibrate_progressive(resumed, prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
-    assert set(stops) == {2}  # steps 0 and 1 were not recomputed
+    assert saved == [3]  # steps 0 and 1 were not calibrated again
     a, b = quantizer_state(ranges_only.unet), quantizer_state(resumed.unet)
     assert a.keys() == b.keys()
     for k in a:

@@ -19,9 +19,9 @@ from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tens
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.models import is_sdxl
-from pipeline.quant import act_banks, first_calls, get_bit_policy, set_bit_policy, set_quant_state
+from pipeline.quant import act_banks, get_bit_policy, set_bit_policy, set_quant_state
 from pipeline.quant.state import assign_quantizer_tensors, model_fingerprint, quantizer_state
-from pipeline.sampling import denoise, encode_prompts, initial_latents, noise_generators, unet_call
+from pipeline.sampling import Trajectory, encode_prompts, initial_latents, noise_generators
 
 
 class _StepCalls:
@@ -71,22 +71,20 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
         "quant_config": cfg.to_dict(), "weights_sha256": model_fingerprint(unet)["weights_sha256"],
         "start_state_sha256": _state_hash(unet), **(signature or {})}))
     done = _load_progress(unet, partial_dir, signature, discard_stale)
-    batches = []
+    set_quant_state(unet, True, True)
+    for bank in banks.values():
+        bank.observing = False
+    trajectories = []  # one per prompt batch, advanced a step at a time (O(1) UNet calls per step)
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b:b + batch_size]
-        seeds = [seed * 1_000_003 + b + j for j in range(len(chunk))]
-        batches.append((encode_prompts(pipe, chunk, resolution), seeds))
+        gens = noise_generators([seed * 1_000_003 + b + j for j in range(len(chunk))])
+        traj = Trajectory(pipe, encode_prompts(pipe, chunk, resolution),
+                          initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance, gens)
+        for _ in range(done):  # a resumed run: through the steps already calibrated
+            traj.advance(unet)
+        trajectories.append(traj)
     for i in tqdm(range(done, steps), desc="progressive", initial=done, total=steps, leave=False):
-        for bank in banks.values():
-            bank.observing = False
-        set_quant_state(unet, True, True)
-        calls = []
-        for text, seeds in batches:  # steps 0..i-1 run quantized (slots already calibrated)
-            gens = noise_generators(seeds)  # the same noise on every rerun of the trajectory
-            x = denoise(pipe, text, initial_latents(pipe, resolution=resolution, generators=gens), steps,
-                        guidance, stop=i, generators=gens)
-            t = pipe.scheduler.timesteps[first_calls(pipe.scheduler.timesteps)[i]]
-            calls.append(unet_call(pipe.scheduler.scale_model_input(torch.cat([x, x]), t), t, text, x.device))
+        calls = [traj.unet_input() for traj in trajectories]  # steps 0..i-1 ran quantized (calibrated slots)
         if iters_a > 0:
             per_step = max(1, iters_a // steps)
             for name, unit in reconstruction_units(unet).items():
@@ -104,6 +102,12 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
                 bank.finalize(cfg.act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates, slots=[i])
         if is_rank_zero:
             _save_progress(unet, partial_dir, i + 1, signature)
+        for bank in banks.values():
+            bank.observing = False
+        set_quant_state(unet, True, True)
+        if i + 1 < steps:
+            for traj in trajectories:  # through step i, now calibrated
+                traj.advance(unet)
     set_quant_state(unet, True, True)
 
 
