@@ -121,3 +121,19 @@ def test_straight_through_gradient():
     fake_quantize(x, s, z, 8).sum().backward()
     inside = (x.abs() < 2.9).float()
     assert torch.allclose(x.grad * inside, inside)
+
+
+def test_the_lp_sample_represents_every_observed_call_equally():
+    """After 100 calls, the kept sample holds about 1% from each call and no repeated position (mutation
+    caught: the earlier keep-a-random-quarter compaction with a generator reseeded from the sample count
+    kept 96% from the last 8 calls and drew the same positions again and again)."""
+    bank = ActQuantBank([8], n_slots=1, samples=1000)
+    bank.observing = True
+    for c in range(100):
+        bank(torch.arange(5000, dtype=torch.float32) + 10_000 * c, 0, 0)  # call c: values 10000c + position
+    sample = bank._obs[0]["sample"][0]
+    calls, positions = (sample // 10_000).long(), (sample % 10_000).long()
+    share_last_8 = float((calls >= 92).float().mean())
+    assert len(sample) == 1000 and share_last_8 < 0.16, share_last_8  # uniform: 8%
+    assert torch.bincount(calls, minlength=100).max() <= 25  # no call dominates (uniform: ~10 each)
+    assert len(torch.unique(sample)) >= 900 and len(torch.unique(positions)) >= 900

@@ -125,17 +125,24 @@ class ActQuantBank(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, slot: int) -> None:
+        """Min/max, and a uniform sample for the L_p search: each call draws `samples` values at random
+        positions, each drawn value gets a random key, and the `samples` smallest keys over all calls
+        are kept (a bottom-k sample: every call is equally represented, however many calls there are)."""
         x = x.detach().float().reshape(-1)
-        o = self._obs.setdefault(slot, {"min": x.min(), "max": x.max(), "sample": []})
+        o = self._obs.get(slot)
+        if o is None:  # one generator per slot, seeded: the same sample on every run
+            o = self._obs[slot] = {"min": x.min(), "max": x.max(), "sample": [], "keys": None,
+                                   "gen": torch.Generator(device="cpu").manual_seed(slot)}
         o["min"], o["max"] = torch.minimum(o["min"], x.min()), torch.maximum(o["max"], x.max())
-        if self.samples:
-            g = torch.Generator(device="cpu").manual_seed(len(o["sample"]))
-            idx = torch.randint(0, x.numel(), (min(self.samples, x.numel()),), generator=g).to(x.device)
-            o["sample"].append(x[idx])
-            if sum(s.numel() for s in o["sample"]) > 4 * self.samples:  # keep memory bounded
-                cat = torch.cat(o["sample"])
-                keep = torch.randperm(cat.numel(), generator=g)[: self.samples].to(cat.device)
-                o["sample"] = [cat[keep]]
+        if not self.samples:
+            return
+        g = o["gen"]
+        idx = torch.randint(0, x.numel(), (min(self.samples, x.numel()),), generator=g)
+        values, keys = x[idx.to(x.device)], torch.rand(len(idx), generator=g)
+        if o["keys"] is not None:
+            values, keys = torch.cat([o["sample"][0], values]), torch.cat([o["keys"], keys])
+        keep = keys.argsort()[: self.samples]
+        o["sample"], o["keys"] = [values[keep.to(values.device)]], keys[keep]
 
     @torch.no_grad()
     def finalize(self, method: str = "minmax", p: float = 2.4, n_candidates: int = 80,
