@@ -123,6 +123,31 @@ def test_qdiff_lowers_whole_unet_error_against_naive(cali_dir, tmp_path):
     assert e_q < e_naive, (e_naive, e_q)
 
 
+def test_time_aware_lsq_trains_each_calibrated_step_and_shares_it_with_the_nearest_steps(cali_dir, tmp_path,
+                                                                                        monkeypatch):
+    """--time-aware without --progressive, data at steps [0, 2, 5] of 6: LSQ phases exist for those three
+    slots only, and each step without data takes its nearest calibrated step's quantizer (mutation caught:
+    a phase for a slot without data used to draw other steps' items, training their quantizers instead)."""
+    from pipeline.calibration import reconstruction
+
+    phases = []
+    real_fit = qdiff_mod.fit_unit
+    monkeypatch.setattr(qdiff_mod, "fit_unit", lambda u, c, items, ph, *a, **k: phases.append(ph) or
+                        real_fit(u, c, items, ph, *a, **k))
+    unet = tiny_pipeline(0).unet
+    quantize_unet(unet, qcfg(time_aware=True))
+    calibrate_qdiff(unet, CalibrationData(cali_dir), tmp_path / "p", iters_w=2, iters_a=6)
+    act_slots = {p.slot for ph in phases for p in ph if p.kind == "act"}
+    assert act_slots == {0, 2, 5}
+    for bank in act_banks(unet).values():
+        if bank.n_slots > 1:
+            for slot, nearest in {1: 0, 3: 2, 4: 5}.items():
+                assert torch.equal(bank.scale[:, slot], bank.scale[:, nearest]), slot
+    with pytest.raises(ValueError, match="no calibration item addresses time slot 1"):
+        list(reconstruction.PhaseSampler([{"step": 0}], [reconstruction.Phase("act", 2, k=0, slot=1)],
+                                         lambda s: s))
+
+
 def test_resume_after_interruption_gives_the_same_state(cali_dir, tmp_path, monkeypatch):
     data = CalibrationData(cali_dir)
     kw = dict(iters_w=4, iters_a=2, seed=3)

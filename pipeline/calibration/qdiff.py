@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
@@ -22,6 +23,7 @@ from pipeline.shards import (
     DEFAULT_RAM_CAP_GIB,
     ItemStore,
     estimate_line,
+    item_field,
     item_nbytes,
     process_share,
     ram_cap_bytes,
@@ -135,7 +137,9 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
     inputs in `items`, then LSQ step sizes, one phase per (bit option, slot).
 
     `slots` restricts both to those time slots (PCR's progressive calibration
-    sets one step at a time); None means every slot. Step sizes are learned for
+    sets one step at a time); None means every slot that has items. A time-aware slot without items
+    (a step outside --cali-st) takes the quantizers of the nearest step that has them, range and learned
+    step size alike: it never trains on other steps' data. Step sizes are learned for
     the bit options below 16 (16-bit quantizers are already near-lossless at
     their range init, and an absolute Adam step of 4e-4 would swamp their ~1e-5
     scales); the fixed-bit softmax bank keeps its range init for the same reason."""
@@ -159,11 +163,12 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
     metrics = {}
     learn_options = [k for k, b in enumerate(cfg.a_bit_options) if b < 16]
     learn_banks = [b for b in banks if b.bit_options == cfg.a_bit_options]  # not the fixed softmax bank
+    n_slots = max(b.n_slots for b in banks)
+    observed = observed_slots(items, n_slots) if slots is None and n_slots > 1 else None
     if iters_a > 0 and learn_options and learn_banks:
         train, held = _split(items)
         if slots is None:
-            n_slots = max(b.n_slots for b in learn_banks)
-            slots = list(range(n_slots)) if n_slots > 1 else [None]
+            slots = observed if observed is not None else [None]
         per = max(1, iters_a // len(slots))
         phases = [Phase("act", per, k=k, slot=s) for k in learn_options for s in slots]
         metrics["mse_act_init"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
@@ -177,7 +182,32 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
         for layer, pol in zip(layers, saved):
             layer.policy = pol
         metrics["mse_act_lsq"] = {cfg.a_bit_options[k]: held_out_mse(unit, ctx, held, k) for k in learn_options}
+    if observed is not None:
+        share_nearest_slots(banks, observed)
     return metrics
+
+
+def observed_slots(items, n_slots: int) -> list[int]:
+    """The time slots the items' steps address (over every DDP process's share)."""
+    mine = {min(int(item_field(items, i, "step")), n_slots - 1) for i in range(len(items))}
+    if dist.is_available() and dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, sorted(mine))
+        mine = set().union(*map(set, parts))
+    return sorted(mine)
+
+
+@torch.no_grad()
+def share_nearest_slots(banks, observed: list[int]) -> None:
+    """Every time slot without data takes the quantizers of the nearest observed slot (the earlier on a tie)."""
+    for b in banks:
+        if b.n_slots == 1:
+            continue
+        for slot in range(b.n_slots):
+            src = min(observed, key=lambda o: (abs(o - slot), o))
+            if src != slot:
+                b.scale[:, slot] = b.scale[:, src]
+                b.zero_point[:, slot] = b.zero_point[:, src]
 
 
 def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, iters_a: int = 5000,

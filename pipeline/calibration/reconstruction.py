@@ -68,7 +68,8 @@ class PhaseSampler(Sampler):
         for p in self.phases:
             pool = [i for i in range(len(self.items))  # steps read without loading items stored on disk
                     if p.slot is None or self.slot_of(item_field(self.items, i, "step")) == p.slot]
-            pool = pool or list(range(len(self.items)))
+            if not pool:  # the caller gives phases only to slots with data (qdiff.observed_slots)
+                raise ValueError(f"no calibration item addresses time slot {p.slot}")
             for _ in range(p.iters):
                 yield rng.choice(pool)
 
