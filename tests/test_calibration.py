@@ -309,3 +309,29 @@ def test_progressive_learns_step_sizes_per_step_and_resumes(tmp_path, monkeypatc
     quant_layers(other_start.unet)["conv_in"].w_quant.scale.data.mul_(1.01)  # e.g. other Q-Diffusion weights
     with pytest.raises(FileExistsError, match="start_state_sha256: "):
         calibrate_progressive(other_start, prompts, 3, 5.0, batch_size=2, partial_dir=tmp_path / "cut")
+
+
+def test_reconstruction_inputs_come_from_the_quantized_upstream_and_targets_from_fp(cali_dir):
+    """Q-Diffusion's asym capture: the unit's inputs are what the UNet feeds it with the units before it
+    quantized, its targets the FP unit's outputs on FP inputs (mutation caught: capturing both from one FP
+    pass makes the inputs equal the FP ones)."""
+    from pipeline.calibration.blocks import UnitProbe, set_units_quantized
+    from pipeline.calibration.qdiff import capture_unit_io
+
+    data = CalibrationData(cali_dir)
+    unet = tiny_pipeline(0).unet
+    quantize_unet(unet, qcfg(w_bits=3))
+    units = list(reconstruction_units(unet).values())
+    upstream, unit = units[:3], units[3]
+    fp_items = capture_unit_io(unet, unit, data)
+    q_items = capture_unit_io(unet, unit, data, upstream=upstream)
+    step, call = next(iter(data.unet_calls()))
+    set_step(unet, step)
+    set_quant_state(unet, False, False)
+    set_units_quantized(upstream)
+    with torch.no_grad():
+        want = UnitProbe(unit)(lambda: unet(**call), inputs_only=True)["args"][0]
+    assert torch.equal(q_items[0]["args"][0], want)
+    assert not torch.allclose(q_items[0]["args"][0], fp_items[0]["args"][0])
+    for a, b in zip(fp_items, q_items):
+        assert torch.equal(a["out"], b["out"]) and a["step"] == b["step"]

@@ -43,36 +43,51 @@ def unit_banks(unit: nn.Module) -> list[ActQuantBank]:
     return [m for m in unit.modules() if isinstance(m, ActQuantBank)]
 
 
-class BlockIO:
-    """Capture a unit's inputs (args and kwargs) and output during UNet calls.
+class _Stop(Exception):
+    """Raised by a probe's hook: the rest of the UNet call is not needed."""
 
-    Items go to `sink` (anything with `append`, e.g. a `pipeline.shards.ItemStore`; default a list)."""
 
-    def __init__(self, unit: nn.Module, sink=None):
+class UnitProbe:
+    """Runs a UNet call only as far as `unit` and returns what it saw there: its inputs (args and kwargs)
+    and, unless `inputs_only`, its output. The rest of the call is skipped (the later layers' work is not
+    needed to capture an earlier unit)."""
+
+    def __init__(self, unit: nn.Module):
         self.unit = unit
-        self.items = [] if sink is None else sink
-        self._step = 0
 
-    def __enter__(self):
+    def __call__(self, run, inputs_only: bool = False) -> dict:
+        seen = {}
+
         def pre(module, args, kwargs):
-            self._pending = (tuple(a.detach() if torch.is_tensor(a) else a for a in args),
-                             {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+            seen["args"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            seen["kwargs"] = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            if inputs_only:
+                raise _Stop
 
         def post(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            self.items.append({"args": self._pending[0], "kwargs": self._pending[1], "out": out.detach(),
-                               "step": self._step})
+            seen["out"] = (output[0] if isinstance(output, tuple) else output).detach()
+            raise _Stop
 
-        self._h = [self.unit.register_forward_pre_hook(pre, with_kwargs=True),
-                   self.unit.register_forward_hook(post, with_kwargs=True)]
-        return self
+        hooks = [self.unit.register_forward_pre_hook(pre, with_kwargs=True),
+                 self.unit.register_forward_hook(post, with_kwargs=True)]
+        try:
+            run()
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        if "args" not in seen:
+            raise RuntimeError("the UNet call never reached the unit being captured")
+        return seen
 
-    def set_step(self, step: int) -> None:
-        self._step = step
 
-    def __exit__(self, *exc):
-        for h in self._h:
-            h.remove()
+def set_units_quantized(units) -> None:
+    """Weights and activations of `units` quantized, as they will run (the rest as they are)."""
+    for unit in units:
+        for layer in unit_layers(unit):
+            layer.quant_weight = layer.w_quant.n_bits < 32
+        set_unit_act(unit, True)
 
 
 def set_unit_act(unit: nn.Module, on: bool) -> None:

@@ -14,10 +14,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
-from pipeline.calibration.blocks import BlockIO, reconstruction_units, set_unit_act, unit_banks, unit_layers
+from pipeline.calibration.blocks import (
+    UnitProbe,
+    reconstruction_units,
+    set_unit_act,
+    set_units_quantized,
+    unit_banks,
+    unit_layers,
+)
 from pipeline.calibration.naive import merge_observations, sync_banks_from_rank0
 from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
-from pipeline.quant import set_quant_state
+from pipeline.quant import set_quant_state, set_step
 from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
 from pipeline.shards import (
     DEFAULT_RAM_CAP_GIB,
@@ -31,21 +38,34 @@ from pipeline.shards import (
     take,
 )
 
+RECON_INPUTS = ("quantized", "fp")
 
-def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int, int] = (0, 1)):
-    """FP inputs and outputs of `unit` over this process's calibration UNet calls, into `store` (an
-    ItemStore; default a list in RAM). `share` = (rank, world): a process runs every world-th call only."""
+
+def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int, int] = (0, 1),
+                    upstream: list | None = None):
+    """Inputs and target outputs of `unit` over this process's calibration UNet calls, into `store` (an
+    ItemStore; default a list in RAM). `share` = (rank, world): a process runs every world-th call only.
+
+    The target is always the FP unit's output on the FP model's input. The input is the FP model's too,
+    unless `upstream` (the units already reconstructed) is given: then it comes from a second pass in which
+    those units run quantized, as Q-Diffusion's and BRECQ's `save_inp_oup_data(..., asym=True)` does, so
+    the unit's rounding learns to absorb the error upstream. Each pass stops at the unit."""
     rank, world = share
-    set_quant_state(unet, weight=False, act=False)
-    with BlockIO(unit, store) as io, torch.no_grad():
+    items = [] if store is None else store
+    probe = UnitProbe(unit)
+    with torch.no_grad():
         for k, (step, call) in enumerate(data.unet_calls(device=device)):
             if k % world != rank:
                 continue
-            io.set_step(step)
-            unet.quant_context.timesteps = []
-            unet.quant_context.step = step
-            unet(**call)
-    return io.items
+            set_step(unet, step)
+            set_quant_state(unet, weight=False, act=False)
+            seen = probe(lambda: unet(**call))
+            if upstream:
+                set_units_quantized(upstream)
+                seen.update(probe(lambda: unet(**call), inputs_only=True))
+                set_quant_state(unet, weight=False, act=False)
+            items.append({"args": seen["args"], "kwargs": seen["kwargs"], "out": seen["out"], "step": step})
+    return items
 
 
 def unit_call_bytes(unet, data, device="cpu") -> dict[str, int]:
@@ -93,14 +113,16 @@ def _split(items, every: int = 5):
 
 def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
                      a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
-                     store: ItemStore | None = None, share: tuple[int, int] = (0, 1)) -> dict:
+                     store: ItemStore | None = None, share: tuple[int, int] = (0, 1),
+                     upstream: list | None = None) -> dict:
     """Weights (AdaRound), then activation ranges and step sizes, of one unit.
 
-    The unit's items go to `store` (default: all in RAM), which is emptied (its shards deleted) at the end."""
+    The unit's items go to `store` (default: all in RAM), which is emptied (its shards deleted) at the end.
+    `upstream`: the units already reconstructed, run quantized for the unit's inputs (`capture_unit_io`)."""
     device = next(unet.parameters()).device
     t0 = time.time()
     with store if store is not None else ItemStore() as st:
-        items = capture_unit_io(unet, unit, data, device, st, share)
+        items = capture_unit_io(unet, unit, data, device, st, share, upstream)
         return _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0)
 
 
@@ -213,8 +235,12 @@ def share_nearest_slots(banks, observed: list[int]) -> None:
 def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, iters_a: int = 5000,
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None,
-                    ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False) -> dict:
+                    ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False,
+                    recon_inputs: str = "quantized") -> dict:
     """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
+
+    `recon_inputs` "quantized" (Q-Diffusion's and BRECQ's default): each unit is fitted on the inputs that the
+    units reconstructed before it produce, quantized; "fp": on the FP model's inputs (`capture_unit_io`).
 
     `signature` (the run's settings) is stored with the progress; progress made
     under another signature is refused rather than silently mixed in (`discard_stale`: discarded).
@@ -225,12 +251,14 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     cfg = unet.quant_config
     if cfg.weight_rounding != "adaround":
         raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
+    if recon_inputs not in RECON_INPUTS:
+        raise ValueError(f"--recon-inputs {recon_inputs!r}: use one of {RECON_INPUTS}")
     cap = ram_cap_bytes(ram_cap_gib)
     partial = Path(partial_dir)
     progress_file = partial / "progress.json"
     signature = jsonable({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a, "w_lr": w_lr,
                           "a_lr": a_lr, "seed": seed, "data": data.meta["signature"],  # the model's weight hash
-                          **(signature or {})})
+                          "recon_inputs": recon_inputs, **(signature or {})})
     progress = check_progress(progress_file, signature, "reconstruction progress", discard_stale) or {
         "signature": signature, "done": [], "metrics": {}, "sha256": {}}
     (partial / "units").mkdir(parents=True, exist_ok=True)
@@ -238,15 +266,19 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     rank, world = share = process_share(trainer_kwargs)
     spill = partial / "spill" / f"rank{rank}"
     print_estimate(unet, data, cap, share)
+    done = []  # the units reconstructed so far (loaded or fitted): quantized upstream of the next one
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
         if name in progress["done"] and path.is_file():
             if sha256_file(path) == progress.get("sha256", {}).get(name):
                 assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --fresh true"))
+                done.append(unit)
                 continue
             print(f"note: {path} does not match its checksum in {progress_file}; redoing unit {name}")
         metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed,
-                                   store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share)
+                                   store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share,
+                                   upstream=done if recon_inputs == "quantized" else None)
+        done.append(unit)
         if is_rank_zero:
             save_tensors(path, quantizer_state(unit, prefix=name))
             progress["done"] = [n for n in progress["done"] if n != name] + [name]

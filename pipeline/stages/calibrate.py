@@ -12,8 +12,10 @@ import lightning as L
 
 from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
+from pipeline.calibration.qdiff import RECON_INPUTS
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
 from pipeline.engine import StageConfig, is_global_zero
+from pipeline.errors import UserError
 from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.quant import save_quantized
@@ -63,6 +65,9 @@ class CalibrateConfig(StageConfig):
     """AdaRound iterations per unit (qdiff/ptqd)"""
     iters_a: int = 5000
     """activation step-size iterations per unit"""
+    recon_inputs: str = "quantized"
+    """quantized (Q-Diffusion/BRECQ: each unit fitted on the inputs the already-reconstructed units produce,
+    quantized) | fp (on the FP model's inputs); qdiff/ptqd"""
     progressive: bool = False
     """PCR progressive calibration (time-aware)"""
     relax_tau: float = 0.0
@@ -92,6 +97,8 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
     prompts = draw.prompts
     ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
+    if cfg.recon_inputs not in RECON_INPUTS:
+        raise UserError(f"--recon-inputs {cfg.recon_inputs!r}: use one of {RECON_INPUTS}")
     run_dir = Path(cfg.run_dir)
     # --overwrite keeps partial/ and cali_data/ where they were made under these settings (--fresh: neither)
     out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite, cfg.fresh)
@@ -104,7 +111,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         seed=cfg.seed, cali_st=cfg.cali_st, iters_w=cfg.iters_w, iters_a=cfg.iters_a, progressive=cfg.progressive,
         relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
         cali_dir=cfg.cali_data or run_dir / "cali_data", partial_dir=run_dir / PARTIAL, trainer=trainer,
-        signature={"model": cfg.model, "prompts": prompts}, ram_cap_gib=cfg.ram_cap_gib,
+        signature={"model": cfg.model, "prompts": prompts}, ram_cap_gib=cfg.ram_cap_gib, recon_inputs=cfg.recon_inputs,
         discard_stale=cfg.overwrite or cfg.fresh)
     if not is_global_zero():
         return out
