@@ -207,18 +207,52 @@ def test_non_finite_loss_names_block_and_step(cali_dir, tmp_path):
         calibrate_qdiff(u, data, tmp_path / "p", iters_w=5, iters_a=0)
 
 
-def test_ptqd_statistics_and_correction(cali_dir):
+def test_ptqd_fits_the_guided_eps_and_corrects_the_guided_eps(cali_dir):
+    """PTQD's k_t is the least-squares slope of the guided quantization error on the guided FP eps (checked
+    against the closed form on the guided outputs), and the per-branch hook corrects the guided eps to
+    (eps_g - b) / (1 + k). Mutation caught: fitting each CFG branch separately gives another slope."""
     data = CalibrationData(cali_dir)
     u = _naive(QuantConfig(w_bits=3, a_bits=6, n_steps=STEPS), data)
     stats = ptqd_statistics(u, data)
-    assert stats["ptqd_k"].shape == (3,) and (stats["ptqd_k"] >= 0).all()
+    assert stats["ptqd_k"].shape == (3,) and stats["ptqd_bias"].shape == (3, 4)
     assert torch.equal(stats["ptqd_k"], stats["ptqd_k_raw"].clamp(min=0))
-    assert stats["ptqd_bias"].shape == (3, 4)
-    before = _unet_error(u, data)
+    w = float(data.meta["signature"]["guidance"])
+    step, call = next(iter(data.unet_calls()))
+    with torch.no_grad():
+        set_step(u, step)
+        set_quant_state(u, False, False)
+        fp = u(**call).sample.chunk(2)
+        set_quant_state(u, True, True)
+        q = u(**call).sample.chunk(2)
+    calls_at = [c for s, c in data.unet_calls() if s == step]
+    e_g, d_g, d_branch, e_branch = [], [], [], []
+    with torch.no_grad():
+        for c in calls_at:
+            set_quant_state(u, False, False)
+            f = u(**c).sample
+            set_quant_state(u, True, True)
+            qq = u(**c).sample
+            (fu, fc), (qu, qc) = f.chunk(2), qq.chunk(2)
+            e_g.append(fu + w * (fc - fu))
+            d_g.append(qu + w * (qc - qu) - e_g[-1])
+            e_branch.append(f)
+            d_branch.append(qq - f)
+    e_g, d_g = torch.cat(e_g).double(), torch.cat(d_g).double()
+    k_guided = float((d_g * e_g).sum() / (e_g * e_g).sum())
+    e_b, d_b = torch.cat(e_branch).double(), torch.cat(d_branch).double()
+    k_branch = float((d_b * e_b).sum() / (e_b * e_b).sum())
+    j = stats["ptqd_steps"].tolist().index(step)
+    assert float(stats["ptqd_k_raw"][j]) == pytest.approx(k_guided, rel=1e-5)
+    assert abs(k_branch - k_guided) > 1e-4 * max(1.0, abs(k_guided))  # the test tells the two fits apart
     handle = apply_ptqd(u, stats)
-    after = _unet_error(u, data)
+    with torch.no_grad():
+        set_step(u, step)
+        cu, cc = u(**call).sample.chunk(2)
     handle.remove()
-    assert after < before
+    k, b = float(stats["ptqd_k"][j]), stats["ptqd_bias"][j].reshape(1, -1, 1, 1)
+    want = (q[0] + w * (q[1] - q[0]) - b) / (1 + k)
+    assert torch.allclose(cu + w * (cc - cu), want, atol=1e-5)
+    assert fp[0].shape == cu.shape
 
 
 def test_relaxing_raises_bits_at_the_chosen_end():

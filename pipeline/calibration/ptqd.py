@@ -2,8 +2,11 @@
 prediction into a part correlated with it and a residual.
 
 Per calibrated step: eps_q - eps_fp = k_t * eps_fp + r, k_t >= 0 by least
-squares; the residual's per-channel mean is a bias, its std the uncorrelated
-noise. At sampling: eps <- (eps - bias_t) / (1 + k_t). For stochastic
+squares on the *guided* noise prediction (eps_u + w (eps_c - eps_u), the one
+the sampler uses, as PTQD fits it); the residual's per-channel mean is a bias,
+its std the uncorrelated noise. At sampling: eps <- (eps - bias_t) / (1 + k_t),
+applied to both CFG branches: the correction is affine with slope 1/(1 + k_t),
+so it commutes with the guidance and corrects the guided eps exactly. For stochastic
 samplers PTQD also lowers the injected noise variance by the residual
 variance; the project's default sampler (DDIM, eta = 0) injects none, so
 only the correction above applies (the std is stored for such samplers).
@@ -27,6 +30,12 @@ def ptqd_statistics(unet, data, device="cpu") -> dict[str, torch.Tensor]:
     refuses a sampler of another type."""
     space = data.space
     steps = list(data.steps)
+    w = float(data.meta["signature"]["guidance"])
+
+    def guided(eps):  # the calls hold [uncond; cond]
+        u, c = eps.chunk(2)
+        return u + w * (c - u)
+
     acc = {s: {"xy": 0.0, "xx": 0.0, "d": [], "e": []} for s in steps}
     with torch.no_grad():
         for step, call in data.unet_calls(device=device):
@@ -37,8 +46,8 @@ def ptqd_statistics(unet, data, device="cpu") -> dict[str, torch.Tensor]:
             set_quant_state(unet, True, True)
             eps_q = space.to_eps(unet(**call).sample, call["sample"], call["timestep"])
             a = acc[step]
-            a["d"].append((eps_q - eps_fp).cpu())
-            a["e"].append(eps_fp.cpu())
+            a["d"].append((guided(eps_q) - guided(eps_fp)).cpu())
+            a["e"].append(guided(eps_fp).cpu())
     ks, raw, biases, stds = [], [], [], []
     for s in steps:
         d, e = torch.cat(acc[s]["d"]).double(), torch.cat(acc[s]["e"]).double()
