@@ -113,14 +113,20 @@ def _naive(config, data):
     return unet
 
 
-def test_qdiff_lowers_whole_unet_error_against_naive(cali_dir, tmp_path):
+def test_qdiff_lowers_whole_unet_error_against_naive_and_adaround_carries_part_of_it(cali_dir, tmp_path):
+    """Q-Diffusion beats naive PTQ, and AdaRound is part of why: the same recipe with round-to-nearest
+    weights (iters_w=0, the same L_p ranges and LSQ) is worse (mutation caught: AdaRound that learns
+    nothing, e.g. no optimizer step on the rounding, leaves the two equal)."""
     data = CalibrationData(cali_dir)
     naive = _naive(QuantConfig(w_bits=4, a_bits=8, n_steps=STEPS), data)
-    q = tiny_pipeline(0).unet
-    quantize_unet(q, qcfg())
-    calibrate_qdiff(q, data, tmp_path / "p", iters_w=30, iters_a=10, w_lr=1e-2)
-    e_naive, e_q = _unet_error(naive, data), _unet_error(q, data)
-    assert e_q < e_naive, (e_naive, e_q)
+    errors = {}
+    for iters_w in (0, 30):
+        q = tiny_pipeline(0).unet
+        quantize_unet(q, qcfg())
+        calibrate_qdiff(q, data, tmp_path / f"p{iters_w}", iters_w=iters_w, iters_a=10, w_lr=1e-2)
+        errors[iters_w] = _unet_error(q, data)
+    e_naive = _unet_error(naive, data)
+    assert errors[30] < e_naive and errors[30] < errors[0], (e_naive, errors)
 
 
 def test_time_aware_lsq_trains_each_calibrated_step_and_shares_it_with_the_nearest_steps(cali_dir, tmp_path,

@@ -266,6 +266,15 @@ def test_bos_aware_keeps_bos_kv_in_full_precision(tiny_pipe):
         for b in act_banks(u).values():
             b.finalize()
         keys[bos_aware] = (cap["k_in"], a.to_k.act.scale.detach().clone())
+        # the K/V the attention uses, quantized: BOS's row is the full-precision projection (mutation caught:
+        # quantizing BOS's K or V, or giving it quantized weights, changes that row), the rest is not
+        proc = a.processor
+        with torch.no_grad():
+            for proj, bank in ((a.to_k, proc.k), (a.to_v, proc.v)):
+                got = proc._project_kv(a, proj, bank, enc, cross=True)
+                fp = torch.nn.functional.linear(enc, proj.weight, proj.bias)
+                assert torch.allclose(got[:, 0], fp[:, 0], rtol=1e-5, atol=1e-5) == bos_aware
+                assert not torch.allclose(got[:, 1:], fp[:, 1:])
     assert keys[False][0] == 77 and keys[True][0] == 76  # the quantized path no longer sees BOS
     assert keys[True][1].max() < keys[False][1].max() / 5  # so its input range is not blown up by the outlier
 
