@@ -24,15 +24,14 @@ from data.scored import Normalizer, write_scored
 from pipeline.artifacts import (
     ShardIndex,
     check_progress,
-    is_finished,
     jsonable,
     load_tensors,
     lock_run_dir,
+    refuse_existing_results,
     save_tensors,
     verify_manifest,
     write_json_atomic,
 )
-from pipeline.errors import RunDirError
 from pipeline.metrics.giqa import from_description
 from pipeline.metrics.inception import inception_features, shared_backbone
 from pipeline.models import EMBEDDED
@@ -160,9 +159,7 @@ def resolve_reference(reference: str, model: str) -> str:
 def refuse_finished(out: Path, overwrite: bool) -> None:
     """Take the run directory's lock, then refuse finished results (unless overwrite)."""
     lock_run_dir(out.parent, "score")
-    if is_finished(out) and not overwrite:
-        raise RunDirError(f"{out} already holds results; pass --overwrite true to replace them, "
-                          f"or choose another --run-dir")
+    refuse_existing_results(out, overwrite)
 
 
 def prepare_scored_dir(out: Path, signature: dict, overwrite: bool) -> None:

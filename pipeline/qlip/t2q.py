@@ -34,7 +34,7 @@ from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
 from pipeline.world.io import load_world_clip
 
 T2Q_FORMAT = ArtifactFormat("qlip-t2q", 1, "t2q.safetensors", "t2q.json", "T2Q folder",
-                            "train one with `python -m pipeline.fit t2q`")
+                            "train one with `python -m pipeline.fit t2q`", required=("text_tower.model", "hidden"))
 HIDDEN = 512
 
 
