@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import ARTIFACTS, lock_run_dir, prepare_artifact, write_json_atomic, write_manifest
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, check_flags
 from pipeline.errors import RunDirError
 from pipeline.metrics.frechet import min_images
 from pipeline.metrics.inception import POOL_DIMS
@@ -67,6 +67,7 @@ class DemoConfig(StageConfig):
 
 
 def demo(cfg: DemoConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
     root = Path(cfg.run_dir)
     lock_run_dir(root, "demo")  # before any step folder is reused or deleted
     if (root / "demo" / "report.md").is_file() and not cfg.overwrite:

@@ -14,12 +14,12 @@ import lightning as L
 from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
-from pipeline.engine import StageConfig, is_global_zero
+from pipeline.engine import StageConfig, check_flags, is_global_zero
 from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.quant import save_quantized
 from pipeline.quant.config import parse_bits
-from pipeline.shards import DEFAULT_RAM_CAP_GIB, ram_cap_bytes
+from pipeline.shards import DEFAULT_RAM_CAP_GIB
 
 
 @dataclass
@@ -80,6 +80,8 @@ class CalibrateConfig(StageConfig):
 
 
 def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
+
     def quant_config(steps: int, relax_tau: float):
         return quant_config_for(cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                                 a_bit_options=parse_bits(cfg.a_bit_options), steps=steps,
@@ -92,7 +94,6 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     quant_config(cfg.steps or 1, cfg.relax_tau if cfg.steps else 0.0)
     draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
     prompts = draw.prompts
-    ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
     run_dir = Path(cfg.run_dir)
     out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite)
     if cfg.overwrite:
