@@ -15,6 +15,7 @@ layout. Every failure names the value and the fix.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +42,16 @@ class PromptSourceError(ValueError):
     """A prompt source that cannot be read: the message names the value and the fix."""
 
 
+@contextmanager
+def utf8(path):
+    """Reading prompt file `path`: a file that is not UTF-8 text (binary, another encoding) is named, with the fix."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise PromptSourceError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+                                f"to UTF-8 (iconv -t UTF-8) or give another prompt source") from None
+
+
 def parse_spec(source: str) -> tuple[str, str]:
     """'parti:x.tsv' -> ('parti', 'x.tsv'); a bare file -> (kind from its extension and layout, path)."""
     kind, sep, rest = source.partition(":")
@@ -62,7 +73,8 @@ def parse_spec(source: str) -> tuple[str, str]:
     if suffix == ".json":
         return "coco", source
     if suffix == ".tsv":
-        first = path.open(encoding="utf-8").readline().rstrip("\n").split("\t")
+        with utf8(path), path.open(encoding="utf-8") as fh:
+            first = fh.readline().rstrip("\n").split("\t")
         if "Prompt" in first:
             return "parti", source
         if len(first) == 2 and first[1].startswith(("http://", "https://")):
@@ -194,10 +206,11 @@ def read_source(source: str, n_world: int | None = None, world_split: str = "tra
             objects, background, richness, template = world.sample_attributes(world.scene_rng(seed, split, i), split)
             out.append(world.make_caption(objects, background, richness, template))
         return out
-    if kind == "sd-prompts":
-        return _read_table(rest, kind) if rest else _read_hf(SD_PROMPTS_HF, ("Prompt", "prompt"))
-    if kind == "table":
-        return _read_table(rest, "table")
-    if kind == "txt":
-        return _existing(rest, "txt").read_text(encoding="utf-8").splitlines()
-    return {"coco": _read_coco, "cc": _read_cc, "parti": _read_parti, "jsonl": _read_jsonl}[kind](rest)
+    with utf8(rest):  # every kind below reads the file `rest` (or, without one, a Hugging Face dataset)
+        if kind == "sd-prompts":
+            return _read_table(rest, kind) if rest else _read_hf(SD_PROMPTS_HF, ("Prompt", "prompt"))
+        if kind == "table":
+            return _read_table(rest, "table")
+        if kind == "txt":
+            return _existing(rest, "txt").read_text(encoding="utf-8").splitlines()
+        return {"coco": _read_coco, "cc": _read_cc, "parti": _read_parti, "jsonl": _read_jsonl}[kind](rest)

@@ -94,11 +94,14 @@ def prompt_seed(prompt: str, seed: int = 0) -> int:
     return int(stable_unit(prompt, f"seed{seed}") * 2 ** 31)
 
 
-def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+def check_fractions(fractions: Sequence[float], what: str | None = None) -> tuple[float, ...]:
+    """`what`: how the message names the value (default: 'split fractions [...]')."""
     f = tuple(float(x) for x in fractions)
-    if len(f) != len(SPLITS) or any(x < 0 for x in f) or abs(sum(f) - 1) > 1e-6:
-        raise ValueError(f"split fractions {list(fractions)} must be {len(SPLITS)} non-negative numbers "
-                         f"(train, val, test) summing to 1, e.g. 0.8,0.1,0.1")
+    # written so that NaN fails (every comparison with it is False)
+    if len(f) != len(SPLITS) or not all(x >= 0 for x in f) or not abs(sum(f) - 1) <= 1e-6:
+        total = f" (they sum to {sum(f):g})" if len(f) == len(SPLITS) and all(x >= 0 for x in f) else ""
+        raise ValueError(f"{what or f'split fractions {list(fractions)}'} must be {len(SPLITS)} non-negative "
+                         f"numbers (train, val, test) summing to 1{total}, e.g. 0.8,0.1,0.1")
     return f
 
 
@@ -128,18 +131,24 @@ def load_prompts(source: str, limit: int | None = None, split: str = "train", se
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
-        raise ValueError(f"prompt source {source!r} gave no prompts after stripping and de-duplication")
+        raise no_prompts(source)
     return prompts
+
+
+def no_prompts(source: str) -> PromptSourceError:
+    return PromptSourceError(f"prompt source {source!r} gave no prompts after stripping and de-duplication (an "
+                             f"empty file, or only blank lines); give a source with at least one prompt")
 
 
 def parse_fractions(text: str | Sequence[float], flag: str = "--split-fractions") -> tuple[float, ...]:
     """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1), checked."""
-    if isinstance(text, str):
-        try:
-            text = [float(f) for f in text.split(",")]
-        except ValueError:
-            raise ValueError(f"{flag} {text!r} must be three numbers (train,val,test) such as 0.8,0.1,0.1") from None
-    return check_fractions(text)
+    if not isinstance(text, str):
+        return check_fractions(text, f"{flag} {','.join(map(str, text))}")
+    try:
+        fractions = [float(f) for f in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be three numbers (train,val,test) such as 0.8,0.1,0.1") from None
+    return check_fractions(fractions, f"{flag} {text}")
 
 
 def split_source(source: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, limit: int | None = None,
@@ -149,6 +158,8 @@ def split_source(source: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, li
     'world' here means the world's train scenes (`limit` of them, else DEFAULT_WORLD_N): the score
     stage hashes those into T2Q's own train / val."""
     prompts, stats = normalize(read_source(source, n_world=limit or DEFAULT_WORLD_N, seed=seed))
+    if not prompts:  # not "split 'train' is empty": no fraction would help
+        raise no_prompts(source)
     return assign_splits(prompts, fractions, limit, salt), stats
 
 
@@ -253,6 +264,7 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"--shard-size {shard_size} must be >= 1")
         self.splits: dict[str, list[str]] | None = None
         self.stats: PromptStats | None = None
+        self._read = None  # (splits, stats) read by check_source, for prepare_data to write
 
     # -- the cache ------------------------------------------------------------
     @property
@@ -275,21 +287,33 @@ class PromptDataModule(L.LightningDataModule):
                   f"{stats.max_tokens} tokens and will be truncated, e.g. {stats.truncated_examples[0][:80]!r}")
         return splits, stats
 
+    def _cache_diff(self) -> dict | None:
+        """How the cache's settings differ from these ({} when they match); None without a cache."""
+        meta_path = self.cache_dir / "meta.json"
+        if not meta_path.is_file():
+            return None
+        old = json.loads(meta_path.read_text())
+        return {k: (old["settings"].get(k), v) for k, v in self.settings().items() if old["settings"].get(k) != v}
+
+    def check_source(self) -> None:
+        """Read the source now, unless a cache of these settings will be reused: a bad or empty source fails
+        before anything is written to the run directory (prepare_data writes what was read)."""
+        if self.cache_dir is not None and self._cache_diff() != {}:
+            self._read = self._build()
+
     def prepare_data(self) -> None:
         cache = self.cache_dir
         if cache is None:
             return
         meta_path = cache / "meta.json"
-        if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            diff = {k: (old["settings"].get(k), v) for k, v in self.settings().items() if old["settings"].get(k) != v}
-            if not diff:
-                return  # made with these settings: reuse (idempotent, also under DDP)
-            if not self.overwrite:
-                detail = "; ".join(f"{k}: cached {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                raise FileExistsError(f"prompt splits in {cache} were made with other settings ({detail}); pass "
-                                      f"--overwrite true to rebuild them, or choose another --run-dir")
-        splits, stats = self._build()
+        diff = self._cache_diff()
+        if diff == {}:
+            return  # made with these settings: reuse (idempotent, also under DDP)
+        if diff and not self.overwrite:
+            detail = "; ".join(f"{k}: cached {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise FileExistsError(f"prompt splits in {cache} were made with other settings ({detail}); pass "
+                                  f"--overwrite true to rebuild them, or choose another --run-dir")
+        splits, stats = self._read or self._build()
         cache.mkdir(parents=True, exist_ok=True)
         for s in SPLITS:
             write_atomic(cache / f"{s}.txt", "".join(p + "\n" for p in splits[s]))

@@ -66,6 +66,7 @@ class ArtifactFormat:
     meta: str  # JSON file name
     title: str  # what a user calls it, for error messages
     made_by: str  # how a user makes one, for error messages
+    required: tuple[str, ...] = ()  # JSON keys its readers index ("a.b": key b of a), checked when it is read
 
     @property
     def tag(self) -> str:
@@ -115,22 +116,39 @@ def save_artifact(folder: str | Path, fmt: ArtifactFormat, tensors: dict[str, to
     return folder
 
 
-def read_artifact_meta(folder: str | Path, fmt: ArtifactFormat) -> dict:
+def read_artifact_meta(folder: str | Path, fmt: ArtifactFormat, flag: str | None = None) -> dict:
     """The artifact's JSON, after checking both files exist, the JSON against the folder's
-    manifest (where there is one) and the format."""
+    manifest (where there is one), the format and its required keys. `flag`: the flag that
+    named the folder, for the messages."""
     folder = Path(folder)
+    named = f"{flag} {folder}: " if flag else ""
+    if not folder.exists():
+        raise FileNotFoundError(f"{named or f'{folder}: '}no such folder; expected a {fmt.title} ({fmt.made_by})")
     for f in (folder / fmt.meta, folder / fmt.tensors):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: {folder} is not a {fmt.title} ({fmt.made_by})")
+            raise FileNotFoundError(f"{named}{f} is missing: {folder} is not a {fmt.title} ({fmt.made_by})")
     verify_manifest(folder, [fmt.meta], fix=f"{fmt.made_by} again")
     try:
         meta = json.loads((folder / fmt.meta).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{folder / fmt.meta} is corrupted ({e}); {fmt.made_by} again") from e
-    if meta.get("format") != fmt.tag:
-        raise ValueError(f"{folder / fmt.meta} has format {meta.get('format')!r}, expected {fmt.tag!r}; "
-                         f"{fmt.made_by} again")
+    if not isinstance(meta, dict) or meta.get("format") != fmt.tag:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{folder / fmt.meta} has format {found!r}, expected {fmt.tag!r}; {fmt.made_by} again")
+    require_keys(meta, fmt.required, folder / fmt.meta, f"{fmt.made_by} again")
     return meta
+
+
+def require_keys(meta: dict, keys, path: str | Path, fix: str) -> None:
+    """Refuse JSON `meta` (read from `path`) that lacks one of `keys` ("a.b": key b of a), naming it and `fix`:
+    once, where the file is read, rather than a KeyError wherever it is used."""
+    for key in keys:
+        node, parts = meta, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                missing = ".".join(parts[:i + 1])  # the outermost key that is gone
+                raise ValueError(f"{path} has no {missing!r} entry (written by another version, or edited); {fix}")
+            node = node[part]
 
 
 def load_artifact_tensors(folder: str | Path, fmt: ArtifactFormat, device="cpu") -> dict[str, torch.Tensor]:
@@ -179,6 +197,14 @@ MANIFEST = "manifest.json"
 def is_finished(folder: str | Path) -> bool:
     """A stage folder holds results only once its manifest (written last, atomically) is there."""
     return (Path(folder) / MANIFEST).is_file()
+
+
+def refuse_existing_results(folder: str | Path, overwrite: bool) -> None:
+    """Finished results are replaced only with --overwrite true; writes nothing, so a stage may ask before it
+    loads a model (prepare_artifact asks again)."""
+    if not overwrite and is_finished(folder):
+        raise RunDirError(f"{folder} already holds results; pass --overwrite true to replace them, "
+                          f"or choose another --run-dir")
 
 
 def folder_checksums(folder: str | Path) -> dict[str, str]:
@@ -336,9 +362,7 @@ def prepare_artifact(run_dir: str | Path, name: str, overwrite: bool, fresh: boo
     if fresh:
         discard_progress(run_dir, stage)
     if path.exists() and any(path.iterdir() if path.is_dir() else [path]):
-        if not (overwrite or fresh) and is_finished(path):
-            raise RunDirError(f"{path} already holds results; pass --overwrite true to replace them, "
-                              f"or choose another --run-dir")
+        refuse_existing_results(path, overwrite or fresh)
         if not (overwrite or fresh):
             print(f"note: {path} holds an unfinished {name} (no {MANIFEST}: interrupted before the end); redoing it")
         shutil.rmtree(path) if path.is_dir() else path.unlink()

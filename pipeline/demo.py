@@ -33,7 +33,7 @@ from pipeline.artifacts import (
     write_manifest,
     write_text_atomic,
 )
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, check_flags
 from pipeline.errors import RunDirError
 from pipeline.metrics.frechet import min_images
 from pipeline.metrics.inception import POOL_DIMS
@@ -75,6 +75,7 @@ class DemoConfig(StageConfig):
 
 
 def demo(cfg: DemoConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
     root = Path(cfg.run_dir)
     lock_run_dir(root, "demo")  # before any step folder is reused or deleted
     if (root / "demo" / "manifest.json").is_file() and not (cfg.overwrite or cfg.fresh):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cache
 
 import diffusers
@@ -18,7 +20,9 @@ import lightning as L
 import torch
 import transformers
 
-from pipeline.models import default_model
+from pipeline.errors import UserError
+from pipeline.models import check_model, check_scheduler, default_model
+from pipeline.quant.quantizer import SUPPORTED_BITS
 
 
 @dataclass
@@ -45,6 +49,117 @@ class StageConfig:
     def load_options(self) -> dict:
         """How this stage loads the model (pipeline.models.load_pipeline's keywords)."""
         return {"allow_download": self.allow_download, "scheduler": self.scheduler, "allow_pickle": self.allow_pickle}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag takes: the interval from `lo` to `hi` (None: unbounded; an `open_` end is
+    excluded), or one of `values`; `text` says it in words where the interval does not."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    values: tuple = ()
+    text: str = ""
+
+    def allows(self, v) -> bool:
+        if self.values:
+            return v in self.values
+        return ((self.lo is None or (v > self.lo if self.open_lo else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.open_hi else v <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.text or self.values:
+            return self.text or "one of " + ", ".join(map(str, self.values))
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.open_lo else '['}{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.open_lo else '>='} {self.lo}"
+        return "a finite number" if self.hi is None else f"{'<' if self.open_hi else '<='} {self.hi}"
+
+
+COUNT = Range(1)  # how many of something (prompts, steps, a batch): at least one
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, open_lo=True)
+ANY = Range()  # any finite number
+BITS = Range(values=SUPPORTED_BITS, text="an integer in 2..16, or 32 (full precision)")
+
+# The one policy for numeric flags: every int/float field of every stage config, by name (a config class
+# may override a name whose meaning is its own: `flag_ranges`). tests/test_bad_input.py fails on a numeric
+# field that is missing here. What needs the model (--resolution a multiple of the VAE's scale factor) or
+# another flag (--target-fab within the bit options) is checked where that is known.
+FLAG_RANGES = {
+    "seed": Range(0, 2**32 - 1),  # numpy's seed range; Lightning silently replaces a seed outside it by 0
+    # sampling (pipeline.models.sampling_defaults checks the same of the model's own defaults)
+    "steps": COUNT, "guidance": NON_NEGATIVE, "resolution": COUNT,
+    # prompts, images and batches
+    "n": COUNT, "cali_n": COUNT, "score_n": COUNT, "q2b_n": COUNT, "limit": COUNT, "n_reference": COUNT,
+    "val_n": NON_NEGATIVE,  # 0: no validation
+    "images_per_prompt": COUNT, "grid_n": COUNT, "richness_scenes": COUNT, "shard_size": COUNT,
+    "batch_size": COUNT, "eval_batch": COUNT, "inception_batch": COUNT,
+    # quantization and calibration
+    "w_bits": BITS, "a_bits": BITS, "softmax_bits": BITS, "relax_bits": BITS,
+    "cali_st": COUNT, "iters_w": NON_NEGATIVE, "iters_a": NON_NEGATIVE,  # 0 iterations: the initial ranges
+    "relax_tau": Range(0, 1, open_hi=True),  # a fraction of the steps
+    "ram_cap_gib": NON_NEGATIVE,  # 0: every item on disk
+    # training (T2Q, Q2B)
+    "epochs": COUNT, "q2b_epochs": COUNT, "plot_every": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "dual_lr": NON_NEGATIVE, "rho": NON_NEGATIVE,  # 0 turns the integral / proportional term off
+    "kappa": ANY,  # the sign says which prompts get the bits (tests/test_q2b.py trains kappa -1)
+    "tau_start": POSITIVE, "tau_end": POSITIVE,
+    "target_fab": ANY,  # within the bit options' range: check_target_fab, once the options are known
+    # GIQA (score) and the T2Q targets
+    "gmm_components": COUNT, "pca_dim": COUNT, "knn_k": COUNT,
+    "norm_quantile": Range(0, 0.5, open_hi=True),  # min-max between the q and 1 - q quantiles
+    # the embedded world (pretrain)
+    "n_train": COUNT, "n_val": COUNT, "clip_steps": COUNT, "vae_steps": COUNT, "unet_steps": COUNT,
+    "clip_batch_size": COUNT, "vae_batch_size": COUNT, "unet_batch_size": COUNT,
+    "clip_lr": POSITIVE, "vae_lr": POSITIVE, "unet_lr": POSITIVE, "cond_dropout": Range(0, 1), "threads": COUNT,
+    "monitor_every": NON_NEGATIVE,  # 0: never
+}
+
+
+def flag_name(field_name: str) -> str:
+    """The flag a user types for a config field (pipeline.fit generates them so)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def numeric_fields(cls) -> dict[str, type]:
+    """The int and float fields of config dataclass `cls` (optional ones too), name -> int or float."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        kind = next((k for k in (int, float) if k in kinds), None)
+        if kind is not None:
+            out[f.name] = kind
+    return out
+
+
+def flag_ranges(cls) -> dict[str, Range]:
+    return {**FLAG_RANGES, **getattr(cls, "flag_ranges", {})}
+
+
+def check_flags(cfg) -> None:
+    """Every stage function's first call: what can be checked of its config without loading anything or writing
+    to --run-dir. Each numeric field against its range (None, an optional flag left at its default, is not
+    checked), then --model (it names something loadable) and --scheduler. The message names the flag."""
+    ranges = flag_ranges(type(cfg))
+    for name, kind in numeric_fields(type(cfg)).items():
+        value, flag = getattr(cfg, name), flag_name(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{flag} {value!r} must be a number")
+        if not math.isfinite(value):
+            raise UserError(f"{flag} {value} must be finite" + ("" if ranges[name] == ANY else f" and {ranges[name]}"))
+        if kind is int and value != int(value):
+            raise UserError(f"{flag} {value} must be an integer")
+        if not ranges[name].allows(value):
+            raise UserError(f"{flag} {value} must be {ranges[name]}")
+    check_model(cfg.model, cfg.allow_download)
+    check_scheduler(cfg.scheduler)
 
 
 def is_global_zero() -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import lightning
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from pipeline.engine import quiet_libraries
+from pipeline.engine import flag_name, quiet_libraries
 from pipeline.errors import USER_ERRORS, UserError
 
 
@@ -77,7 +77,7 @@ def add_config_arguments(parser: ArgumentParser, cls) -> None:
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=default,
+        parser.add_argument(flag_name(f.name), dest=f.name, type=hints[f.name], default=default,
                             help=docs.get(f.name, ""))
 
 
@@ -103,6 +103,27 @@ def build_parser(stages=None) -> ArgumentParser:
     return parser
 
 
+# jsonargparse's type names in a user's words
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+              "list": "a list such as [a, b]", "NoneType": "null (the default)"}
+TYPE_ERROR = re.compile(r"(--[\w.-]+): (?:Expected a <class '(\w+)'>\. Got value: (.*)|Does not validate against "
+                        r"any of the Union subtypes Subtypes: \[((?:<class '\w+'>(?:, )?)+)\] .*Given value: (.*))$")
+
+
+def plain_type_error(message: str) -> str:
+    """'--steps: expected an integer or null (the default), got 2.5' for jsonargparse's type errors (a Union's
+    lists every subtype's error); other messages unchanged."""
+    m = TYPE_ERROR.match(message)
+    kinds = [] if m is None else [m.group(2)] if m.group(2) else re.findall(r"'(\w+)'", m.group(4))
+    if not kinds or any(k not in TYPE_WORDS for k in kinds):
+        return message
+    flag, got = m.group(1), m.group(3) if m.group(2) else m.group(5)
+    words = " or ".join(TYPE_WORDS[k] for k in kinds)
+    if got.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):  # YAML reads these as strings
+        words = words.replace("a number", "a finite number")
+    return f"{flag}: expected {words}, got {got}"
+
+
 def main(argv=None):
     """Parse `argv` and run the stage; errors propagate (see `cli` for the one-line form)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -116,7 +137,7 @@ def main(argv=None):
         hint = f"python -m pipeline.fit {chosen} --help" if chosen else "python -m pipeline.fit --help"
         message = re.sub(r'Parser key "([\w.]+)"', lambda m: "--" + m.group(1).replace("_", "-")
                          if "." not in m.group(1) else "--" + m.group(1), " ".join(str(e).split()))
-        raise UserError(f"{message}; see `{hint}`") from None
+        raise UserError(f"{plain_type_error(message)}; see `{hint}`") from None
     stage = STAGES[ns.stage]
     args = vars(getattr(ns, ns.stage)).copy()
     args.pop("config", None)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import diffusers
+import huggingface_hub
 import torch
 
 from data.tokenizer import clip_tokenizer
@@ -258,6 +259,35 @@ def default_model() -> str:
     return EMBEDDED if (EMBEDDED_DIR / "model_index.json").is_file() else TINY_RANDOM
 
 
+def not_cached(model: str, why: str = "") -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {model!r} is not in the local Hugging Face cache and this run is offline. Download it where the hub "
+        f"is reachable (`huggingface-cli download {model} --local-dir DIR`) and pass --model DIR, or pass "
+        f"--allow-download.{f' ({why})' if why else ''}")
+
+
+def check_model(model: str, allow_download: bool = False) -> None:
+    """What can be said of a --model value without loading it: a known name (the embedded world only
+    where it ships), an existing path (check_pipeline_dir reads it when it loads) or a hub id (offline:
+    one whose model_index.json is in the local cache)."""
+    model = str(model)
+    names = (f"{EMBEDDED!r}, {TINY_RANDOM!r}, {TINY_RANDOM_SDXL!r}, a local diffusers folder, or a hub id such as "
+             f"nota-ai/bk-sdm-tiny")
+    if model == EMBEDDED and not (EMBEDDED_DIR / "model_index.json").is_file():
+        raise ModelNotFoundError(f"the embedded model is not in {EMBEDDED_DIR}; run `python -m pipeline.fit "
+                                 f"pretrain` or use --model {TINY_RANDOM}")
+    if model in (EMBEDDED, TINY_RANDOM, TINY_RANDOM_SDXL) or Path(model).expanduser().exists():
+        return
+    if _HUB_ID.match(model):
+        cached = huggingface_hub.try_to_load_from_cache(model, "model_index.json")  # a path when it is there
+        if not allow_download and not isinstance(cached, str):
+            raise not_cached(model)
+        return
+    if any(c in model for c in "/\\") or model.startswith((".", "~")):
+        raise ModelNotFoundError(f"--model {model}: no such folder; pass {names}")
+    raise ModelNotFoundError(f"unknown model {model!r}: pass {names}")
+
+
 def check_pipeline_dir(path: Path, allow_pickle: bool = False) -> None:
     """Refuse a pipeline folder with a missing or unreadable part, naming the file, and
     one whose weights are pickle-only unless `allow_pickle`."""
@@ -314,14 +344,18 @@ SCHEDULERS = {
 }
 
 
+def check_scheduler(name: str | None) -> None:
+    if name is not None and name not in SCHEDULERS:
+        raise ValueError(f"--scheduler {name!r} is not supported; choose one of {', '.join(SCHEDULERS)} "
+                         f"(or leave it out for the model's own scheduler)")
+
+
 def set_scheduler(pipe, name: str | None):
     """Swap `pipe.scheduler` for scheduler `name` built from the model's own scheduler config
     (its betas, prediction type and steps_offset); None keeps the model's own."""
+    check_scheduler(name)
     if name is None:
         return pipe
-    if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r} is not supported; choose one of {', '.join(SCHEDULERS)} "
-                         f"(or leave it out for the model's own scheduler)")
     cls = getattr(diffusers, SCHEDULERS[name])
     extra = {"skip_prk_steps": True} if name == "pndm" else {}  # PLMS, as SD's own PNDM config
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
@@ -433,38 +467,26 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
     only: a folder with pickle-only (.bin) weights is refused unless
     `allow_pickle`, since unpickling can run arbitrary code."""
     model = model or default_model()
+    check_model(model, allow_download)
+    check_scheduler(scheduler)
     if model == TINY_RANDOM:
         return set_scheduler(tiny_pipeline(seed), scheduler)
     if model == TINY_RANDOM_SDXL:
         return set_scheduler(tiny_sdxl_pipeline(seed), scheduler)
     if model == EMBEDDED:
-        if not (EMBEDDED_DIR / "model_index.json").is_file():
-            raise ModelNotFoundError(
-                f"the embedded model is not in {EMBEDDED_DIR}; run `python -m pipeline.fit pretrain` "
-                f"or use --model {TINY_RANDOM}"
-            )
         model = str(EMBEDDED_DIR)
     path = Path(model).expanduser()
     safe = {} if allow_pickle else {"use_safetensors": True}  # opted in: safetensors where present, else .bin
     if path.exists():
         check_pipeline_dir(path, allow_pickle)
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None, **safe)
-    elif _HUB_ID.match(model):
+    else:  # a hub id (check_model)
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(
                 model, torch_dtype=dtype, local_files_only=not allow_download, safety_checker=None, **safe
             )
         except Exception as e:
-            raise ModelNotFoundError(
-                f"model {model!r} is not in the local Hugging Face cache and this run is offline. "
-                f"Download it where the hub is reachable (`huggingface-cli download {model} --local-dir DIR`) "
-                f"and pass --model DIR, or pass --allow-download. ({type(e).__name__})"
-            ) from e
-    else:
-        raise ModelNotFoundError(
-            f"unknown model {model!r}: pass {EMBEDDED!r}, {TINY_RANDOM!r}, {TINY_RANDOM_SDXL!r}, a local diffusers "
-            f"folder, or a hub id such as nota-ai/bk-sdm-tiny"
-        )
+            raise not_cached(model, type(e).__name__) from e
     pipe.set_progress_bar_config(disable=True)
     return set_scheduler(pipe, scheduler)
 

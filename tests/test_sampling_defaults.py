@@ -103,7 +103,8 @@ def test_a_scored_set_of_another_sampler_is_refused(tmp_path):
           "--a-bit-options", "8,16", "--run-dir", str(tmp_path / "cal")])
     t2q = tmp_path / "t2q"
     t2q.mkdir()
-    (t2q / "t2q.json").write_text(json.dumps({"format": "qlip-t2q/1", "scored": str(scored)}))
+    (t2q / "t2q.json").write_text(json.dumps({"format": "qlip-t2q/1", "scored": str(scored), "hidden": 8,
+                                              "text_tower": {"model": "tiny-random"}}))
     (t2q / "t2q.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"the scored set of --t2q .* was sampled with steps 25, guidance 5.0, "
                                          r"scheduler ddim but q2b .* samples with steps 2, guidance 7.5, scheduler "

@@ -33,6 +33,9 @@ def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: li
     """The QuantConfig a method calibrates (validates every bit option first)."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not available; choose one of {METHODS}")
+    if a_bit_options and a_bits not in a_bit_options:  # named by flag here; QuantConfig checks it too
+        raise ValueError(f"--a-bits {a_bits} is not one of --a-bit-options {','.join(map(str, a_bit_options))}; "
+                         f"add it there or change --a-bits")
     options = a_bit_options or [a_bits]
     if relax_tau:
         relaxed_steps(steps, relax_tau, relax_end or "x0")  # validates tau and end (None: the model's)

@@ -149,7 +149,7 @@ class QLIPMethod(StaticQuantState):
 
     def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
         self.q2b_path = Path(path)
-        self.q2b = load_q2b(self.q2b_path)
+        self.q2b = load_q2b(self.q2b_path, deployed=True)
         state = follow_link(self.q2b_path, self.q2b.meta["quant_state"])
         super().__init__(state, label)
         if label is None:
@@ -181,13 +181,13 @@ class QLIPMethod(StaticQuantState):
                 "t2q": m.get("t2q"), "target_fab": m.get("target_fab"), "q2b_sha256": m.get("sha256")}
 
 
-def method_from_state(path: str | Path, label: str | None = None) -> EvalMethod:
+def method_from_state(path: str | Path, label: str | None = None, flag: str | None = None) -> EvalMethod:
     """The EvalMethod for a quantized-state folder, by its recorded kind (a
-    q2b-stage folder: QLIP)."""
+    q2b-stage folder: QLIP); `flag` names where the path came from, for the errors."""
 
     if (Path(path) / Q2B_FORMAT.meta).is_file():
         return METHOD_KINDS["qlip"](path, label=label)
-    meta = read_meta(path)
+    meta = read_meta(path, flag)
     kind = meta.get("extra", {}).get("eval_method", "static")
     if kind not in METHOD_KINDS or kind == "fp":
         raise ValueError(f"quantized state {path} asks for evaluation method {kind!r}, which is not registered "

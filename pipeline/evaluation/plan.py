@@ -69,7 +69,8 @@ def plan_evaluation(model: str, quant_states: list[str], labels: list[str] | Non
     labels = list(labels or [])
     if labels and len(labels) != len(quant_states):
         raise ValueError(f"--labels has {len(labels)} names for {len(quant_states)} --quant-states")
-    methods = [method_from_state(p, labels[i] if labels else None) for i, p in enumerate(quant_states)]
+    methods = [method_from_state(p, labels[i] if labels else None, "--quant-states")
+               for i, p in enumerate(quant_states)]
     unique_labels(methods)
 
     n_min = min(s.n_images for s in splits)

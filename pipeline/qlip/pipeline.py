@@ -71,7 +71,7 @@ class QLIPPipeline:
                         t2q: str | None = None, load: dict | None = None) -> "QLIPPipeline":
         """Everything from a q2b-stage folder; `model` / `quant_state` / `t2q` override what it recorded."""
 
-        q2b = load_q2b(q2b_path)
+        q2b = load_q2b(q2b_path, deployed=True)
         meta = q2b.meta
         model = model or meta["model"]
         load = load or {}

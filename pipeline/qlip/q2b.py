@@ -28,12 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
+from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, require_keys, save_artifact
 from pipeline.quant.policy import act_banks, quant_layers
 from pipeline.quant.quantizer import check_bits
 
 Q2B_FORMAT = ArtifactFormat("qlip-q2b", 1, "q2b.safetensors", "q2b.json", "Q2B checkpoint",
-                            "train one with `python -m pipeline.fit q2b`")
+                            "train one with `python -m pipeline.fit q2b`",
+                            required=("layers", "n_steps", "bit_options"))
+# what deploying a q2b-stage folder reads besides the tables (QLIPPipeline, evaluate); the q2b stage writes them
+DEPLOYED_KEYS = ("model", "quant_state", "criterion", "steps", "guidance")
 
 
 def check_target_fab(target: float, bit_options: Sequence[int]) -> float:
@@ -207,14 +210,19 @@ def save_q2b(module: Q2BModule, path: str | Path, extra: dict | None = None) -> 
     return save_artifact(path, Q2B_FORMAT, tensors, meta)
 
 
-def read_q2b_meta(path: str | Path) -> dict:
-    return read_artifact_meta(path, Q2B_FORMAT)
+def read_q2b_meta(path: str | Path, flag: str | None = None, deployed: bool = False) -> dict:
+    """q2b.json; `deployed`: also what deploying it needs (DEPLOYED_KEYS: a q2b-stage folder, not a bare module)."""
+    meta = read_artifact_meta(path, Q2B_FORMAT, flag)
+    if deployed:
+        require_keys(meta, DEPLOYED_KEYS, Path(path) / Q2B_FORMAT.meta, f"{Q2B_FORMAT.made_by} again")
+    return meta
 
 
-def load_q2b(path: str | Path, bit_options: Sequence[int] | None = None, device="cpu") -> Q2BModule:
+def load_q2b(path: str | Path, bit_options: Sequence[int] | None = None, device="cpu",
+             deployed: bool = False) -> Q2BModule:
     """Load a Q2B checkpoint (`.meta` holds its JSON). `bit_options`, when given,
-    must be those it was trained for."""
-    meta = read_q2b_meta(path)
+    must be those it was trained for; `deployed`: see read_q2b_meta."""
+    meta = read_q2b_meta(path, deployed=deployed)
     tensors = load_artifact_tensors(path, Q2B_FORMAT, device)
     module = Q2BModule(meta["layers"], meta["n_steps"], meta["bit_options"], float(tensors["q_mean"]),
                        float(tensors["q_std"])).to(device)

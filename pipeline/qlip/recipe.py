@@ -46,7 +46,9 @@ def q2b_options(meta: dict, state_path: str, bit_options: str | None, criterion:
                          f"may choose (it has {qcfg['a_bit_options']}); calibrate with --a-bit-options "
                          f"{','.join(map(str, sorted(set(options) | set(qcfg['a_bit_options']))))}")
     if len(options) < 2:
-        raise ValueError(f"Q2B needs at least two bit options, got {options}")
+        given = f"--bit-options {bit_options}" if bit_options else f"--quant-state {state_path} (its a_bit_options)"
+        raise ValueError(f"{given}: Q2B needs at least two bit options to choose from, got {options}; pass e.g. "
+                         f"--bit-options 8,16,32 (calibrated with --a-bit-options 8,16,32)")
     check_target_fab(target_fab, options)
     if qcfg["n_steps"] < 2:
         raise ValueError(f"--quant-state {state_path} addresses a single step; calibrate with --steps > 1")

@@ -31,11 +31,11 @@ from pipeline.artifacts import (
     jsonable,
     load_tensors,
     lock_run_dir,
+    refuse_existing_results,
     save_tensors,
     verify_manifest,
     write_json_atomic,
 )
-from pipeline.errors import RunDirError
 from pipeline.metrics.giqa import from_description
 from pipeline.metrics.inception import inception_features, shared_backbone
 from pipeline.models import EMBEDDED
@@ -166,9 +166,7 @@ def refuse_finished(out: Path, overwrite: bool, fresh: bool = False) -> None:
     lock_run_dir(out.parent, "score")
     if fresh:
         discard_progress(out.parent, "score")
-    if is_finished(out) and not overwrite:
-        raise RunDirError(f"{out} already holds results; pass --overwrite true to replace them, "
-                          f"or choose another --run-dir")
+    refuse_existing_results(out, overwrite or fresh)
 
 
 def prepare_scored_dir(out: Path, signature: dict, overwrite: bool) -> None:

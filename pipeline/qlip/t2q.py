@@ -30,11 +30,11 @@ from torchmetrics.functional import mean_squared_error, pearson_corrcoef, spearm
 
 from data.tokenizer import clip_tokenizer
 from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
-from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError
+from pipeline.models import EMBEDDED, EMBEDDED_DIR, ModelNotFoundError, check_model
 from pipeline.world.io import load_world_clip
 
 T2Q_FORMAT = ArtifactFormat("qlip-t2q", 1, "t2q.safetensors", "t2q.json", "T2Q folder",
-                            "train one with `python -m pipeline.fit t2q`")
+                            "train one with `python -m pipeline.fit t2q`", required=("text_tower.model", "hidden"))
 HIDDEN = 512
 
 
@@ -68,6 +68,7 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
         tok = CLIPTokenizer.from_pretrained(str(path)) if (path / "vocab.json").is_file() else clip_tokenizer()
         tower = getattr(full, "text_model", full)  # the transformer alone: its pooler_output is the EOS state
         return TextTower(tower, tok, full.text_projection, {"model": model, "clip": str(path)})
+    check_model(model)  # a missing folder is named as such, not as a model without a CLIP projection
     root = EMBEDDED_DIR if model == EMBEDDED else Path(model)
     second = root / "text_encoder_2"
     if (second / "config.json").is_file() and not (root / "clip" / "config.json").is_file():

@@ -8,13 +8,20 @@ from pipeline.quant.quantizer import check_bits
 
 
 def parse_bits(text: str | None, flag: str = "--a-bit-options") -> list[int] | None:
-    """'8,16,32' -> [8, 16, 32]; None or '' -> None."""
+    """'8,16,32' -> [8, 16, 32]; None or '' -> None. Each width is supported and given once."""
     if text in (None, ""):
         return None
     try:
-        return [int(b) for b in str(text).split(",")]
+        bits = [int(b) for b in str(text).split(",")]
     except ValueError:
         raise ValueError(f"{flag} {text!r} must be comma-separated integers such as 8,16,32") from None
+    for b in bits:
+        check_bits(b, f"{flag} {text!r}: the entry")
+    twice = sorted({b for b in bits if bits.count(b) > 1})
+    if twice:
+        raise ValueError(f"{flag} {text!r} lists {', '.join(map(str, twice))} more than once; give each bit width "
+                         f"once, e.g. 8,16,32")
+    return bits
 
 
 @dataclass

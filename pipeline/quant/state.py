@@ -18,7 +18,9 @@ from pipeline.quant.quantizer import WeightQuantizer
 from pipeline.quant.wrap import quantize_unet
 
 QUANT_STATE = ArtifactFormat("qlip-quant-state", 1, "quant_state.safetensors", "quant_config.json",
-                            "quantized state", "run the calibrate stage: `python -m pipeline.fit calibrate`")
+                            "quantized state", "run the calibrate stage: `python -m pipeline.fit calibrate`",
+                            required=("quant_config.w_bits", "quant_config.a_bit_options", "quant_config.n_steps",
+                                      "layers", "policy", "model.unet_config", "model.weights_sha256"))
 
 
 def model_fingerprint(unet: nn.Module) -> dict:
@@ -82,8 +84,8 @@ def save_quantized(unet: nn.Module, path: str | Path, extra: dict | None = None,
     return save_artifact(path, QUANT_STATE, tensors, meta)
 
 
-def read_meta(path: str | Path) -> dict:
-    return read_artifact_meta(path, QUANT_STATE)
+def read_meta(path: str | Path, flag: str | None = None) -> dict:
+    return read_artifact_meta(path, QUANT_STATE, flag)
 
 
 def check_same_model(meta: dict, unet: nn.Module, path) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, check_flags
 from pipeline.metrics.cost import bitops_table, format_table
 from pipeline.models import load_pipeline, meta_unet
 
@@ -26,6 +26,7 @@ class BitopsConfig(StageConfig):
 
 
 def bitops(cfg: BitopsConfig) -> list[dict]:
+    check_flags(cfg)  # before anything loads or is written
     unets = {name: meta_unet(name) for name in cfg.reference}
     if not cfg.reference:
         unets[cfg.model] = load_pipeline(cfg.model).unet

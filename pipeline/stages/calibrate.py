@@ -14,13 +14,13 @@ from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
 from pipeline.calibration.qdiff import RECON_INPUTS
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
-from pipeline.engine import StageConfig, is_global_zero
+from pipeline.engine import StageConfig, check_flags, is_global_zero
 from pipeline.errors import UserError
 from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.quant import save_quantized
 from pipeline.quant.config import parse_bits
-from pipeline.shards import DEFAULT_RAM_CAP_GIB, ram_cap_bytes
+from pipeline.shards import DEFAULT_RAM_CAP_GIB
 
 
 @dataclass
@@ -84,6 +84,8 @@ class CalibrateConfig(StageConfig):
 
 
 def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
+
     def quant_config(steps: int, relax_tau: float):
         return quant_config_for(cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                                 a_bit_options=parse_bits(cfg.a_bit_options), steps=steps,
@@ -96,7 +98,6 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     quant_config(cfg.steps or 1, cfg.relax_tau if cfg.steps else 0.0)
     draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
     prompts = draw.prompts
-    ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
     if cfg.recon_inputs not in RECON_INPUTS:
         raise UserError(f"--recon-inputs {cfg.recon_inputs!r}: use one of {RECON_INPUTS}")
     run_dir = Path(cfg.run_dir)

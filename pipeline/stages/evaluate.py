@@ -13,7 +13,7 @@ import lightning as L
 
 from data.prompts import parse_fractions
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig
+from pipeline.engine import StageConfig, check_flags
 from pipeline.evaluation.plan import AUTO, plan_evaluation
 from pipeline.evaluation.report import write_results
 from pipeline.evaluation.runner import run_evaluation, validate
@@ -70,6 +70,7 @@ class EvaluateConfig(StageConfig):
 
 
 def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
     settings = EvalSettings(fid=cfg.fid, sfid=cfg.sfid, lpips=cfg.lpips, real_images=cfg.real_images,
                             grid_n=cfg.grid_n)
     plan = plan_evaluation(cfg.model, cfg.quant_states, cfg.labels, cfg.in_domain, cfg.generalization, cfg.n,

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.prompts import draw_prompts
-from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig, fp_autocast, stage_device
+from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, write_manifest
+from pipeline.engine import StageConfig, check_flags, fp_autocast, stage_device
 from pipeline.models import load_quantized_pipeline, sampling_defaults
 from pipeline.plots import save_grid, save_images
 from pipeline.qlip.pipeline import QLIPPipeline, check_deployed_sampler, log_batch, write_bits
+from pipeline.qlip.q2b import read_q2b_meta
+from pipeline.qlip.t2q import T2Q_FORMAT
+from pipeline.quant.state import read_meta
 from pipeline.sampling import generate as sample
 
 
@@ -49,7 +52,15 @@ class GenerateConfig(StageConfig):
 
 
 def generate(cfg: GenerateConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
     device = stage_device(trainer)  # only --trainer.accelerator / devices / precision matter here
+    # a bad folder fails now, before the model loads, naming its flag (each is read again as it loads)
+    if cfg.quant_state:
+        read_meta(cfg.quant_state, "--quant-state")
+    if cfg.q2b:
+        read_q2b_meta(cfg.q2b, "--q2b", deployed=True)
+    if cfg.t2q:
+        read_artifact_meta(cfg.t2q, T2Q_FORMAT, "--t2q")
     draw = draw_prompts(cfg.prompts, None, cfg.n, seed=cfg.seed, world_split="val")
     prompts = draw.prompts
     qlip = None
@@ -66,7 +77,7 @@ def generate(cfg: GenerateConfig, trainer: dict | None = None) -> Path:
                          f"the quantized state was calibrated for; pass --steps {n_steps}")
     if qlip is not None:
         check_deployed_sampler(qlip.q2b.meta, cfg.q2b, sampling.sampler(), "generate (--guidance, --scheduler)")
-    out = prepare_artifact(cfg.run_dir, cfg.name, cfg.overwrite)
+    out = prepare_artifact(cfg.run_dir, cfg.name, cfg.overwrite, cfg.fresh)
     seeds = [cfg.seed + i for i in range(len(prompts))]
     summary = None
     with fp_autocast(trainer, device):  # the quantized layers compute in fp32 inside it

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from callbacks.world_quality import WorldQualityMonitor
+from data.world import RESOLUTIONS
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig
+from pipeline.engine import Range, StageConfig, check_flags
 from pipeline.errors import RunDirError
 from pipeline.models import EMBEDDED_DIR
 from pipeline.world.train import WorldRecipe, train_world
@@ -26,9 +28,11 @@ class PretrainConfig(StageConfig, WorldRecipe):
 
     out: str = field(default_factory=lambda: str(EMBEDDED_DIR))
     """pipeline folder to write"""
+    flag_ranges: ClassVar = {"resolution": Range(values=RESOLUTIONS)}  # the world's image side, not sampling's
 
 
 def pretrain(cfg: PretrainConfig, trainer: dict | None = None) -> dict:
+    check_flags(cfg)  # before anything loads or is written
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise RunDirError(f"{out} already exists; pass --overwrite true to retrain and replace it, "

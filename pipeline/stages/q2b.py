@@ -20,8 +20,8 @@ import lightning as L
 
 from callbacks.bit_allocation import BitAllocationCallback
 from data.prompts import draw_prompts, parse_fractions
-from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, write_manifest
-from pipeline.engine import StageConfig, stage_device
+from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, refuse_existing_results, write_manifest
+from pipeline.engine import StageConfig, check_flags, stage_device
 from pipeline.errors import UserError
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.qlip.q2b import relative_link, save_q2b
@@ -30,7 +30,7 @@ from pipeline.qlip.scoring import check_same_sampler, t2q_sampler
 from pipeline.qlip.sources import quality_source
 from pipeline.qlip.t2q import T2Q_FORMAT
 from pipeline.quant.state import check_same_model, read_meta
-from pipeline.shards import DEFAULT_RAM_CAP_GIB, process_share, ram_cap_bytes
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, process_share
 
 
 @dataclass
@@ -91,17 +91,17 @@ class Q2BConfig(StageConfig):
 
 
 def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
     if not cfg.quant_state:
         raise UserError("--quant-state is required: a calibrate output folder such as runs/x/quant")
-    meta = read_meta(cfg.quant_state)
+    refuse_existing_results(Path(cfg.run_dir) / ARTIFACTS["q2b"], cfg.overwrite or cfg.fresh)  # before the model loads
+    meta = read_meta(cfg.quant_state, "--quant-state")
     options = q2b_options(meta, cfg.quant_state, cfg.bit_options, cfg.criterion, cfg.t2q, cfg.relax, cfg.target_fab)
+    t2q_meta = read_artifact_meta(cfg.t2q, T2Q_FORMAT, "--t2q") if cfg.criterion == "t2q" else None
     fractions = parse_fractions(cfg.split_fractions)
     train_draw = draw_prompts(cfg.prompts, "train", cfg.n, fractions, seed=cfg.seed)
     val_draw = draw_prompts(cfg.prompts, "val", cfg.val_n, fractions, seed=cfg.seed) if cfg.val_n else None
     prompts, val = train_draw.prompts, (val_draw.prompts if val_draw else [])
-    ram_cap_bytes(cfg.ram_cap_gib)  # a bad cap fails before anything is loaded
-    out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite, cfg.fresh)
-    progress_dir = Path(cfg.run_dir) / "q2b_progress"
     L.seed_everything(cfg.seed, verbose=False)
     t0 = time.time()
     device = stage_device(trainer)
@@ -110,23 +110,24 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     sampling = sampling_defaults(pipe, meta["quant_config"]["n_steps"], cfg.guidance, cfg.resolution)
     steps = sampling.steps
     # the T2Q predicts the quality of its scored set's sampler: it must be the one deployed
-    scored = t2q_sampler(read_artifact_meta(cfg.t2q, T2Q_FORMAT)) if cfg.criterion == "t2q" else None
+    scored = t2q_sampler(t2q_meta) if t2q_meta is not None else None
     if scored is not None:
         check_same_sampler(scored, sampling.sampler(), f"the scored set of --t2q {cfg.t2q}",
                            f"q2b (the state {cfg.quant_state}'s steps, --guidance, --scheduler)")
+    out = prepare_artifact(cfg.run_dir, ARTIFACTS["q2b"], cfg.overwrite, cfg.fresh)  # after the model's checks
+    progress_dir = Path(cfg.run_dir) / "q2b_progress"
     source = quality_source(cfg.criterion, cfg.model, pipe, cfg.t2q, steps, sampling.guidance, cfg.load_options())
     if hasattr(source, "to"):  # T2Q's text tower
         source.to(device)
     hparams = {"kappa": cfg.kappa, "lr": cfg.lr, "dual_lr": cfg.dual_lr, "rho": cfg.rho}
     # what a resumed training must share with the killed one (its epoch checkpoint is refused otherwise)
     signature = {"model": cfg.model, "unet_sha256": meta["model"]["weights_sha256"],
-                 "quant_state_sha256": meta["sha256"],
-                 "criterion": cfg.criterion, "t2q_sha256": read_artifact_meta(cfg.t2q, T2Q_FORMAT)["sha256"]
-                 if cfg.criterion == "t2q" else None, "options": options, "target_fab": cfg.target_fab,
-                 "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "batch_size": cfg.batch_size,
-                 "sampler": sampling.sampler(), "resolution": sampling.resolution, "seed": cfg.seed,
-                 "relax": cfg.relax, "tau": [cfg.tau_start, cfg.tau_end], "world_size": process_share(trainer)[1],
-                 **hparams}
+                 "quant_state_sha256": meta["sha256"], "criterion": cfg.criterion,
+                 "t2q_sha256": t2q_meta["sha256"] if t2q_meta else None, "options": options,
+                 "target_fab": cfg.target_fab, "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(),
+                 "batch_size": cfg.batch_size, "sampler": sampling.sampler(), "resolution": sampling.resolution,
+                 "seed": cfg.seed, "relax": cfg.relax, "tau": [cfg.tau_start, cfg.tau_end],
+                 "world_size": process_share(trainer)[1], **hparams}
     module, training, q_train, q_val, fab_w = train_q2b_on_state(
         pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=sampling.guidance,
         batch_size=cfg.batch_size, resolution=sampling.resolution,

@@ -17,7 +17,7 @@ from pathlib import Path
 from data.prompts import PromptDataModule, dealt_loader, parse_fractions
 from data.reference import ReferenceImages
 from pipeline.artifacts import ARTIFACTS, write_manifest
-from pipeline.engine import StageConfig, is_global_zero, make_trainer, stage_device
+from pipeline.engine import StageConfig, check_flags, is_global_zero, make_trainer, stage_device
 from pipeline.metrics.giqa import make_giqa
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.qlip import scoring
@@ -67,17 +67,18 @@ class ScoreConfig(StageConfig):
 
 
 def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
+    check_flags(cfg)  # before anything loads or is written
     t0 = time.time()
     giqa = make_giqa(cfg.giqa, cfg.gmm_components, cfg.pca_dim, cfg.knn_k, cfg.seed)  # validates early
     reference = scoring.resolve_reference(cfg.reference, cfg.model)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     fractions = parse_fractions(cfg.split_fractions)
     out = Path(cfg.run_dir) / ARTIFACTS["score"]
-    if is_global_zero():
-        scoring.refuse_finished(out, cfg.overwrite, cfg.fresh)  # before loading anything
     dm = PromptDataModule(cfg.prompts, cfg.run_dir, cfg.limit, fractions, seed=cfg.seed, overwrite=cfg.overwrite,
                           predict_splits=splits, shard_size=cfg.shard_size)
     if is_global_zero():
+        dm.check_source()  # a bad or empty --prompts fails before the lock is taken
+        scoring.refuse_finished(out, cfg.overwrite, cfg.fresh)  # before loading anything
         dm.prepare_data()
     shards = dm.generation_shards()  # an empty split fails here, before anything is generated
     pipe = load_pipeline(cfg.model, **cfg.load_options()).to(stage_device(trainer))

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from data.prompts import draw_prompts, is_source
 from data.scored import ScoredDataModule
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig, is_global_zero, make_trainer, stage_device
+from pipeline.engine import StageConfig, check_flags, is_global_zero, make_trainer, stage_device
 from pipeline.models import EMBEDDED
 from pipeline.qlip.scoring import scored_sampler
 from pipeline.qlip.t2q import T2QModule, baselines, load_t2q, load_text_tower, save_t2q, t2q_metrics
@@ -65,6 +65,7 @@ def predict(cfg: T2QConfig) -> list[tuple[str, float]]:
 
 
 def t2q(cfg: T2QConfig, trainer: dict | None = None):
+    check_flags(cfg)  # before anything loads or is written
     if cfg.predict:
         return predict(cfg)
     scored = Path(cfg.scored or Path(cfg.run_dir) / ARTIFACTS["score"])
@@ -72,7 +73,7 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
     dm.setup()  # a missing image, split or column fails here, before any model is loaded
     out = Path(cfg.run_dir) / ARTIFACTS["t2q"]
     if is_global_zero():
-        prepare_artifact(cfg.run_dir, ARTIFACTS["t2q"], cfg.overwrite)
+        prepare_artifact(cfg.run_dir, ARTIFACTS["t2q"], cfg.overwrite, cfg.fresh)
     tower = load_text_tower(cfg.model, cfg.clip)
     L.seed_everything(cfg.seed, verbose=False)  # after the tower: the head's init is what the seed fixes
     module = T2QModule(tower, lr=cfg.lr, weight_decay=cfg.weight_decay)
