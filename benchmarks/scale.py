@@ -19,7 +19,9 @@ latent pixels, so time and the per-item data scale linearly in pixels * steps * 
 paper's setting (512x512 px, 20 steps for the calibration/Q2B trajectories, the prompt counts below). The
 model's own memory does not scale (it is already full size); the items' share does. It ignores the GPU's
 speed-up and attention's quadratic cost in tokens (1024 latent tokens at 512 px vs 64 here), so read it as a
-CPU-time order of magnitude, not a forecast.
+CPU-time order of magnitude, not a forecast. It overstates calibrate-qdiff: at this size its time is mostly
+per-unit fixed cost (the L_p range search over every weight, AdaRound's per-weight state, one Lightning fit per
+unit), which does not grow with pixels, steps or prompts.
 
 `--entry sdxl-base`: the SDXL-base architecture (both text towers, 2.6 B-parameter UNet; about 14 GB of
 fp32 weights in RAM and on disk)."""
