@@ -183,23 +183,30 @@ def test_data_from_before_the_space_was_recorded(v_data, tmp_path):
 
 
 def test_ptqd_regresses_and_corrects_in_eps_space(v_data, v_quant):
-    """PTQD's statistics on a v model equal the eps-space least squares by hand (and differ from the raw
-    v-space ones the code used to compute); the correction lowers the eps-space error to FP; and the hook's
-    output is the corrected eps mapped back to v (checked with k > 0, where it differs from a v-space division)."""
+    """PTQD's statistics on a v model equal the eps-space least squares of the guided eps by hand (and differ
+    from the raw v-space ones the code used to compute); the correction lowers the eps-space error to FP; and the
+    hook's output is the corrected eps mapped back to v (checked with k > 0, where it differs from a v-space
+    division)."""
     unet, stats, fp, q = v_quant["unet"], v_quant["stats"], v_quant["fp"], v_quant["q"]
     assert PREDICTION_TYPES[int(stats["ptqd_space"])] == "v_prediction"
     old = {"ptqd_steps": stats["ptqd_steps"], "ptqd_k": [], "ptqd_bias": []}  # raw-output statistics
+    w = float(v_data.meta["signature"]["guidance"])
+
+    def guided(eps):  # PTQD fits the guided eps of each [uncond; cond] call
+        u, c = eps.chunk(2)
+        return u + w * (c - u)
+
     for j, s in enumerate(v_data.steps):
-        e = torch.cat([_by_hand_eps(o, a["sample"], a["timestep"]) for st, a, o in fp if st == s]).double()
-        d = torch.cat([_by_hand_eps(o, a["sample"], a["timestep"]) for st, a, o in q if st == s]).double() - e
+        e = torch.cat([guided(_by_hand_eps(o, a["sample"], a["timestep"])) for st, a, o in fp if st == s]).double()
+        d = torch.cat([guided(_by_hand_eps(o, a["sample"], a["timestep"])) for st, a, o in q if st == s]).double() - e
         k_raw = float(torch.linalg.lstsq(e.reshape(-1, 1), d.reshape(-1, 1)).solution)
         r = d - max(k_raw, 0.0) * e
         assert float(stats["ptqd_k_raw"][j]) == pytest.approx(k_raw, rel=1e-4, abs=1e-6)
         torch.testing.assert_close(stats["ptqd_bias"][j].double(), r.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6)
         r = r - r.mean(dim=(0, 2, 3)).reshape(1, -1, 1, 1)
         assert float(stats["ptqd_std"][j]) == pytest.approx(float(r.std()), rel=1e-4)
-        v_fp = torch.cat([o for st, a, o in fp if st == s]).double()
-        v_d = torch.cat([o for st, a, o in q if st == s]).double() - v_fp
+        v_fp = torch.cat([guided(o) for st, a, o in fp if st == s]).double()
+        v_d = torch.cat([guided(o) for st, a, o in q if st == s]).double() - v_fp
         k_v = max(0.0, float((v_d * v_fp).sum() / (v_fp * v_fp).sum()))
         old["ptqd_k"].append(k_v)
         old["ptqd_bias"].append((v_d - k_v * v_fp).mean(dim=(0, 2, 3)).float())
