@@ -236,11 +236,12 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None,
                     ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False,
-                    recon_inputs: str = "quantized") -> dict:
+                    recon_inputs: str = "fp") -> dict:
     """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
 
-    `recon_inputs` "quantized" (Q-Diffusion's and BRECQ's default): each unit is fitted on the inputs that the
-    units reconstructed before it produce, quantized; "fp": on the FP model's inputs (`capture_unit_io`).
+    `recon_inputs` "fp" (the default): each unit is fitted on the FP model's inputs; "quantized" (Q-Diffusion's
+    and BRECQ's asym): on the inputs that the units reconstructed before it produce, quantized
+    (`capture_unit_io`). docs/calibration.md says why fp is the default here.
 
     `signature` (the run's settings) is stored with the progress; progress made
     under another signature is refused rather than silently mixed in (`discard_stale`: discarded).

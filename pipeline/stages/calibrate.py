@@ -65,9 +65,9 @@ class CalibrateConfig(StageConfig):
     """AdaRound iterations per unit (qdiff/ptqd)"""
     iters_a: int = 5000
     """activation step-size iterations per unit"""
-    recon_inputs: str = "quantized"
-    """quantized (Q-Diffusion/BRECQ: each unit fitted on the inputs the already-reconstructed units produce,
-    quantized) | fp (on the FP model's inputs); qdiff/ptqd"""
+    recon_inputs: str = "fp"
+    """fp (each unit fitted on the FP model's inputs) | quantized (Q-Diffusion/BRECQ asym: on the inputs the
+    already-reconstructed units produce, quantized); qdiff/ptqd. docs/calibration.md has the measurements"""
     progressive: bool = False
     """PCR progressive calibration (time-aware)"""
     relax_tau: float = 0.0
