@@ -81,6 +81,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def matches_checksum(path: str | Path, sha256: str | None) -> bool:
+    """True if `path` is a file whose SHA-256 is `sha256` (the one test every kept progress file passes)."""
+    return sha256 is not None and Path(path).is_file() and sha256_file(path) == sha256
+
+
 def _tmp_name(path: Path) -> Path:
     # same folder (the rename stays on one file system); the PID keeps DDP processes off each other's files
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")

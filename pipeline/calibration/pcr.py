@@ -15,7 +15,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
+from pipeline.artifacts import (
+    check_progress,
+    jsonable,
+    load_tensors,
+    matches_checksum,
+    save_tensors,
+    sha256_file,
+    write_json_atomic,
+)
 from pipeline.calibration.blocks import reconstruction_units
 from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.models import is_sdxl
@@ -132,7 +140,7 @@ def _load_progress(unet, partial_dir, signature: dict, discard_stale: bool = Fal
     if record is None:
         return 0
     path = d / str(record.get("file"))
-    if not path.is_file() or record.get("sha256") != sha256_file(path):
+    if not matches_checksum(path, record.get("sha256")):
         print(f"note: {path} does not match the checksum of its record; redoing progressive calibration")
         return 0
     assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --fresh true to start it over"))

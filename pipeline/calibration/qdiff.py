@@ -13,7 +13,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
+from pipeline.artifacts import (
+    check_progress,
+    jsonable,
+    load_tensors,
+    matches_checksum,
+    save_tensors,
+    sha256_file,
+    write_json_atomic,
+)
 from pipeline.calibration.blocks import (
     UnitProbe,
     reconstruction_units,
@@ -39,6 +47,12 @@ from pipeline.shards import (
 )
 
 RECON_INPUTS = ("quantized", "fp")
+
+
+def check_recon_inputs(value: str) -> str:
+    if value not in RECON_INPUTS:
+        raise ValueError(f"--recon-inputs {value!r}: use one of {RECON_INPUTS}")
+    return value
 
 
 def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int, int] = (0, 1),
@@ -252,8 +266,7 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     cfg = unet.quant_config
     if cfg.weight_rounding != "adaround":
         raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
-    if recon_inputs not in RECON_INPUTS:
-        raise ValueError(f"--recon-inputs {recon_inputs!r}: use one of {RECON_INPUTS}")
+    check_recon_inputs(recon_inputs)
     cap = ram_cap_bytes(ram_cap_gib)
     partial = Path(partial_dir)
     progress_file = partial / "progress.json"
@@ -271,7 +284,7 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
         path = partial / "units" / f"{idx:04d}.safetensors"
         if name in progress["done"] and path.is_file():
-            if sha256_file(path) == progress.get("sha256", {}).get(name):
+            if matches_checksum(path, progress.get("sha256", {}).get(name)):
                 assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --fresh true"))
                 done.append(unit)
                 continue

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
+from pipeline.artifacts import (
+    check_progress,
+    jsonable,
+    load_tensors,
+    matches_checksum,
+    save_tensors,
+    sha256_file,
+    write_json_atomic,
+)
 from pipeline.evaluation.reference import FPReference
 
 RECORD = "progress.json"
@@ -64,7 +72,7 @@ class EvalProgress:
         if entry is None or self.folder is None:
             return None
         mine = [f for f in entry["files"] if not f.startswith("fp_") or f.endswith(f"_rank{self.rank}.safetensors")]
-        if all((self.folder / f).is_file() and sha256_file(self.folder / f) == entry["files"][f] for f in mine):
+        if all(matches_checksum(self.folder / f, entry["files"][f]) for f in mine):
             return entry
         print(f"note: a file of the finished evaluation of {label} on split {split!r} in {self.folder} is missing "
               f"or corrupted; redoing that pass")

@@ -45,7 +45,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from pipeline.artifacts import check_progress, jsonable, load_tensors, save_tensors, sha256_file, write_json_atomic
+from pipeline.artifacts import (
+    check_progress,
+    jsonable,
+    load_tensors,
+    matches_checksum,
+    save_tensors,
+    sha256_file,
+    write_json_atomic,
+)
 from pipeline.engine import make_trainer
 from pipeline.metrics.cost import weighted_fab
 from pipeline.prediction import PredictionSpace
@@ -230,7 +238,7 @@ class Q2BProgress:
         return 0 if self.record is None else int(self.record["epochs_done"])
 
     def _intact(self, record: dict) -> bool:
-        return all((self.folder / f).is_file() and sha256_file(self.folder / f) == h
+        return all(matches_checksum(self.folder / f, h)
                    for f, h in record.get("sha256", {}).items())
 
     @staticmethod

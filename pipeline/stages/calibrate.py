@@ -12,10 +12,9 @@ import lightning as L
 
 from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
-from pipeline.calibration.qdiff import RECON_INPUTS
+from pipeline.calibration.qdiff import check_recon_inputs
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
 from pipeline.engine import StageConfig, check_flags, is_global_zero
-from pipeline.errors import UserError
 from pipeline.metrics.cost import quantized_summary
 from pipeline.models import load_pipeline, sampling_defaults
 from pipeline.quant import save_quantized
@@ -98,8 +97,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     quant_config(cfg.steps or 1, cfg.relax_tau if cfg.steps else 0.0)
     draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
     prompts = draw.prompts
-    if cfg.recon_inputs not in RECON_INPUTS:
-        raise UserError(f"--recon-inputs {cfg.recon_inputs!r}: use one of {RECON_INPUTS}")
+    check_recon_inputs(cfg.recon_inputs)  # before anything is loaded
     run_dir = Path(cfg.run_dir)
     # --overwrite keeps partial/ and cali_data/ where they were made under these settings (--fresh: neither)
     out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite, cfg.fresh)
