@@ -375,3 +375,35 @@ def test_reconstruction_inputs_come_from_the_quantized_upstream_and_targets_from
     assert not torch.allclose(q_items[0]["args"][0], fp_items[0]["args"][0])
     for a, b in zip(fp_items, q_items):
         assert torch.equal(a["out"], b["out"]) and a["step"] == b["step"]
+
+
+def test_relaxed_steps_run_at_their_bits_during_progressive_calibration(tmp_path, monkeypatch):
+    """PCR's relaxing is in force before progressive calibration, so the calibration trajectories run the
+    relaxed steps at the relaxed bits, as sampling will (mutation caught: applying the relaxing after
+    `calibrate_progressive`, as the recipe did, records 8 bits at the relaxed step too)."""
+    from pipeline.calibration import pcr
+    from pipeline.calibration.recipe import calibrate_pipeline
+
+    seen = {}
+    real = pcr.calibrate_progressive
+
+    def record_calls(pipe, *a, **k):  # every UNet call of the progressive stage, with the bits then in force
+        def hook(unet, args):
+            step = unet.quant_context.step
+            seen.setdefault(step, set()).update(get_bit_policy(unet)[:, step].tolist())
+        handle = pipe.unet.register_forward_pre_hook(hook)
+        try:
+            return real(pipe, *a, **k)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr("pipeline.calibration.recipe.calibrate_progressive", record_calls)
+    pipe = tiny_pipeline(0)
+    cfg = QuantConfig(w_bits=8, a_bits=8, a_bit_options=(8, 16), n_steps=3, time_aware=True)
+    _, metrics = calibrate_pipeline(
+        pipe, cfg, "naive", load_prompts("builtin", 2), steps=3, guidance=5.0, batch_size=2, seed=0, cali_st=3,
+        iters_w=0, iters_a=0, progressive=True, relax_tau=0.34, relax_bits=16, relax_end="x0",
+        cali_dir=tmp_path / "cali", partial_dir=tmp_path / "partial", trainer=None, signature={"model": "tiny"})
+    assert metrics["relaxed_steps"] == [2]
+    assert seen[0] == {8} and seen[1] == {8}
+    assert seen[2] == {16}

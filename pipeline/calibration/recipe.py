@@ -70,9 +70,16 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
     extra_tensors, metrics = {}, {}
     device = stage_device(trainer)
     pipe.to(device)
+
+    def relax():  # before progressive calibration and PTQD: their trajectories run the relaxed steps as sampled
+        if relax_tau:
+            metrics["relax_end"] = relax_end or default_relax_end(pipe)
+            metrics["relaxed_steps"] = apply_relaxing(pipe.unet, relax_tau, relax_bits, metrics["relax_end"])
+
     if method == "naive":
         calibrate_naive(pipe, qcfg, prompts, steps, guidance, batch_size, seed, trainer)
         pipe.to(device)  # the predict Trainer's teardown left its module (the UNet) on the CPU
+        relax()
         if progressive:
             calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size, partial_dir=partial_dir,
                                   is_rank_zero=is_global_zero(), signature={"model": signature.get("model")},
@@ -83,6 +90,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                     batch_size=batch_size, seed=seed, discard_stale=discard_stale)
         data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance)
         quantize_unet(pipe.unet, qcfg)
+        relax()
         # with --progressive, the step sizes are learned step by step afterwards instead (PCR)
         metrics["units"] = calibrate_qdiff(pipe.unet, data, partial_dir, iters_w, 0 if progressive else iters_a,
                                            trainer_kwargs=trainer or {}, seed=seed, is_rank_zero=is_global_zero(),
@@ -95,8 +103,5 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                                   discard_stale=discard_stale)
         if method == "ptqd":
             extra_tensors = ptqd_statistics(pipe.unet, data, device)
-    if relax_tau:
-        metrics["relax_end"] = relax_end or default_relax_end(pipe)
-        metrics["relaxed_steps"] = apply_relaxing(pipe.unet, relax_tau, relax_bits, metrics["relax_end"])
     metrics["calibration_seconds"] = time.time() - t0
     return extra_tensors, metrics
