@@ -206,6 +206,17 @@ def process_share(trainer_kwargs: dict | None) -> tuple[int, int]:
     return t.global_rank, t.world_size
 
 
+def running_share(trainer_kwargs: dict | None) -> tuple[int, int]:
+    """(rank, world) among the processes that run now: torchrun's or SLURM's ranks, which all start at once; but
+    (0, 1) before the first fit under Lightning's own launcher, whose other processes do not exist yet (they
+    start later, rerun the script, and find rank 0's work done)."""
+    t = make_trainer(trainer_kwargs)
+    env = getattr(t.strategy, "cluster_environment", None)
+    if t.world_size > 1 and env is not None and env.creates_processes_externally:
+        return t.global_rank, t.world_size
+    return 0, 1
+
+
 def rank_share(n: int, rank: int, world: int) -> list[int]:
     """The item indices process `rank` of `world` builds and holds: every world-th one, from its rank."""
     if not 0 <= rank < world:

@@ -407,3 +407,48 @@ def test_relaxed_steps_run_at_their_bits_during_progressive_calibration(tmp_path
     assert metrics["relaxed_steps"] == [2]
     assert seen[0] == {8} and seen[1] == {8}
     assert seen[2] == {16}
+
+
+def test_quantized_inputs_run_weights_then_activations_as_q_diffusion_does(cali_dir, tmp_path, monkeypatch):
+    """With --recon-inputs quantized, every unit's AdaRound runs first, on inputs from upstream weights
+    quantized and activations off; then every unit's activations (Q-Diffusion's txt2img.py order). So the
+    learned weights do not depend on the activation bits, and a run interrupted in the activation pass
+    resumes to the uninterrupted state (mutation caught: one pass fitting each unit's weights and then its
+    activations, as before, makes the W3A4 and W3A8 weights differ)."""
+    data = CalibrationData(cali_dir)
+    kw = dict(iters_w=3, iters_a=2, w_lr=1e-2, recon_inputs="quantized")
+
+    def run(a_bits, folder):
+        unet = tiny_pipeline(0).unet
+        quantize_unet(unet, qcfg(w_bits=3, a_bits=a_bits))
+        metrics = calibrate_qdiff(unet, data, tmp_path / folder, **kw)
+        return unet, metrics
+
+    a4, metrics = run(4, "a4")
+    a8, _ = run(8, "a8")
+    w4 = {k: v for k, v in quantizer_state(a4).items() if ".w_quant." in k}
+    w8 = {k: v for k, v in quantizer_state(a8).items() if ".w_quant." in k}
+    assert w4.keys() == w8.keys() and all(torch.equal(w4[k], w8[k]) for k in w4)
+    assert any("mse_adaround" in m and "mse_act_lsq" in m and m["seconds"] > m["seconds_weights"]
+               for m in metrics.values())
+
+    real = qdiff_mod.reconstruct_unit
+    calls = []
+
+    def interrupt_in_act_pass(*a, weights, acts, **k):
+        calls.append(weights)
+        if not weights and calls.count(False) == 3:
+            raise KeyboardInterrupt
+        return real(*a, weights=weights, acts=acts, **k)
+
+    monkeypatch.setattr(qdiff_mod, "reconstruct_unit", interrupt_in_act_pass)
+    cut = tiny_pipeline(0).unet
+    quantize_unet(cut, qcfg(w_bits=3, a_bits=4))
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_qdiff(cut, data, tmp_path / "cut", **kw)
+    monkeypatch.setattr(qdiff_mod, "reconstruct_unit", real)
+    resumed = tiny_pipeline(0).unet
+    quantize_unet(resumed, qcfg(w_bits=3, a_bits=4))
+    calibrate_qdiff(resumed, data, tmp_path / "cut", **kw)
+    a, b = quantizer_state(a4), quantizer_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -137,3 +137,28 @@ def test_the_lp_sample_represents_every_observed_call_equally():
     assert len(sample) == 1000 and share_last_8 < 0.16, share_last_8  # uniform: 8%
     assert torch.bincount(calls, minlength=100).max() <= 25  # no call dominates (uniform: ~10 each)
     assert len(torch.unique(sample)) >= 900 and len(torch.unique(positions)) >= 900
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "adaround"])
+def test_split_weight_halves_get_their_own_ranges(rounding):
+    """A layer reading cat([h, skip]) quantizes the two weight halves on their own per-channel grids (as
+    Q-Diffusion's split QuantModule does), so a small-valued half is not crushed by a large one (mutation
+    caught: one grid over the whole weight, as before, makes the small half's error ~100x larger)."""
+    from pipeline.quant.quantizer import WeightQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 12, 1, 1, generator=g)
+    w[:, 5:] *= 100.0  # the skip half's weights are 100x the head's
+    split = WeightQuantizer(4, w, rounding=rounding, split=5)
+    whole = WeightQuantizer(4, w, rounding=rounding)
+    head, skip = w[:, :5].contiguous(), w[:, 5:].contiguous()
+    assert torch.equal(split(w)[:, :5], WeightQuantizer(4, head, rounding=rounding)(head))  # each half = its own
+    assert torch.equal(split(w)[:, 5:], WeightQuantizer(4, skip, rounding=rounding)(skip))
+    err_split = (split(w) - w)[:, :5].pow(2).mean()
+    err_whole = (whole(w) - w)[:, :5].pow(2).mean()
+    assert err_whole > 100 * err_split
+    if rounding == "adaround":  # the learned mask spans both halves, on each half's grid
+        alpha = split.start_learning_rounding(w)
+        assert alpha.shape == w.shape
+        split.finish_learning_rounding()
+        assert torch.equal(split(w)[:, 5:], WeightQuantizer(4, skip, rounding=rounding)(skip))

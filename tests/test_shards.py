@@ -205,3 +205,43 @@ def test_q2b_with_a_tiny_cap_gives_the_same_tables(world, tmp_path, capsys):
     assert not (tmp_path / "spill").exists()
     for k in ram:
         assert torch.equal(ram[k], disk[k]), k
+
+
+def _collect_as_rank(rank: int, world: int, out: str, queue) -> None:
+    """One torchrun-style process: collect its share of the batches into the shared folder; count its runs."""
+    from data.prompts import load_prompts
+    from pipeline.calibration import data as data_mod
+    from pipeline.models import tiny_pipeline
+
+    torch.set_num_threads(1)
+    real, runs = data_mod.denoise, []
+    data_mod.denoise = lambda *a, **k: runs.append(1) or real(*a, **k)
+    data_mod.collect(tiny_pipeline(0), load_prompts("builtin", 5), out, steps=STEPS, cali_st=2, batch_size=2,
+                     share=(rank, world), wait_s=300)
+    queue.put((rank, len(runs)))
+
+
+def test_ranks_started_at_once_collect_their_own_batches(tmp_path):
+    """Under torchrun/SLURM every rank collects every world-th prompt batch into the one folder and returns
+    once all are there; the data equals a single process's (mutation caught: ignoring `share`, so that every
+    rank collects every batch, makes each rank run 3 trajectories instead of 2 and 1)."""
+    import multiprocessing as mp
+
+    from safetensors.torch import load_file
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_collect_as_rank, args=(r, 2, str(tmp_path / "ranks"), queue)) for r in (1, 0)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert dict(queue.get() for _ in procs) == {0: 2, 1: 1}  # 3 batches of 5 prompts: 0 and 2, then 1
+    _collect_as_rank(0, 1, str(tmp_path / "one"), queue)
+    assert queue.get() == (0, 3)
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "ranks").glob("*.safetensors")) and len(files) == 3 * 3
+    for name in files:
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "ranks" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -66,11 +67,16 @@ def _same_collection(old: dict, new: dict) -> bool:
 
 def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, cali_st: int = 5,
             guidance: float = 5.0, batch_size: int = 8, seed: int = 0, resolution: int | None = None,
-            shard_ids: Sequence[int] | None = None, discard_stale: bool = False) -> Path:
+            shard_ids: Sequence[int] | None = None, discard_stale: bool = False,
+            share: tuple[int, int] = (0, 1), wait_s: float = 6 * 3600) -> Path:
     """Record calibration data for `prompts` into `out_dir` (resumable).
 
-    `shard_ids` restricts the work to some prompt batches (one DDP rank's share). Data of other
-    settings in `out_dir` is refused, or with `discard_stale` (--overwrite) deleted and collected again."""
+    `shard_ids` restricts the work to some prompt batches. `share` = (rank, world) of processes running at
+    once on one folder (torchrun, SLURM: `shards.running_share`): rank 0 writes meta.json (and discards stale
+    data), each rank collects every world-th batch, and every rank returns only once all batches are finished
+    (waiting up to `wait_s` for the others). Data of other settings in `out_dir` is refused, or with
+    `discard_stale` (--overwrite) deleted and collected again."""
+    rank, world = share
 
     if not prompts:
         raise ValueError("no calibration prompts")
@@ -84,7 +90,10 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
     meta = {"signature": sig, "cali_steps": indices, "n_prompts": len(prompts), "batch_size": batch_size,
             "n_shards": n_shards, "seed": seed, "prompts": list(prompts),
             "prediction": prediction_space(pipe.scheduler).to_meta()}  # refuses an unsupported type up front
-    if meta_path.is_file() and discard_stale and not _same_collection(json.loads(meta_path.read_text()), meta):
+    if rank > 0:  # rank 0 checks, discards and writes the folder's meta; the others wait for it
+        _wait(lambda: meta_path.is_file() and _same_collection(json.loads(meta_path.read_text()), meta),
+              wait_s, f"rank 0 to write {meta_path} for this collection")
+    elif meta_path.is_file() and discard_stale and not _same_collection(json.loads(meta_path.read_text()), meta):
         print(f"note: --overwrite: discarding the calibration data of other settings in {out}")
         shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -99,8 +108,8 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
     else:
         write_json_atomic(meta_path, meta)
     index = ShardIndex(out)
-    todo = [b for b in (range(n_shards) if shard_ids is None else shard_ids)
-            if not index.finished(*shard_files(out, b, indices))]
+    mine = [b for b in (range(n_shards) if shard_ids is None else shard_ids) if b % world == rank]
+    todo = [b for b in mine if not index.finished(*shard_files(out, b, indices))]
     for b in tqdm(todo, desc="calibration data", leave=False):
         chunk = prompts[b * batch_size:(b + 1) * batch_size]
         text = encode_prompts(pipe, chunk, resolution)
@@ -118,7 +127,25 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
         for i in indices:
             save_tensors(out / f"x_{b:05d}_{i:03d}.safetensors", {"x": records[i]})
         index.record(*shard_files(out, b, indices))  # after the shard's last file: the shard is finished
+    if world > 1:
+        _wait(lambda: not missing_shards(out, range(n_shards), indices), wait_s,
+              f"the other ranks' calibration batches in {out}")
     return out
+
+
+def missing_shards(folder: Path, batches, indices: Sequence[int]) -> list[int]:
+    """Batches not yet recorded as finished (read only: another process may be writing them)."""
+    recorded = ShardIndex(folder).read()
+    return [b for b in batches if not all(f.name in recorded and f.is_file() for f in shard_files(folder, b, indices))]
+
+
+def _wait(done, wait_s: float, what: str, poll_s: float = 0.5) -> None:
+    deadline = time.monotonic() + wait_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {wait_s:.0f} s for {what}; is every rank running? Rerun the same command: "
+                               f"finished batches are kept")
+        time.sleep(poll_s)
 
 
 def shard_files(folder: Path, b: int, indices: Sequence[int]) -> list[Path]:
@@ -144,9 +171,7 @@ class CalibrationData:
         self.steps = self.meta["cali_steps"]
         calls = self.meta["signature"]["timesteps"]  # one per UNet call; a step's first call is its input
         self.timesteps = [calls[k] for k in first_calls(calls)]
-        recorded = ShardIndex(self.path).read()
-        missing = [b for b in range(self.meta["n_shards"])
-                   if not all(f.name in recorded and f.is_file() for f in shard_files(self.path, b, self.steps))]
+        missing = missing_shards(self.path, range(self.meta["n_shards"]), self.steps)
         if missing:
             raise ValueError(f"calibration data in {self.path} is incomplete (shards {missing[:5]} missing); "
                              f"run the collection again to resume it")

@@ -56,14 +56,15 @@ def check_recon_inputs(value: str) -> str:
 
 
 def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int, int] = (0, 1),
-                    upstream: list | None = None):
+                    upstream: list | None = None, upstream_acts: bool = True):
     """Inputs and target outputs of `unit` over this process's calibration UNet calls, into `store` (an
     ItemStore; default a list in RAM). `share` = (rank, world): a process runs every world-th call only.
 
     The target is always the FP unit's output on the FP model's input. The input is the FP model's too,
     unless `upstream` (the units already reconstructed) is given: then it comes from a second pass in which
-    those units run quantized, as Q-Diffusion's and BRECQ's `save_inp_oup_data(..., asym=True)` does, so
-    the unit's rounding learns to absorb the error upstream. Each pass stops at the unit."""
+    those units run quantized (weights, and activations unless `upstream_acts` is False), as Q-Diffusion's
+    `GetLayerInpOut` (qdiff/utils.py, `asym=True`, `act_quant` as the pass's) does, so the unit learns to
+    absorb the error upstream. Each pass stops at the unit."""
     rank, world = share
     items = [] if store is None else store
     probe = UnitProbe(unit)
@@ -75,7 +76,7 @@ def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int
             set_quant_state(unet, weight=False, act=False)
             seen = probe(lambda: unet(**call))
             if upstream:
-                set_units_quantized(upstream)
+                set_units_quantized(upstream, act=upstream_acts)
                 seen.update(probe(lambda: unet(**call), inputs_only=True))
                 set_quant_state(unet, weight=False, act=False)
             items.append({"args": seen["args"], "kwargs": seen["kwargs"], "out": seen["out"], "step": step})
@@ -128,30 +129,38 @@ def _split(items, every: int = 5):
 def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
                      a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                      store: ItemStore | None = None, share: tuple[int, int] = (0, 1),
-                     upstream: list | None = None) -> dict:
-    """Weights (AdaRound), then activation ranges and step sizes, of one unit.
+                     upstream: list | None = None, weights: bool = True, acts: bool = True) -> dict:
+    """Weights (AdaRound; if `weights`), then activation ranges and step sizes (if `acts`), of one unit.
 
     The unit's items go to `store` (default: all in RAM), which is emptied (its shards deleted) at the end.
-    `upstream`: the units already reconstructed, run quantized for the unit's inputs (`capture_unit_io`)."""
+    `upstream`: the units already reconstructed, run quantized for the unit's inputs (`capture_unit_io`):
+    weights only in a weights-only pass, weights and activations otherwise, as Q-Diffusion's passes run."""
     device = next(unet.parameters()).device
     t0 = time.time()
+    for p in unit.parameters():  # only quantizer parameters learn
+        p.requires_grad_(False)
     with store if store is not None else ItemStore() as st:
-        items = capture_unit_io(unet, unit, data, device, st, share, upstream)
-        return _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0)
+        items = capture_unit_io(unet, unit, data, device, st, share, upstream, upstream_acts=acts)
+        metrics = {"items": len(items)}
+        if weights:
+            metrics.update(learn_weights(unet, name, unit, items, iters_w, w_lr, trainer_kwargs, seed))
+        if acts:
+            metrics.update(learn_activations(unet, name, unit, items, iters_a, a_lr, trainer_kwargs, seed))
+    metrics["seconds"] = time.time() - t0
+    return metrics
 
 
-def _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0) -> dict:
+def learn_weights(unet, name: str, unit, items: list[dict], iters_w: int, w_lr: float = 1e-3,
+                  trainer_kwargs: dict | None = None, seed: int = 0) -> dict:
+    """AdaRound of one unit's weights on `items`, with the unit's activation quantization off."""
     cfg = unet.quant_config
     ctx = unet.quant_context
     train, held = _split(items)
     layers = unit_layers(unit)
-    for p in unit.parameters():
-        p.requires_grad_(False)
-    metrics = {"items": len(items)}
-    # 1. weights (activations off inside the unit)
     for layer in layers:
         layer.quant_weight = layer.w_quant.n_bits < 32
     set_unit_act(unit, False)
+    metrics = {}
     if iters_w > 0 and cfg.w_bits < 32:
         metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
         for layer in layers:
@@ -161,9 +170,6 @@ def _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_
             layer.w_quant.finish_learning_rounding()
         metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
         metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
-    # 2.-3. activation ranges, then LSQ step sizes
-    metrics.update(learn_activations(unet, name, unit, items, iters_a, a_lr, trainer_kwargs, seed))
-    metrics["seconds"] = time.time() - t0
     return metrics
 
 
@@ -246,6 +252,14 @@ def share_nearest_slots(banks, observed: list[int]) -> None:
                 b.zero_point[:, slot] = b.zero_point[:, src]
 
 
+# Passes over the units: (folder, fit weights, fit activations). With FP inputs every unit sees the same
+# inputs whatever is quantized upstream, so one pass does both. With quantized inputs Q-Diffusion's order holds
+# (txt2img.py: `recon_model` with act_quant=False, then again with act_quant=True): every unit's weights, on
+# inputs from upstream weights quantized and activations off; then every unit's activations, on inputs from
+# the fully quantized upstream.
+PASSES = {"fp": (("units", True, True),), "quantized": (("weights", True, False), ("units", False, True))}
+
+
 def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, iters_a: int = 5000,
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None,
@@ -255,7 +269,7 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
 
     `recon_inputs` "fp" (the default): each unit is fitted on the FP model's inputs; "quantized" (Q-Diffusion's
     and BRECQ's asym): on the inputs that the units reconstructed before it produce, quantized
-    (`capture_unit_io`). docs/calibration.md says why fp is the default here.
+    (`capture_unit_io`), in Q-Diffusion's two passes (`PASSES`). docs/calibration.md says why fp is the default.
 
     `signature` (the run's settings) is stored with the progress; progress made
     under another signature is refused rather than silently mixed in (`discard_stale`: discarded).
@@ -267,38 +281,49 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     if cfg.weight_rounding != "adaround":
         raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
     check_recon_inputs(recon_inputs)
+    passes = PASSES[recon_inputs]
     cap = ram_cap_bytes(ram_cap_gib)
     partial = Path(partial_dir)
     progress_file = partial / "progress.json"
     signature = jsonable({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a, "w_lr": w_lr,
                           "a_lr": a_lr, "seed": seed, "data": data.meta["signature"],  # the model's weight hash
-                          "recon_inputs": recon_inputs, **(signature or {})})
+                          "recon_inputs": recon_inputs, **(signature or {}),
+                          **({"passes": [p[0] for p in passes]} if len(passes) > 1 else {})})
     progress = check_progress(progress_file, signature, "reconstruction progress", discard_stale) or {
         "signature": signature, "done": [], "metrics": {}, "sha256": {}}
-    (partial / "units").mkdir(parents=True, exist_ok=True)
     units = reconstruction_units(unet)
     rank, world = share = process_share(trainer_kwargs)
     spill = partial / "spill" / f"rank{rank}"
     print_estimate(unet, data, cap, share)
-    done = []  # the units reconstructed so far (loaded or fitted): quantized upstream of the next one
-    for idx, (name, unit) in enumerate(tqdm(units.items(), desc="reconstruct", leave=False)):
-        path = partial / "units" / f"{idx:04d}.safetensors"
-        if name in progress["done"] and path.is_file():
-            if matches_checksum(path, progress.get("sha256", {}).get(name)):
-                assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --fresh true"))
-                done.append(unit)
-                continue
-            print(f"note: {path} does not match its checksum in {progress_file}; redoing unit {name}")
-        metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed,
-                                   store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share,
-                                   upstream=done if recon_inputs == "quantized" else None)
-        done.append(unit)
-        if is_rank_zero:
-            save_tensors(path, quantizer_state(unit, prefix=name))
-            progress["done"] = [n for n in progress["done"] if n != name] + [name]
-            progress.setdefault("sha256", {})[name] = sha256_file(path)
-            progress["metrics"][name] = metrics
-            write_json_atomic(progress_file, progress)  # a kill never leaves a half-written progress file
+    for folder, fit_w, fit_a in passes:
+        # progress keys of the pass: the final pass keeps the single-pass names, so fp progress is unchanged
+        done_key, sha_key = ("done", "sha256") if folder == "units" else (f"done_{folder}", f"sha256_{folder}")
+        (partial / folder).mkdir(parents=True, exist_ok=True)
+        done = []  # the units through this pass so far (loaded or fitted): quantized upstream of the next one
+        for idx, (name, unit) in enumerate(tqdm(units.items(), desc=f"reconstruct {folder}", leave=False)):
+            path = partial / folder / f"{idx:04d}.safetensors"
+            if name in progress.get(done_key, []) and path.is_file():
+                if matches_checksum(path, progress.get(sha_key, {}).get(name)):
+                    assign_quantizer_tensors(unet, load_tensors(path, "re-run calibrate with --fresh true"))
+                    done.append(unit)
+                    continue
+                print(f"note: {path} does not match its checksum in {progress_file}; redoing unit {name}")
+            metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed,
+                                       store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share,
+                                       upstream=done if recon_inputs == "quantized" else None,
+                                       weights=fit_w, acts=fit_a)
+            done.append(unit)
+            if is_rank_zero:
+                save_tensors(path, quantizer_state(unit, prefix=name))
+                progress[done_key] = [n for n in progress.get(done_key, []) if n != name] + [name]
+                progress.setdefault(sha_key, {})[name] = sha256_file(path)
+                before = progress["metrics"].get(name, {})
+                if folder == "units":
+                    metrics["seconds"] += before.get("seconds_weights", 0.0)  # both passes' time
+                else:
+                    metrics[f"seconds_{folder}"] = metrics.pop("seconds")
+                progress["metrics"][name] = {**before, **metrics}
+                write_json_atomic(progress_file, progress)  # a kill never leaves a half-written progress file
     set_quant_state(unet, weight=True, act=True)
     return progress["metrics"]
 

@@ -21,7 +21,7 @@ from pipeline.calibration.qdiff import calibrate_qdiff
 from pipeline.engine import fp_autocast, is_global_zero, stage_device
 from pipeline.quant import QuantConfig, check_bits, quantize_unet
 from pipeline.sampling import check_own_sampler
-from pipeline.shards import DEFAULT_RAM_CAP_GIB
+from pipeline.shards import DEFAULT_RAM_CAP_GIB, running_share
 
 METHODS = ("naive", "qdiff", "ptqd")  # ptqd = qdiff + PTQD noise correction
 LEARNED = ("qdiff", "ptqd")
@@ -87,7 +87,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
     else:
         with fp_autocast(trainer, device):  # an FP pass: --trainer.precision applies
             collect(pipe, prompts, cali_dir, steps=steps, cali_st=cali_st, guidance=guidance,
-                    batch_size=batch_size, seed=seed, discard_stale=discard_stale)
+                    batch_size=batch_size, seed=seed, discard_stale=discard_stale, share=running_share(trainer))
         data = CalibrationData(cali_dir, pipe, steps=steps, guidance=guidance)
         quantize_unet(pipe.unet, qcfg)
         relax()

@@ -183,7 +183,7 @@ class QuantLayer(nn.Module):
     same call) that fake-quantizes its weight and its input activation.
 
     `split` > 0 marks a decoder layer whose input is cat([h, skip], dim=1):
-    channels [:split] and [split:] get separate activation banks."""
+    channels [:split] and [split:] get separate activation banks and weight ranges."""
 
     def __init__(self, module: nn.Module, config: QuantConfig, ctx: QuantContext, split: int = 0,
                  init: bool = True):
@@ -205,7 +205,7 @@ class QuantLayer(nn.Module):
         self.ctx = ctx
         self.split = split
         self.w_quant = WeightQuantizer(config.w_bits, module.weight, config.weight_init, config.lp_norm,
-                                       config.lp_candidates, init=init, rounding=config.weight_rounding)
+                                       config.lp_candidates, init=init, rounding=config.weight_rounding, split=split)
         self.act = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples)
         self.act_skip = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples) if split else None
         for bank in self.banks():  # where the layer's weight is (the UNet may already be on its device)

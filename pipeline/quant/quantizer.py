@@ -95,20 +95,29 @@ class WeightQuantizer(nn.Module):
     Rounding is to nearest, or learned (AdaRound): `rounding="adaround"` adds
     a `round_up` mask buffer (hard decisions, what a state stores), and
     `start_learning_rounding` / `finish_learning_rounding` bracket the phase in
-    which a soft, learnable `alpha` replaces it."""
+    which a soft, learnable `alpha` replaces it.
+
+    `split` > 0 (a layer reading cat([h, skip], dim=1)): input channels [:split] and [split:] get their own
+    per-output-channel ranges (`scale`/`zero_point` and `scale_skip`/`zero_point_skip`), as Q-Diffusion's
+    QuantModule gives the two weight halves their own quantizers (qdiff/quant_layer.py, `split`); the rounding
+    (AdaRound's one mask) covers both halves."""
 
     def __init__(self, n_bits: int, weight: torch.Tensor | None = None, method: str = "minmax", p: float = 2.4,
-                 n_candidates: int = 80, init: bool = True, rounding: str = "nearest"):
+                 n_candidates: int = 80, init: bool = True, rounding: str = "nearest", split: int = 0):
         super().__init__()
         self.n_bits = check_bits(n_bits, "w_bits")
         if rounding not in ("nearest", "adaround"):
             raise ValueError(f"weight rounding {rounding!r} is not supported: use 'nearest' or 'adaround'")
         self.method, self.p, self.n_candidates, self.rounding = method, p, n_candidates, rounding
+        self.split = split
         n_out = 0 if weight is None else weight.shape[0]
         shape = (n_out,) + (1,) * (0 if weight is None else weight.dim() - 1)
         dev = None if weight is None else weight.device
         self.register_buffer("scale", torch.ones(shape, device=dev))
         self.register_buffer("zero_point", torch.zeros(shape, device=dev))
+        if split:
+            self.register_buffer("scale_skip", torch.ones(shape, device=dev))
+            self.register_buffer("zero_point_skip", torch.zeros(shape, device=dev))
         if rounding == "adaround" and weight is not None:
             # until learned, the mask reproduces round-to-nearest
             self.register_buffer("round_up", torch.zeros(weight.shape, dtype=torch.bool, device=dev))
@@ -118,19 +127,33 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor) -> None:
-        lo, hi = init_range(weight, self.n_bits, self.method, ch_axis=0, p=self.p, n_candidates=self.n_candidates)
-        scale, zp = scale_zero_point(lo, hi, self.n_bits)
-        self.scale = scale.reshape(self.scale.shape)
-        self.zero_point = zp.reshape(self.zero_point.shape)
+        halves = (("", weight[:, : self.split]), ("_skip", weight[:, self.split:])) if self.split else (("", weight),)
+        for suffix, w in halves:
+            lo, hi = init_range(w, self.n_bits, self.method, ch_axis=0, p=self.p, n_candidates=self.n_candidates)
+            scale, zp = scale_zero_point(lo, hi, self.n_bits)
+            setattr(self, "scale" + suffix, scale.reshape(self.scale.shape))
+            setattr(self, "zero_point" + suffix, zp.reshape(self.zero_point.shape))
         if self.rounding == "adaround":
-            ws = weight / self.scale
+            ws = weight / self.grid(weight)[0]
             self.round_up = (ws.round() > ws.floor())  # nearest rounding as the starting point
+
+    def grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) broadcastable against the weight `w`: per output channel, and per half if split."""
+        if not self.split:
+            return self.scale, self.zero_point
+        n_out, n_in = w.shape[:2]
+        rest = w.shape[2:]
+
+        def spread(head, skip):
+            return torch.cat([head.expand(n_out, self.split, *rest), skip.expand(n_out, n_in - self.split, *rest)], 1)
+
+        return spread(self.scale, self.scale_skip), spread(self.zero_point, self.zero_point_skip)
 
     # -- AdaRound -----------------------------------------------------------
     def start_learning_rounding(self, weight: torch.Tensor) -> nn.Parameter:
         if self.rounding != "adaround":
             raise ValueError("this weight quantizer rounds to nearest; build it with rounding='adaround'")
-        self.alpha = nn.Parameter(init_alpha(weight.detach(), self.scale))
+        self.alpha = nn.Parameter(init_alpha(weight.detach(), self.grid(weight)[0]))
         return self.alpha
 
     @torch.no_grad()
@@ -146,14 +169,16 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.n_bits == 32:
             return w
+        scale, zero_point = self.grid(w)
         if self.rounding == "nearest":
-            return fake_quantize(w, self.scale, self.zero_point, self.n_bits)
+            return fake_quantize(w, scale, zero_point, self.n_bits)
         if self.alpha is not None:
             offset = rectified_sigmoid(self.alpha)
         else:
             offset = self.round_up.to(w.dtype)
-        q = torch.clamp(torch.floor(w.detach() / self.scale) + offset + self.zero_point, 0, 2**self.n_bits - 1)
-        return (q - self.zero_point) * self.scale
+        q = torch.clamp(torch.floor(w.detach() / scale) + offset + zero_point, 0, 2**self.n_bits - 1)
+        return (q - zero_point) * scale
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.n_bits}, init={self.method}, rounding={self.rounding}"
+        return f"w_bits={self.n_bits}, init={self.method}, rounding={self.rounding}" + (
+            f", split={self.split}" if self.split else "")

@@ -122,6 +122,10 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_model: bool = True)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
     expected = set(quantizer_state(unet))
+    old = [k for k in expected - set(tensors) if k.endswith("_skip") and k[: -len("_skip")] in tensors]
+    if old:  # a state from before split weight ranges: its one range served both halves, and still does
+        print(f"note: {path} has one weight range for both halves of {len(old) // 2} split layer(s); kept as saved")
+        tensors.update({k: tensors[k[: -len("_skip")]] for k in old})
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"{path / QUANT_STATE.tensors} does not match the quantized model: "
