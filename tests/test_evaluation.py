@@ -357,7 +357,8 @@ def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_
     assert diff["n_images"] == diff["n_prompts"] == 2 and diff["baseline"] == "naive"
     md = (out / "results.md").read_text()
     assert "| Method | Bit options | FAB | BitOPs (T) | FID | sFID | CLIP score | Images (prompts) |" in md
-    assert "### Paired differences to naive" in md and "| again | psnr | 0.0000 | [0.0000, 0.0000] | 1 | 2 (2) |" in md
+    assert "### Paired differences to naive" in md
+    assert "| again | PSNR (dB) | 0.0000 | [0.0000, 0.0000] | 1 | 2 (2) |" in md
     assert md.count("| 2 (2) |") >= 3 * 2 * 4  # every row of the three tables, both splits
     assert (out / "grid_naive.png").is_file() and (out / "manifest.json").is_file()
 
@@ -511,6 +512,9 @@ def test_ddp_two_processes_match_one(tmp_path):
             assert two[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (one["method"], k)
     q = next(r for r in results[1]["rows"] if r["method"] == "naive")
     assert q["fid_to_fp"] > 0 and q["psnr"] > 0
+    one, two = results[1]["per_image"]["in_domain"]["naive"], results[2]["per_image"]["in_domain"]["naive"]
+    assert one["index"] == two["index"] == list(range(65))  # both processes' images, gathered in image order
+    assert two["psnr"] == pytest.approx(one["psnr"], rel=1e-6) and two["ssim"] == pytest.approx(one["ssim"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ EXTRA_COLUMNS = [("Method", "method"), ("FAB (unweighted)", "fab_unweighted"), (
 PAIRED_COLUMNS = [("Method", "method"), ("Metric", "metric"), ("Mean difference", "mean_diff"),
                   ("95% CI", "ci"), ("Wilcoxon p", "p_wilcoxon"), ("Images (prompts)", "images_prompts")]
 BETTER = {"psnr": "higher", "ssim": "higher", "lpips": "lower"}
+METRIC_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}
 
 
 def slug(text: str) -> str:
@@ -53,6 +54,8 @@ def _cell(key: str, r: dict) -> str:
     """A row's value, with its interval in brackets where the row has one (`<key>_ci_low/high`)."""
     if key == "images_prompts":
         return f"{r['n_images']} ({r['n_prompts']})" if r.get("n_prompts") is not None else _fmt(key, r.get("n_images"))
+    if key == "metric":
+        return METRIC_NAMES.get(r[key], r[key])
     if key == "ci":
         return f"[{_fmt('mean_diff', r['ci_low'])}, {_fmt('mean_diff', r['ci_high'])}]"
     text = _fmt(key, r.get(key))
