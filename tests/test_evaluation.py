@@ -243,6 +243,30 @@ def test_fidelity_to_fp_takes_generated_arrays_like_the_metric():
     assert same["psnr"] > 60 and same["ssim"] == pytest.approx(1.0)
 
 
+def test_fidelity_keeps_per_image_scores_in_image_order():
+    """Batches arrive in any order (DDP deals them to processes): per_image() returns the scores sorted by image
+    index, each equal to piq's score of that image alone, and their mean is compute()'s. Breaks if the scores
+    are returned in update order, or if an update's indices are ignored."""
+    import piq
+
+    from pipeline.metrics import FidelityToFP
+
+    g = torch.Generator().manual_seed(0)
+    fp = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
+    q = (fp.int() + torch.randint(-30, 31, fp.shape, generator=g) * torch.arange(1, 5).view(4, 1, 1, 1) // 2)
+    q = q.clamp(0, 255).to(torch.uint8)  # image i: noise growing with i
+    m = FidelityToFP()
+    m.update(fp[2:], q[2:], [2, 3])
+    m.update(fp[:2], q[:2], [0, 1])
+    per = m.per_image()
+    want = [float(piq.psnr(q[i:i + 1] / 255.0, fp[i:i + 1] / 255.0, data_range=1.0)) for i in range(4)]
+    assert per["index"] == [0, 1, 2, 3] and per["psnr"] == pytest.approx(want, rel=1e-6)
+    assert per["psnr"][0] > per["psnr"][3] and len(per["ssim"]) == 4 and "lpips" not in per
+    assert float(m.compute()["psnr"]) == pytest.approx(np.mean(per["psnr"]), rel=1e-12)
+    with pytest.raises(ValueError, match="1 indices for 2 images"):
+        m.update(fp[:2], q[:2], [0])
+
+
 
 # ---------------------------------------------------------------------------
 # clear errors: prompt mismatch, a state of another model
@@ -290,9 +314,16 @@ def test_real_image_folder_is_cropped_and_counted(tmp_path):
 # the stage end to end (no Inception: fast), and a dynamic method plugging in
 # ---------------------------------------------------------------------------
 def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_clip_dir):
+    """The stage end to end, with per-image scores, their intervals and the paired tests: the same state under
+    two labels differs by exactly 0 (interval [0, 0], p = 1), and W4A8's paired difference to the baseline is
+    the mean of the per-image differences stored in results.json. Breaks if the paired test reads the
+    baseline's scores for both methods (W4A8's difference becomes 0), or if a table drops its image / prompt
+    counts."""
     from pipeline.fit import main
 
-    main(["evaluate", "--model", "tiny-random", "--quant-states", f"[{w8a8_state}]", "--n", "2", "--steps", "2",
+    w4a8 = calibrated_state(tmp_path / "w4a8", w_bits=4, a_bits=8)
+    main(["evaluate", "--model", "tiny-random", "--quant-states", f"[{w8a8_state},{w8a8_state},{w4a8}]",
+          "--labels", "[naive,again,w4a8]", "--n", "2", "--steps", "2",
           "--batch-size", "2", "--fid", "false", "--sfid", "false", "--clip", str(tiny_clip_dir), "--generalization",
           str(ROOT / "tests/assets/prompts.txt"), "--split-fractions", "0,0,1",  # 6 prompts: all of them test
           "--run-dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
@@ -300,16 +331,71 @@ def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_
     out = tmp_path / "evaluate"
     res = json.loads((out / "results.json").read_text())
     rows = {(r["split"], r["method"]): r for r in res["rows"]}
-    assert set(rows) == {(s, m) for s in ("in_domain", "generalization") for m in ("FP32", "naive")}
+    assert set(rows) == {(s, m) for s in ("in_domain", "generalization") for m in ("FP32", "naive", "again", "w4a8")}
     fp, q = rows[("in_domain", "FP32")], rows[("in_domain", "naive")]
     assert fp["fab"] == 32.0 and q["fab"] == 8.0 and q["bit_options"] == "W8A8"
     assert q["bitops_T"] == pytest.approx(fp["bitops_T"] / 16, rel=1e-9)  # every Conv/Linear at W8A8
     assert q["size_bytes"] < fp["size_bytes"] / 3
-    assert 20 < q["psnr"] < 100 and 0 < q["ssim"] <= 1 and q["n_images"] == 2
+    assert 20 < q["psnr"] < 100 and 0 < q["ssim"] <= 1 and q["n_images"] == 2 and q["n_prompts"] == 2
     assert 0 <= q["clip_score"] <= 100 and 0 <= fp["clip_score"] <= 100
+    per = res["per_image"]["in_domain"]
+    assert "FP32" not in per and per["naive"]["index"] == [0, 1]
+    for label in ("naive", "w4a8"):
+        r = rows[("in_domain", label)]
+        assert r["psnr"] == pytest.approx(np.mean(per[label]["psnr"]), rel=1e-12)
+        assert r["psnr_ci_low"] <= r["psnr"] <= r["psnr_ci_high"] and r["ssim_ci_low"] <= r["ssim"] <= r["ssim_ci_high"]
+    assert res["baseline"] == "naive" and res["statistics"]["n_resamples"] == 2000
+    paired = {(p["split"], p["method"], p["metric"]): p for p in res["paired"]}
+    assert set(paired) == {(s, m, k) for s in ("in_domain", "generalization") for m in ("again", "w4a8")
+                           for k in ("psnr", "ssim")}
+    same = paired[("in_domain", "again", "psnr")]
+    assert (same["mean_diff"], same["ci_low"], same["ci_high"], same["p_wilcoxon"]) == (0.0, 0.0, 0.0, 1.0)
+    diff = paired[("in_domain", "w4a8", "psnr")]
+    want = np.mean(np.subtract(per["w4a8"]["psnr"], per["naive"]["psnr"]))
+    assert diff["mean_diff"] == pytest.approx(want, rel=1e-12) and diff["mean_diff"] != 0
+    assert diff["ci_low"] <= diff["mean_diff"] <= diff["ci_high"]
+    assert diff["n_images"] == diff["n_prompts"] == 2 and diff["baseline"] == "naive"
     md = (out / "results.md").read_text()
-    assert "| Method | Bit options | FAB | BitOPs (T) | FID | sFID | CLIP score |" in md
+    assert "| Method | Bit options | FAB | BitOPs (T) | FID | sFID | CLIP score | Images (prompts) |" in md
+    assert "### Paired differences to naive" in md
+    assert "| again | PSNR (dB) | 0.0000 | [0.0000, 0.0000] | 1 | 2 (2) |" in md
+    assert md.count("| 2 (2) |") >= 3 * 2 * 4  # every row of the three tables, both splits
     assert (out / "grid_naive.png").is_file() and (out / "manifest.json").is_file()
+
+
+def test_two_evaluate_seeds_score_the_same_prompts_with_other_noise(tmp_path, w8a8_state):
+    """--seed 0 and --seed 1 draw the same world captions (the prompt seed is fixed) but generate other images:
+    the per-image scores differ. --prompt-seed 1 draws other captions. Breaks if load_split draws with the
+    evaluate seed again (the old behaviour: the prompts differ), or if a split's noise seeds ignore --seed."""
+    from data.prompts import draw_prompts
+    from pipeline.fit import main
+
+    def run(seed: int, *extra) -> dict:
+        main(["evaluate", "--model", "tiny-random", "--quant-states", f"[{w8a8_state}]", "--in-domain", "world:test",
+              "--n", "3", "--steps", "2", "--batch-size", "3", "--fid", "false", "--sfid", "false", "--clip", "none",
+              "--seed", str(seed), *extra, "--run-dir", str(tmp_path / f"s{seed}{''.join(extra)}"),
+              "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"])
+        return json.loads((tmp_path / f"s{seed}{''.join(extra)}" / "evaluate" / "results.json").read_text())
+
+    a, b = run(0), run(1)
+    assert draw_prompts("world:test", "test", 3, seed=1).prompts != draw_prompts("world:test", "test", 3).prompts
+    assert a["splits"][0]["prompts"] == b["splits"][0]["prompts"] == draw_prompts("world:test", "test", 3).prompts
+    assert (a["seed"], b["seed"], a["splits"][0]["prompt_seed"], b["splits"][0]["prompt_seed"]) == (0, 1, 0, 0)
+    pa, pb = a["per_image"]["in_domain"]["naive"]["psnr"], b["per_image"]["in_domain"]["naive"]["psnr"]
+    assert len(pa) == len(pb) == 3 and all(x != y for x, y in zip(pa, pb))
+    other = run(0, "--prompt-seed", "1")
+    assert other["splits"][0]["prompts"] == draw_prompts("world:test", "test", 3, seed=1).prompts
+
+
+def test_baseline_must_name_an_evaluated_method(w8a8_state):
+    """Breaks if an unknown --baseline falls back to the first method silently."""
+    from pipeline.evaluation.plan import pick_baseline, plan_evaluation
+
+    assert pick_baseline(None, ["a", "b"]) == "a" and pick_baseline("b", ["a", "b"]) == "b"
+    assert pick_baseline(None, ["a"]) is None
+    with pytest.raises(ValueError, match=r"--baseline 'c' is none of the evaluated methods \['naive'\]"):
+        plan_evaluation("tiny-random", [str(w8a8_state)], None, "builtin", None, 2, 1, 0,
+                        EvalSettings(fid=False, sfid=False), clip="none", baseline="c")
 
 
 @register_method("test-dynamic")
@@ -346,8 +432,10 @@ def test_a_per_batch_policy_method_plugs_in(tmp_path):
 @pytest.mark.slow
 def test_evaluate_resumes_per_method_and_split(tmp_path, w8a8_state, monkeypatch):
     """Killed in the quantized method's second split, the rerun redoes only that pass: FP's reference
-    (images and Inception features) and the finished rows come back from the progress folder, and the
-    results equal an uninterrupted run's (timing aside). A corrupted reference file is redone."""
+    (images and Inception features), the finished rows and their per-image scores come back from the progress
+    folder, and the results (intervals and per-image scores included) equal an uninterrupted run's (timing
+    aside). A corrupted reference file is redone, and so is a pass kept without per-image scores. Breaks if
+    record_pass stops storing the per-image scores (the resumed pass has none)."""
     from pipeline.evaluation.module import MethodEvaluation
 
     prompts = ["a red circle", "two dogs", "a striped purple circle at the top left", "a cat"]
@@ -375,6 +463,11 @@ def test_evaluate_resumes_per_method_and_split(tmp_path, w8a8_state, monkeypatch
     strip = [{k: v for k, v in r.items() if k not in timing} for r in full["rows"]]
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in resumed["rows"]]
     assert next(r for r in resumed["rows"] if r["method"] == "naive")["fid_to_fp"] > 0
+    assert resumed["per_image"] == full["per_image"] and resumed["per_image"]["FP32"] == {"in_domain": None,
+                                                                                          "generalization": None}
+    kept = resumed["per_image"]["naive"]["in_domain"]  # from the progress folder (the pass was not redone)
+    assert kept["index"] == list(range(66)) and len(kept["psnr"]) == 66
+    assert all(r["psnr_ci_low"] < r["psnr"] < r["psnr_ci_high"] for r in resumed["rows"] if r["method"] == "naive")
     for label, per_split in full["grids"].items():
         for split, grid in per_split.items():
             assert np.array_equal(grid, resumed["grids"][label][split]), (label, split)
@@ -384,6 +477,12 @@ def test_evaluate_resumes_per_method_and_split(tmp_path, w8a8_state, monkeypatch
     again = run_evaluation("tiny-random", method, splits, settings, progress_dir=tmp_path / "b", **kw)
     assert len(set(passes)) == 1 and passes[0][0] == "FP32"  # the bad split's FP pass, nothing else
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in again["rows"]]
+    record = json.loads((tmp_path / "b" / "progress.json").read_text())
+    del record["done"][json.dumps(["naive", "in_domain"])]["per_image"]  # kept by an older version
+    (tmp_path / "b" / "progress.json").write_text(json.dumps(record))
+    passes.clear()
+    again = run_evaluation("tiny-random", method, splits, settings, progress_dir=tmp_path / "b", **kw)
+    assert set(passes) == {("naive", "in_domain")} and again["per_image"] == full["per_image"]
 
 
 # ---------------------------------------------------------------------------
@@ -413,6 +512,9 @@ def test_ddp_two_processes_match_one(tmp_path):
             assert two[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (one["method"], k)
     q = next(r for r in results[1]["rows"] if r["method"] == "naive")
     assert q["fid_to_fp"] > 0 and q["psnr"] > 0
+    one, two = results[1]["per_image"]["in_domain"]["naive"], results[2]["per_image"]["in_domain"]["naive"]
+    assert one["index"] == two["index"] == list(range(65))  # both processes' images, gathered in image order
+    assert two["psnr"] == pytest.approx(one["psnr"], rel=1e-6) and two["ssim"] == pytest.approx(one["ssim"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------

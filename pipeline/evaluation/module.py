@@ -7,7 +7,9 @@ predict_step generates one global batch (same prompts and seeds for every
 method), runs the Inception once for all Frechet metrics and updates every
 metric of the batch's split; on_predict_end computes them, which syncs the
 metric states across processes. The FP pass (first) fills the per-process
-FP reference that the quantized passes compare against."""
+FP reference that the quantized passes compare against. Per-image scores to FP
+are kept (`per_image`, in image order over every process) for the confidence
+intervals of each row and the paired tests between methods."""
 from __future__ import annotations
 
 import time
@@ -27,6 +29,7 @@ from pipeline.evaluation.real_images import real_features
 from pipeline.evaluation.reference import FPReference
 from pipeline.evaluation.settings import EvalSettings
 from pipeline.evaluation.splits import BatchDataset, Split, identity
+from pipeline.evaluation.statistics import mean_ci
 from pipeline.metrics import FAB, BitOPs, FidelityToFP, FrechetDistance, Timing
 from pipeline.metrics.clip import clip_score_metric
 from pipeline.metrics.cost import layer_stats, model_size_bytes
@@ -56,6 +59,16 @@ def _float(v):
     return None if np.isnan(v) or np.isinf(v) else v
 
 
+def fidelity_intervals(per_image: dict, images_per_prompt: int) -> dict:
+    """`<score>_ci_low` / `<score>_ci_high`: the bootstrap interval of each per-image score's mean (over prompts)."""
+    prompts = [i // images_per_prompt for i in per_image["index"]]
+    out = {}
+    for name, values in per_image.items():
+        if name != "index" and values:
+            _, out[f"{name}_ci_low"], out[f"{name}_ci_high"] = mean_ci(values, prompts)
+    return out
+
+
 class MethodEvaluation(L.LightningModule):
     def __init__(self, method: EvalMethod, model: str, splits: list[Split], batches: list[dict],
                  settings: EvalSettings, shared: SharedState, load: dict | None = None):
@@ -66,6 +79,7 @@ class MethodEvaluation(L.LightningModule):
         self.active: list[Split] = list(splits)  # the splits of the next predict pass
         self.split_metrics = nn.ModuleDict()
         self.results: dict[str, dict] = {}
+        self.per_image: dict[str, dict | None] = {}  # split -> per-image scores to FP (None for the FP model)
         self.grid_images: dict[str, np.ndarray] = {}
         self._grid: dict[tuple[str, int], np.ndarray] = {}
         self.size_bytes = None
@@ -163,7 +177,7 @@ class MethodEvaluation(L.LightningModule):
             if s.sfid:
                 m["sfid_fp"].update(features=ref.features["spatial"], real=True)
                 m["sfid_fp"].update(features=feats["spatial"], real=False)
-            m["fidelity"].update(ref.images.to(self.device), xd)
+            m["fidelity"].update(ref.images.to(self.device), xd, idx)
         if "fid_real" in m:
             m["fid_real"].update(features=feats[s.fid_tap], real=False)
         if "clip" in m:
@@ -179,7 +193,7 @@ class MethodEvaluation(L.LightningModule):
         with warnings.catch_warnings():  # a process may hold no batch of some split: its states are zeros
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
             for split in self.active:
-                self.results[split.name] = self._compute(self.split_metrics[split.name])
+                self.results[split.name] = self._compute(self.split_metrics[split.name], split)
         grids = {}
         for part in all_gather_objects(self._grid):
             grids.update(part)
@@ -193,9 +207,9 @@ class MethodEvaluation(L.LightningModule):
         """After the method's last pass: free its pipeline."""
         self.pipe = None
 
-    def _compute(self, m: nn.ModuleDict) -> dict:
+    def _compute(self, m: nn.ModuleDict, split: Split) -> dict:
         timing = dict(m["timing"].compute())  # synced sums over processes
-        out = {"n_images": int(timing.pop("n_images"))}
+        out = {"n_images": int(timing.pop("n_images")), "n_prompts": len(split.prompts)}
         out.update({k: _float(v) for k, v in m["fab"].compute().items()})
         out["bitops_T"] = _float(m["bitops"].compute()) / 1e12
         out["size_bytes"] = int(self.size_bytes)
@@ -203,10 +217,13 @@ class MethodEvaluation(L.LightningModule):
         if self.method.is_reference:
             out.update({"fid_to_fp": 0.0 if self.settings.fid else None,
                         "sfid_to_fp": 0.0 if self.settings.sfid else None})
+            self.per_image[split.name] = None
         else:
             out["fid_to_fp"] = _float(m["fid_fp"].compute()) if "fid_fp" in m else None
             out["sfid_to_fp"] = _float(m["sfid_fp"].compute()) if "sfid_fp" in m else None
             out.update({k: _float(v) for k, v in m["fidelity"].compute().items()})
+            per_image = self.per_image[split.name] = m["fidelity"].per_image()
+            out.update(fidelity_intervals(per_image, split.images_per_prompt))
         if "fid_real" in m:
             out["fid_to_real"] = _float(m["fid_real"].compute())
         if "clip" in m:

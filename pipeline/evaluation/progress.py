@@ -3,7 +3,8 @@
 `<run-dir>/evaluate_progress/progress.json` holds the run's signature (model, every
 method with its checksums, the splits' prompts and seeds, the settings, the batch size
 and the number of processes) and, per finished (method, split), its results row, its
-wall time and the files it left:
+per-image scores to FP (so that a resumed run's intervals and paired tests are those of
+an uninterrupted one), its wall time and the files it left:
 - `grid_<label>_<split>.safetensors`: the images of the method's grid (rank 0);
 - `fp_<split>_rank<r>.safetensors`: the FP pass's reference images and features of
   process r, which every later method of the split is compared with.
@@ -71,6 +72,10 @@ class EvalProgress:
         entry = self.record["done"].get(self.key(label, split))
         if entry is None or self.folder is None:
             return None
+        if "per_image" not in entry:  # kept before per-image scores were: its paired tests would lack it
+            print(f"note: the finished evaluation of {label} on split {split!r} in {self.folder} has no per-image "
+                  f"scores; redoing that pass")
+            return None
         mine = [f for f in entry["files"] if not f.startswith("fp_") or f.endswith(f"_rank{self.rank}.safetensors")]
         if all(matches_checksum(self.folder / f, entry["files"][f]) for f in mine):
             return entry
@@ -105,7 +110,7 @@ class EvalProgress:
             reference.put(split, t["indices"].tolist(), prompts, t["seeds"].tolist(), t["images"], feats)
 
     def record_pass(self, label: str, split: str, row: dict, wall_s: float, grid: np.ndarray | None,
-                    world: int, is_reference: bool) -> None:
+                    world: int, is_reference: bool, per_image: dict | None = None) -> None:
         """After a pass (and a barrier: every process's reference file is written): rank 0 records it."""
         if self.folder is None or self.rank:
             return
@@ -117,7 +122,8 @@ class EvalProgress:
         if is_reference:
             files += [f"fp_{_safe(split)}_rank{r}.safetensors" for r in range(world)]
         self.record["done"][self.key(label, split)] = {
-            "row": row, "wall_s": wall_s, "files": {f: sha256_file(self.folder / f) for f in files}}
+            "row": row, "per_image": per_image, "wall_s": wall_s,
+            "files": {f: sha256_file(self.folder / f) for f in files}}
         write_json_atomic(self.folder / RECORD, self.record)
 
     def grid(self, entry: dict, label: str, split: str) -> np.ndarray | None:

@@ -57,7 +57,8 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
                    batch_size: int = 8, trainer_kwargs: dict | None = None, load: dict | None = None,
                    progress_dir: str | Path | None = None, discard_stale: bool = False) -> dict:
     """Evaluate FP and every method on every split. Returns
-    {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "is_global_zero": bool, ...}.
+    {"rows": [...], "grids": {label: {split: uint8 [n, H, W, 3]}}, "per_image": {label: {split: {"index": [...],
+    "psnr": [...], ...}, None for FP}}, "is_global_zero": bool, ...}.
 
     With `progress_dir`, each finished (method, split) is kept there and a rerun under the same
     settings skips it (`discard_stale`: progress of other settings is discarded, not refused)."""
@@ -79,10 +80,10 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
                  "settings": settings, "batch_size": batch_size, "world_size": trainer.world_size, "load": load}
     progress = EvalProgress(progress_dir, signature, trainer.global_rank, discard_stale)
     shared = SharedState()
-    rows, grids, walls = [], {}, {}
+    rows, grids, walls, per_image = [], {}, {}, {}
     for method in everything:
         module = MethodEvaluation(method, model, splits, batches, settings, shared, load)
-        grids[method.label], walls[method.label] = {}, 0.0
+        grids[method.label], walls[method.label], per_image[method.label] = {}, 0.0, {}
         for split in splits:
             entry = progress.finished(method.label, split.name)
             if entry is None:
@@ -93,23 +94,26 @@ def run_evaluation(model: str, methods: Sequence[EvalMethod], splits: Sequence[S
                     warnings.filterwarnings("ignore", message=".*predict returned None.*")
                     trainer.predict(module, return_predictions=False)
                 row, wall = module.results[split.name], time.perf_counter() - t0
+                scores = module.per_image.get(split.name)
                 grid = module.grid_images.get(split.name)
                 if method.is_reference:
                     progress.save_reference(shared.reference, split.name)
                 trainer.strategy.barrier()  # every process's reference file is on disk before it is recorded
                 progress.record_pass(method.label, split.name, row, wall, grid, trainer.world_size,
-                                     method.is_reference)
+                                     method.is_reference, scores)
             else:
                 row, wall, grid = entry["row"], entry["wall_s"], progress.grid(entry, method.label, split.name)
+                scores = entry["per_image"]
                 if method.is_reference:
                     progress.load_reference(shared.reference, split.name)
                 print(f"[evaluate] {method.label} on {split.name}: reusing the finished pass in {progress_dir}")
             rows.append({"split": split.name, "method": method.label, "kind": method.kind,
                          "bit_options": method.bit_options(), **row})
             walls[method.label] += wall
+            per_image[method.label][split.name] = scores
             if grid is not None:
                 grids[method.label][split.name] = grid
         module.release()
-    return {"rows": rows, "grids": grids, "wall_seconds": walls, "world_size": trainer.world_size,
-            "is_global_zero": trainer.is_global_zero, "n_real_images": shared.n_real,
+    return {"rows": rows, "grids": grids, "per_image": per_image, "wall_seconds": walls,
+            "world_size": trainer.world_size, "is_global_zero": trainer.is_global_zero, "n_real_images": shared.n_real,
             "methods": [m.describe() for m in everything]}

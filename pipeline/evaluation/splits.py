@@ -2,7 +2,10 @@
 images (prompt x seed), and the fixed global batches every method shares.
 
 Image i of a split uses prompt i // images_per_prompt and seed `seed + i`,
-for the FP model and for every quantized model alike. Batches are cut once,
+for the FP model and for every quantized model alike. The evaluate seed
+offsets the noise seeds only: the prompts are drawn with `prompt_seed`
+(default PROMPT_SEED, whatever the evaluate seed), so that runs with different
+seeds score the same prompts and their results can be paired and pooled. Batches are cut once,
 globally; under DDP whole batches are dealt to processes
 (UnrepeatedDistributedSampler, no padding), so a batch holds the same images
 on one process or many and a per-batch bit policy is the same either way."""
@@ -14,6 +17,8 @@ from torch.utils.data import Dataset
 
 from data.prompts import DEFAULT_FRACTIONS, draw_prompts
 
+PROMPT_SEED = 0  # the prompt draw of every evaluation (it picks the world's captions; hashed sources ignore it)
+
 
 @dataclass
 class Split:
@@ -23,6 +28,7 @@ class Split:
     images_per_prompt: int = 1
     seed: int = 0
     draw: dict | None = None  # how the prompts were drawn (data.prompts.PromptDraw.describe)
+    prompt_seed: int = PROMPT_SEED  # the seed the prompts were drawn with (never the noise seed)
     n_images: int = field(init=False)
 
     def __post_init__(self):
@@ -37,13 +43,15 @@ class Split:
 
 
 def load_split(name: str, spec: str, n: int | None, images_per_prompt: int, seed: int,
-               fractions=DEFAULT_FRACTIONS) -> Split:
+               fractions=DEFAULT_FRACTIONS, prompt_seed: int = PROMPT_SEED) -> Split:
     """Split `name` from prompt source `spec`: its test split (the prompts calibration, Q2B training
-    and Q2B validation never see; 'world:SPLIT' names the world's scene split instead)."""
-    draw = draw_prompts(spec, "test", n, fractions, seed=seed)
+    and Q2B validation never see; 'world:SPLIT' names the world's scene split instead). `seed` offsets
+    the images' noise seeds; the prompts depend on `prompt_seed` only."""
+    draw = draw_prompts(spec, "test", n, fractions, seed=prompt_seed)
     if n is not None and len(draw.prompts) < n:
         print(f"note: split {name!r} ({spec}) has only {len(draw.prompts)} distinct prompts (asked for {n})")
-    return Split(name, spec, draw.prompts, images_per_prompt, seed, draw.describe())
+    return Split(name, spec, draw.prompts, images_per_prompt, seed, {**draw.describe(), "prompt_seed": prompt_seed},
+                 prompt_seed)
 
 
 def global_batches(splits: list[Split], batch_size: int) -> list[dict]:

@@ -3,8 +3,9 @@ prompt and seed: PSNR and SSIM (piq), and LPIPS (piq) only where its weights
 are already on disk (they are downloaded from the internet on first use:
 torchvision's ImageNet VGG16 and piq's LPIPS linear layers).
 
-One Metric holds the sums of every per-image score (dist_reduce_fx="sum");
-`compute()` returns the means over images."""
+One Metric holds the sums of every per-image score (dist_reduce_fx="sum"), from which `compute()` returns the
+means over images, and the per-image scores themselves with each image's index (dist_reduce_fx="cat"), which
+`per_image()` returns in index order: the evaluation's confidence intervals and paired tests need them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
+SCORES = ("psnr", "ssim", "lpips")
 LPIPS_FILES = ("vgg16-397923af.pth", "lpips_weights.pt")  # torch hub cache names used by piq.LPIPS
 
 
@@ -56,22 +59,48 @@ class FidelityToFP(Metric):
             import piq
 
             self.lpips = piq.LPIPS(reduction="none")
-        for name in ("psnr_sum", "ssim_sum", "lpips_sum"):
-            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in SCORES:
+            self.add_state(f"{name}_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{name}_values", [], dist_reduce_fx="cat")
+        self.add_state("index", [], dist_reduce_fx="cat")
         self.add_state("n_images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, fp: torch.Tensor, quant: torch.Tensor) -> None:
+    def update(self, fp: torch.Tensor, quant: torch.Tensor, indices=None) -> None:
+        """`indices`: each image's index in its split (kept with its scores); default: the order of the updates."""
         import piq
 
         if fp.shape != quant.shape:
             raise ValueError(f"FP images {tuple(fp.shape)} and evaluated images {tuple(quant.shape)} differ in shape")
         x, y = to_unit(quant), to_unit(fp)
-        self.psnr_sum += piq.psnr(x, y, data_range=1.0, reduction="none").double().sum()
-        k = ssim_kernel(*x.shape[-2:])
-        self.ssim_sum += piq.ssim(x, y, data_range=1.0, kernel_size=k, reduction="none").double().sum()
+        n = x.shape[0]
+        if indices is None:
+            indices = range(int(self.n_images), int(self.n_images) + n)
+        indices = torch.as_tensor(list(indices), dtype=torch.long, device=self.n_images.device)
+        if indices.shape != (n,):
+            raise ValueError(f"{indices.numel()} indices for {n} images")
+        scores = {"psnr": piq.psnr(x, y, data_range=1.0, reduction="none"),
+                  "ssim": piq.ssim(x, y, data_range=1.0, kernel_size=ssim_kernel(*x.shape[-2:]), reduction="none")}
         if self.lpips is not None:
-            self.lpips_sum += self.lpips(x, y).double().sum()
-        self.n_images += x.shape[0]
+            scores["lpips"] = self.lpips(x, y).reshape(n)
+        for name, v in scores.items():
+            v = v.double()
+            setattr(self, f"{name}_sum", getattr(self, f"{name}_sum") + v.sum())
+            getattr(self, f"{name}_values").append(v)
+        self.index.append(indices)
+        self.n_images += n
+
+    def per_image(self) -> dict[str, list]:
+        """{"index": [...], "psnr": [...], "ssim": [...](, "lpips": [...])} over every process's images, in index
+        order (a collective call under DDP: every process must make it)."""
+        with self.sync_context(should_sync=True, should_unsync=True):
+            index = dim_zero_cat(self.index) if len(self.index) else torch.zeros(0, dtype=torch.long)
+            order = torch.argsort(index.cpu())
+            out = {"index": index.cpu()[order].tolist()}
+            for name in SCORES if self.lpips is not None else SCORES[:2]:
+                values = getattr(self, f"{name}_values")
+                values = dim_zero_cat(values) if len(values) else torch.zeros(0, dtype=torch.float64)
+                out[name] = values.cpu()[order].tolist()
+        return out
 
     def compute(self) -> dict:
         n = self.n_images.clamp(min=1)

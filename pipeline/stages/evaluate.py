@@ -8,22 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 
 from data.prompts import parse_fractions
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
-from pipeline.engine import StageConfig, check_flags
+from pipeline.engine import FLAG_RANGES, StageConfig, check_flags
 from pipeline.evaluation.plan import AUTO, plan_evaluation
 from pipeline.evaluation.report import write_results
 from pipeline.evaluation.runner import run_evaluation, validate
 from pipeline.evaluation.settings import EvalSettings
+from pipeline.evaluation.splits import PROMPT_SEED
 from pipeline.models import load_pipeline, sampling_defaults
 
 
 @dataclass
 class EvaluateConfig(StageConfig):
     """Settings of the evaluate stage."""
+
+    flag_ranges: ClassVar = {"prompt_seed": FLAG_RANGES["seed"]}  # a seed like --seed
 
     quant_states: list[str] = field(default_factory=list)
     """calibrate (or q2b) output folders to evaluate"""
@@ -41,7 +45,13 @@ class EvaluateConfig(StageConfig):
     n: int = 128
     """prompts per split"""
     images_per_prompt: int = 1
-    """seeds per prompt"""
+    """seeds per prompt (image i: prompt i // k, noise seed --seed + i)"""
+    prompt_seed: int = PROMPT_SEED
+    """seed of the prompt draw (the world's captions; hashed sources do not use it); --seed changes the noise
+    only, so runs with different --seed score the same prompts"""
+    baseline: str | None = None
+    """label of the method the paired tests compare every other quantized method with (default: the first
+    --quant-states)"""
     steps: int | None = None
     """sampling steps (default: the model's, pipeline.models.sampling_defaults)"""
     guidance: float | None = None
@@ -75,7 +85,7 @@ def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
                             grid_n=cfg.grid_n)
     plan = plan_evaluation(cfg.model, cfg.quant_states, cfg.labels, cfg.in_domain, cfg.generalization, cfg.n,
                            cfg.images_per_prompt, cfg.seed, settings, cfg.fid_dims, cfg.sfid_grid, cfg.clip,
-                           parse_fractions(cfg.split_fractions))
+                           parse_fractions(cfg.split_fractions), cfg.prompt_seed, cfg.baseline)
     fp = load_pipeline(cfg.model, **cfg.load_options())
     sampling = sampling_defaults(fp, cfg.steps, cfg.guidance, cfg.resolution)
     settings.steps, settings.guidance = sampling.steps, sampling.guidance
