@@ -94,7 +94,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                                   is_rank_zero=is_global_zero(), signature={"model": signature.get("model")},
                                   discard_stale=discard_stale)
         if method == "ptqd":
-            extra_tensors = ptqd_statistics(pipe.unet, data, device)
+            extra_tensors = ptqd_statistics(pipe.unet, data, device, pipe=pipe)  # every step, every bit option
     if relax_tau:
         metrics["relax_end"] = relax_end or default_relax_end(pipe)
         metrics["relaxed_steps"] = apply_relaxing(pipe.unet, relax_tau, relax_bits, metrics["relax_end"])
