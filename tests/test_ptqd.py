@@ -38,10 +38,11 @@ def _min_max(unet, data):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny DDIM pipeline at W4 A{5, 8}, calibration data at 2 of its 4 steps, PTQD statistics both ways."""
+    """The tiny DDIM pipeline at W4 A{5, 8}, calibration data (2 batches of one prompt) at 2 of its 4 steps,
+    PTQD statistics both ways."""
     path = tmp_path_factory.mktemp("cali")
     pipe = tiny_pipeline(0)
-    collect(pipe, load_prompts("builtin", 4), path, steps=STEPS, cali_st=2, guidance=5.0, batch_size=2)
+    collect(pipe, load_prompts("builtin", 2), path, steps=STEPS, cali_st=2, guidance=5.0, batch_size=1)
     data = CalibrationData(path, pipe, steps=STEPS)
     unet = _min_max(quantize_unet(pipe.unet, QuantConfig(w_bits=4, a_bits=5, a_bit_options=[8, 5], n_steps=STEPS)),
                     data)
@@ -168,7 +169,7 @@ def test_noise_fusion_leaves_deterministic_sampling_bit_identical(tiny):
     Mutation caught: DDIM's s taken without eta (as for eta = 1)."""
     pipe = tiny["pipe"]
     stats = {**tiny["every"], "ptqd_std": torch.full((STEPS,), 2.0)}  # a large residual: fusion would show
-    prompts, seeds = load_prompts("builtin", 2), [3, 4]
+    prompts, seeds = load_prompts("builtin", 1), [3]
     images = {}
     for eta in (0.0, 1.0):
         for fuse in (False, True):
@@ -191,13 +192,16 @@ def test_a_loaded_ptqd_state_fuses_noise_on_a_stochastic_scheduler(tiny, tmp_pat
     pipe = quantize_pipeline(set_scheduler(tiny_pipeline(0), "euler-ancestral"), tmp_path / "quant")
     assert type(pipe.scheduler.__dict__.get("step")).__name__ == "_FusedStep"
     set_scheduler(pipe, "ddpm")
-    generate(pipe, load_prompts("builtin", 1), [0], steps=STEPS, guidance=5.0, progress=False)
+    step, call = next(iter(tiny["data"].unet_calls()))
+    set_step(pipe.unet, step)
+    with torch.no_grad():
+        pipe.unet(**call)
     assert type(pipe.scheduler.__dict__.get("step")).__name__ == "_FusedStep"
 
 
 @pytest.mark.slow
 def test_noise_fusion_moves_euler_ancestral_samples_toward_fp(tmp_path):
-    """Acceptance: the embedded world at W4A4 (coarse activations: a large residual) under Euler ancestral, 8
+    """Acceptance: the embedded world at W4A4 (coarse activations: a large residual) under Euler ancestral, 6
     prompts x seeds, paired (each seed's noise is the same in the three runs). PTQD's mean correction alone
     leaves the residual noise on top of the sampler's, so the final latents are rougher than FP's; with the
     noise fusion their high-frequency energy and their per-image std move toward FP's, on average and for
@@ -205,11 +209,11 @@ def test_noise_fusion_moves_euler_ancestral_samples_toward_fp(tmp_path):
     (k = 0); the fusion switched off (`fusion.variance` never set) fails every assertion."""
     steps = 6
     pipe = load_pipeline("embedded", scheduler="euler-ancestral")
-    collect(pipe, load_prompts("builtin", 4), tmp_path, steps=steps, cali_st=steps, guidance=5.0, batch_size=4)
+    collect(pipe, load_prompts("builtin", 2), tmp_path, steps=steps, cali_st=steps, guidance=5.0, batch_size=2)
     data = CalibrationData(tmp_path, pipe, steps=steps)
     unet = _min_max(quantize_unet(pipe.unet, QuantConfig(w_bits=4, a_bits=4, n_steps=steps)), data)
     stats = ptqd_statistics(unet, data, pipe=pipe)
-    prompts, seeds = load_prompts("builtin", 8), list(range(100, 108))
+    prompts, seeds = load_prompts("builtin", 6), list(range(100, 106))
     text = encode_prompts(pipe, prompts)
 
     def final_latents(quantized: bool, fuse: bool | None) -> torch.Tensor:
@@ -237,6 +241,6 @@ def test_noise_fusion_moves_euler_ancestral_samples_toward_fp(tmp_path):
         gap_corrected, gap_fused = (stat(corrected) - stat(fp)).abs(), (stat(fused) - stat(fp)).abs()
         print(f"\n{stat.__name__}: FP {float(stat(fp).mean()):.3f}, PTQD {float(stat(corrected).mean()):.3f}, "
               f"PTQD + fusion {float(stat(fused).mean()):.3f}; mean |gap| to FP {float(gap_corrected.mean()):.3f} "
-              f"-> {float(gap_fused.mean()):.3f}, closer for {int((gap_fused < gap_corrected).sum())}/8 seeds")
+              f"-> {float(gap_fused.mean()):.3f}, closer for {int((gap_fused < gap_corrected).sum())}/6 seeds")
         assert float(gap_fused.mean()) < 0.8 * float(gap_corrected.mean())
-        assert int((gap_fused < gap_corrected).sum()) >= 6
+        assert int((gap_fused < gap_corrected).sum()) >= 5
