@@ -38,11 +38,11 @@ def _min_max(unet, data):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny DDIM pipeline at W4 A{5, 8}, calibration data (2 batches of one prompt) at 2 of its 4 steps,
+    """The tiny DDIM pipeline at W4 A{5, 8}, calibration data (batches of 2 and 1 prompts) at 2 of its 4 steps,
     PTQD statistics both ways."""
     path = tmp_path_factory.mktemp("cali")
     pipe = tiny_pipeline(0)
-    collect(pipe, load_prompts("builtin", 2), path, steps=STEPS, cali_st=2, guidance=5.0, batch_size=1)
+    collect(pipe, load_prompts("builtin", 3), path, steps=STEPS, cali_st=2, guidance=5.0, batch_size=2)
     data = CalibrationData(path, pipe, steps=STEPS)
     unet = _min_max(quantize_unet(pipe.unet, QuantConfig(w_bits=4, a_bits=5, a_bit_options=[8, 5], n_steps=STEPS)),
                     data)
