@@ -14,7 +14,6 @@ import huggingface_hub
 import torch
 
 from data.tokenizer import clip_tokenizer
-from pipeline.calibration.ptqd import apply_ptqd
 from pipeline.quant import load_quantized
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -504,5 +503,8 @@ def quantize_pipeline(pipe, quant_state: str | Path):
 
     _, _, extra = load_quantized(pipe.unet, quant_state)
     if "ptqd_k" in extra:
+        # lazy: ptqd runs trajectories with pipeline.sampling, which imports this module
+        from pipeline.calibration.ptqd import apply_ptqd
+
         apply_ptqd(pipe.unet, extra, pipe)  # the pipeline's scheduler converts v / x0 outputs to eps and back
     return pipe

@@ -160,6 +160,12 @@ def _encode_sdxl(pipe, prompts: list[str], device, resolution: int | None) -> Co
                         uncond_text_embeds=uncond_text_embeds, time_ids=time_ids)
 
 
+def prompt_seeds(seed: int, start: int, n: int) -> list[int]:
+    """The noise seeds of calibration prompts start..start+n-1 of a run seeded `seed` (collection, PCR's and
+    PTQD's trajectories: each prompt meets the same noise in all of them)."""
+    return [seed * 1_000_003 + start + j for j in range(n)]
+
+
 def noise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per prompt: its initial latents, then its per-step sampler noise."""
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]

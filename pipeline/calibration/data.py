@@ -25,7 +25,15 @@ from pipeline.artifacts import ShardIndex, load_tensors, save_tensors, write_jso
 from pipeline.prediction import PredictionSpace, prediction_space
 from pipeline.quant import first_calls
 from pipeline.quant.state import model_fingerprint
-from pipeline.sampling import Conditioning, denoise, encode_prompts, initial_latents, noise_generators, unet_call
+from pipeline.sampling import (
+    Conditioning,
+    denoise,
+    encode_prompts,
+    initial_latents,
+    noise_generators,
+    prompt_seeds,
+    unet_call,
+)
 
 META = "meta.json"
 
@@ -114,7 +122,7 @@ def collect(pipe, prompts: Sequence[str], out_dir: str | Path, steps: int = 20, 
         chunk = prompts[b * batch_size:(b + 1) * batch_size]
         text = encode_prompts(pipe, chunk, resolution)
         save_tensors(out / f"emb_{b:05d}.safetensors", text.tensors())
-        seeds = [seed * 1_000_003 + b * batch_size + j for j in range(len(chunk))]
+        seeds = prompt_seeds(seed, b * batch_size, len(chunk))
         records = {}
 
         def record(i, x, t):

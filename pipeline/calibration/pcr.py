@@ -29,7 +29,7 @@ from pipeline.calibration.qdiff import capture_unit_io, learn_activations
 from pipeline.models import is_sdxl
 from pipeline.quant import act_banks, get_bit_policy, set_bit_policy, set_quant_state
 from pipeline.quant.state import assign_quantizer_tensors, model_fingerprint, quantizer_state
-from pipeline.sampling import Trajectory, encode_prompts, initial_latents, noise_generators
+from pipeline.sampling import Trajectory, encode_prompts, initial_latents, noise_generators, prompt_seeds
 
 
 class _StepCalls:
@@ -85,7 +85,7 @@ def calibrate_progressive(pipe, prompts, steps: int, guidance: float, seed: int 
     trajectories = []  # one per prompt batch, advanced a step at a time (O(1) UNet calls per step)
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b:b + batch_size]
-        gens = noise_generators([seed * 1_000_003 + b + j for j in range(len(chunk))])
+        gens = noise_generators(prompt_seeds(seed, b, len(chunk)))
         traj = Trajectory(pipe, encode_prompts(pipe, chunk, resolution),
                           initial_latents(pipe, resolution=resolution, generators=gens), steps, guidance, gens)
         for _ in range(done):  # a resumed run: through the steps already calibrated

@@ -102,6 +102,6 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                                   is_rank_zero=is_global_zero(), signature={"model": signature.get("model")},
                                   discard_stale=discard_stale)
         if method == "ptqd":
-            extra_tensors = ptqd_statistics(pipe.unet, data, device)
+            extra_tensors = ptqd_statistics(pipe.unet, data, device, pipe=pipe)  # every step, every bit option
     metrics["calibration_seconds"] = time.time() - t0
     return extra_tensors, metrics
