@@ -30,8 +30,9 @@ from pipeline.calibration.blocks import (
     unit_banks,
     unit_layers,
 )
+from pipeline.calibration.gptq import check_adaround_init
 from pipeline.calibration.naive import merge_observations, sync_banks_from_rank0
-from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
+from pipeline.calibration.reconstruction import Phase, fit_rounding, fit_unit, held_out_mse
 from pipeline.quant import set_quant_state, set_step
 from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
 from pipeline.shards import (
@@ -128,19 +129,22 @@ def _split(items, every: int = 5):
 def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
                      a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                      store: ItemStore | None = None, share: tuple[int, int] = (0, 1),
-                     upstream: list | None = None) -> dict:
+                     upstream: list | None = None, adaround_init: str = "fp") -> dict:
     """Weights (AdaRound), then activation ranges and step sizes, of one unit.
 
     The unit's items go to `store` (default: all in RAM), which is emptied (its shards deleted) at the end.
-    `upstream`: the units already reconstructed, run quantized for the unit's inputs (`capture_unit_io`)."""
+    `upstream`: the units already reconstructed, run quantized for the unit's inputs (`capture_unit_io`).
+    `adaround_init`: AdaRound's start, "fp" or "gptq" (`reconstruction.fit_rounding`)."""
     device = next(unet.parameters()).device
     t0 = time.time()
     with store if store is not None else ItemStore() as st:
         items = capture_unit_io(unet, unit, data, device, st, share, upstream)
-        return _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0)
+        return _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0,
+                            adaround_init)
 
 
-def _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0) -> dict:
+def _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed, t0,
+                 adaround_init="fp") -> dict:
     cfg = unet.quant_config
     ctx = unet.quant_context
     train, held = _split(items)
@@ -154,11 +158,7 @@ def _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_
     set_unit_act(unit, False)
     if iters_w > 0 and cfg.w_bits < 32:
         metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
-        for layer in layers:
-            layer.w_quant.start_learning_rounding(layer.weight)
-        module = fit_unit(unit, ctx, train, [Phase("weight", iters_w)], w_lr, trainer_kwargs or {}, seed, name)
-        for layer in layers:
-            layer.w_quant.finish_learning_rounding()
+        module = fit_rounding(unit, ctx, train, iters_w, w_lr, trainer_kwargs or {}, seed, name, adaround_init)
         metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
         metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
     # 2.-3. activation ranges, then LSQ step sizes
@@ -250,12 +250,13 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None,
                     ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False,
-                    recon_inputs: str = "fp") -> dict:
+                    recon_inputs: str = "fp", adaround_init: str = "fp") -> dict:
     """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
 
     `recon_inputs` "fp" (the default): each unit is fitted on the FP model's inputs; "quantized" (Q-Diffusion's
     and BRECQ's asym): on the inputs that the units reconstructed before it produce, quantized
-    (`capture_unit_io`). docs/calibration.md says why fp is the default here.
+    (`capture_unit_io`). docs/calibration.md says why fp is the default here. `adaround_init`: "fp"
+    (AdaRound's own start) or "gptq" (GPTQ's closed-form rounding first: fewer iterations for the same error).
 
     `signature` (the run's settings) is stored with the progress; progress made
     under another signature is refused rather than silently mixed in (`discard_stale`: discarded).
@@ -267,12 +268,15 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     if cfg.weight_rounding != "adaround":
         raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
     check_recon_inputs(recon_inputs)
+    check_adaround_init(adaround_init)
     cap = ram_cap_bytes(ram_cap_gib)
     partial = Path(partial_dir)
     progress_file = partial / "progress.json"
     signature = jsonable({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a, "w_lr": w_lr,
                           "a_lr": a_lr, "seed": seed, "data": data.meta["signature"],  # the model's weight hash
-                          "recon_inputs": recon_inputs, **(signature or {})})
+                          "recon_inputs": recon_inputs, **(signature or {}),
+                          # absent at the default: progress kept before the option existed still matches
+                          **({"adaround_init": adaround_init} if adaround_init != "fp" else {})})
     progress = check_progress(progress_file, signature, "reconstruction progress", discard_stale) or {
         "signature": signature, "done": [], "metrics": {}, "sha256": {}}
     (partial / "units").mkdir(parents=True, exist_ok=True)
@@ -291,7 +295,8 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
             print(f"note: {path} does not match its checksum in {progress_file}; redoing unit {name}")
         metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed,
                                    store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share,
-                                   upstream=done if recon_inputs == "quantized" else None)
+                                   upstream=done if recon_inputs == "quantized" else None,
+                                   adaround_init=adaround_init)
         done.append(unit)
         if is_rank_zero:
             save_tensors(path, quantizer_state(unit, prefix=name))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.calibration.blocks import unit_banks, unit_layers
+from pipeline.calibration.gptq import check_adaround_init, gptq_starts
 from pipeline.engine import make_trainer
 from pipeline.quant.adaround import BetaSchedule, rounding_regularizer
 from pipeline.shards import item_field
@@ -175,3 +176,22 @@ def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_
     trainer.fit(module, loader)
     unit.to(device)  # the Trainer's teardown moves its module to the CPU; the rest of the UNet is on `device`
     return module
+
+
+def fit_rounding(unit, ctx, items, iters, lr, trainer_kwargs, seed, unit_name, init: str = "fp", reg_weight=0.01):
+    """AdaRound on the unit's weight-quantized layers (activations as the caller set them), ending with hard
+    decisions in each quantizer's `round_up`; returns the module (its losses).
+
+    `init` "fp": AdaRound's own start (soft = the FP weights, hard = nearest); "gptq": GPTQ's closed-form
+    rounding of each layer on its inputs in `items` (pipeline.calibration.gptq), from which far fewer iterations
+    reach a given held-out error (docs/calibration.md#time-to-quality)."""
+    check_adaround_init(init)
+    layers = [layer for layer in unit_layers(unit) if layer.quant_weight]
+    starts = gptq_starts(unit, ctx, items) if init == "gptq" else {}
+    for layer in layers:
+        layer.w_quant.start_learning_rounding(layer.weight, start=starts.get(layer))
+    try:
+        return fit_unit(unit, ctx, items, [Phase("weight", iters)], lr, trainer_kwargs, seed, unit_name, reg_weight)
+    finally:  # hard decisions also when the fit fails, so that the unit is left usable
+        for layer in layers:
+            layer.w_quant.finish_learning_rounding()

@@ -127,10 +127,11 @@ class WeightQuantizer(nn.Module):
             self.round_up = (ws.round() > ws.floor())  # nearest rounding as the starting point
 
     # -- AdaRound -----------------------------------------------------------
-    def start_learning_rounding(self, weight: torch.Tensor) -> nn.Parameter:
+    def start_learning_rounding(self, weight: torch.Tensor, start: torch.Tensor | None = None) -> nn.Parameter:
+        """A soft, learnable `alpha`: from the FP weight (AdaRound's start), or from `start` (adaround.init_alpha)."""
         if self.rounding != "adaround":
             raise ValueError("this weight quantizer rounds to nearest; build it with rounding='adaround'")
-        self.alpha = nn.Parameter(init_alpha(weight.detach(), self.scale))
+        self.alpha = nn.Parameter(init_alpha(weight.detach(), self.scale, None if start is None else start.detach()))
         return self.alpha
 
     @torch.no_grad()
