@@ -105,8 +105,9 @@ def test_adaround_from_the_gptq_start_is_at_least_as_good_at_few_iterations(cali
     """Held-out block error after the same 30 AdaRound iterations at 4 bits, from the GPTQ start and from
     AdaRound's own (the FP weights), on a ResnetBlock2D and a BasicTransformerBlock of a tiny seeded UNet.
 
-    Breaks (checked): compensating with the wrong sign in `gptq_round` (`wb[:, j:] += ...`, `w[:, i1:] += ...`),
-    or `fit_rounding` ignoring the starts (`start=None`): the GPTQ run is then no better than the FP one."""
+    Meant to break on: compensating with the wrong sign in `gptq_round` (`wb[:, j:] += ...`, `w[:, i1:] += ...`;
+    checked to fail the two layer tests above), or `fit_rounding` ignoring the starts (`start=None`: the GPTQ
+    run is then AdaRound from the FP weights, not below 0.8 x RTN at 30 iterations; not yet run mutated)."""
     data = CalibrationData(cali_dir)
     rows = {}
     for init in ("fp", "gptq"):
@@ -124,9 +125,35 @@ def test_adaround_from_the_gptq_start_is_at_least_as_good_at_few_iterations(cali
         assert gptq <= fp and gptq < 0.8 * rtn, (name, rtn, fp, gptq)
 
 
+def test_select_keeps_the_start_where_adaround_ends_worse():
+    """A destructive schedule (lr 1) ends far above the GPTQ start on the items not fitted on: with `select`
+    the start's decisions are put back (error exactly the start's); without, AdaRound's end stays.
+    Breaks (checked): not restoring `round_up` after a kept start."""
+    layer, ctx, train, held = layer_unit()
+    start = gptq_starts(layer, ctx, train)[layer]
+    layer.w_quant.start_learning_rounding(layer.weight, start=start)
+    layer.w_quant.finish_learning_rounding()
+    start_error = held_out_mse(layer, ctx, held)
+    trainer = {"enable_progress_bar": False}
+    ended = fit_rounding(layer, ctx, train, 20, 1.0, trainer, 0, "layer", init="gptq")
+    end_error = held_out_mse(layer, ctx, held)
+    assert not ended.kept_start and end_error > 1.1 * start_error, (start_error, end_error)
+    kept = fit_rounding(layer, ctx, train, 20, 1.0, trainer, 0, "layer", init="gptq", select=held)
+    assert kept.kept_start, (start_error, end_error, held_out_mse(layer, ctx, held))
+    assert held_out_mse(layer, ctx, held) == pytest.approx(start_error, rel=1e-6)
+
+
 def test_bad_adaround_init_is_refused_early():
     with pytest.raises(ValueError, match=r"--adaround-init 'obq': use one of \('fp', 'gptq'\)"):
         check_adaround_init("obq")
     layer, ctx, train, _ = layer_unit()
     with pytest.raises(ValueError, match="--adaround-init 'obq'"):
         fit_rounding(layer, ctx, train, 5, 1e-3, {}, 0, "layer", init="obq")
+
+
+def test_calibrate_stage_refuses_a_bad_adaround_init_before_loading(tmp_path):
+    from pipeline.api import CalibrateConfig, calibrate
+
+    with pytest.raises(ValueError, match="--adaround-init 'obq'"):
+        calibrate(CalibrateConfig(method="qdiff", adaround_init="obq", run_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "quant").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.calibration.blocks import unit_layers
@@ -45,7 +46,8 @@ def layer_rows(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def input_hessians(unit, ctx, items: Sequence[dict]) -> dict[QuantLayer, torch.Tensor]:
     """H = mean over rows of x x^T of every QuantLayer's input in `unit`, over one full-precision pass of
-    the unit on `items` (inputs as the FP unit sees them)."""
+    the unit on `items` (inputs as the FP unit sees them); under DDP, over every rank's items (so that every
+    rank computes the same start)."""
     layers = unit_layers(unit)
     sums: dict[QuantLayer, list] = {}
 
@@ -68,7 +70,17 @@ def input_hessians(unit, ctx, items: Sequence[dict]) -> dict[QuantLayer, torch.T
             h.remove()
         for layer, (w, a) in zip(layers, saved):
             layer.quant_weight, layer.quant_act = w, a
-    return {layer: s / n for layer, (s, n) in sums.items()}
+    if dist.is_available() and dist.is_initialized():  # under DDP each rank saw its own share of the items
+        for layer in layers:
+            width = layer.weight[0].numel()  # a rank without items for this layer still takes part
+            acc = sums.setdefault(layer, [torch.zeros(width, width, dtype=torch.float64), 0])
+            total = torch.as_tensor(acc[0], dtype=torch.float64, device=layer.weight.device)
+            count = torch.tensor([float(acc[1])], dtype=torch.float64, device=layer.weight.device)
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+            acc[0], acc[1] = total, float(count)
+    return {layer: s / n for layer, (s, n) in sums.items() if n}
+
 
 
 @torch.no_grad()

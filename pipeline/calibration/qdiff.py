@@ -156,9 +156,10 @@ def _reconstruct(unet, name, unit, items, iters_w, iters_a, w_lr, a_lr, trainer_
     for layer in layers:
         layer.quant_weight = layer.w_quant.n_bits < 32
     set_unit_act(unit, False)
-    if iters_w > 0 and cfg.w_bits < 32:
+    if (iters_w > 0 or adaround_init != "fp") and cfg.w_bits < 32:  # GPTQ's start alone: --iters-w 0
         metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
-        module = fit_rounding(unit, ctx, train, iters_w, w_lr, trainer_kwargs or {}, seed, name, adaround_init)
+        module = fit_rounding(unit, ctx, train, iters_w, w_lr, trainer_kwargs or {}, seed, name, adaround_init,
+                              select=held if adaround_init != "fp" else None)  # fp: unchanged, no selection
         metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
         metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
     # 2.-3. activation ranges, then LSQ step sizes
