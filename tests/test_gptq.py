@@ -107,7 +107,7 @@ def test_adaround_from_the_gptq_start_is_at_least_as_good_at_few_iterations(cali
 
     Meant to break on: compensating with the wrong sign in `gptq_round` (`wb[:, j:] += ...`, `w[:, i1:] += ...`;
     checked to fail the two layer tests above), or `fit_rounding` ignoring the starts (`start=None`: the GPTQ
-    run is then AdaRound from the FP weights, not below 0.8 x RTN at 30 iterations; not yet run mutated)."""
+    run is then AdaRound from the FP weights, which ends above the plain run here; checked to fail)."""
     data = CalibrationData(cali_dir)
     rows = {}
     for init in ("fp", "gptq"):
