@@ -30,8 +30,9 @@ from pipeline.calibration.blocks import (
     unit_banks,
     unit_layers,
 )
+from pipeline.calibration.gptq import check_adaround_init
 from pipeline.calibration.naive import merge_observations, sync_banks_from_rank0
-from pipeline.calibration.reconstruction import Phase, fit_unit, held_out_mse
+from pipeline.calibration.reconstruction import Phase, fit_rounding, fit_unit, held_out_mse
 from pipeline.quant import set_quant_state, set_step
 from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
 from pipeline.shards import (
@@ -129,12 +130,14 @@ def _split(items, every: int = 5):
 def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_lr: float = 1e-3,
                      a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                      store: ItemStore | None = None, share: tuple[int, int] = (0, 1),
-                     upstream: list | None = None, weights: bool = True, acts: bool = True) -> dict:
+                     upstream: list | None = None, weights: bool = True, acts: bool = True,
+                     adaround_init: str = "fp") -> dict:
     """Weights (AdaRound; if `weights`), then activation ranges and step sizes (if `acts`), of one unit.
 
     The unit's items go to `store` (default: all in RAM), which is emptied (its shards deleted) at the end.
     `upstream`: the units already reconstructed, run quantized for the unit's inputs (`capture_unit_io`):
-    weights only in a weights-only pass, weights and activations otherwise, as Q-Diffusion's passes run."""
+    weights only in a weights-only pass, weights and activations otherwise, as Q-Diffusion's passes run.
+    `adaround_init`: AdaRound's start, "fp" or "gptq" (`reconstruction.fit_rounding`)."""
     device = next(unet.parameters()).device
     t0 = time.time()
     for p in unit.parameters():  # only quantizer parameters learn
@@ -143,7 +146,8 @@ def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_
         items = capture_unit_io(unet, unit, data, device, st, share, upstream, upstream_acts=acts)
         metrics = {"items": len(items)}
         if weights:
-            metrics.update(learn_weights(unet, name, unit, items, iters_w, w_lr, trainer_kwargs, seed))
+            metrics.update(learn_weights(unet, name, unit, items, iters_w, w_lr, trainer_kwargs, seed,
+                                          adaround_init))
         if acts:
             metrics.update(learn_activations(unet, name, unit, items, iters_a, a_lr, trainer_kwargs, seed))
     metrics["seconds"] = time.time() - t0
@@ -151,7 +155,7 @@ def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_
 
 
 def learn_weights(unet, name: str, unit, items: list[dict], iters_w: int, w_lr: float = 1e-3,
-                  trainer_kwargs: dict | None = None, seed: int = 0) -> dict:
+                  trainer_kwargs: dict | None = None, seed: int = 0, adaround_init: str = "fp") -> dict:
     """AdaRound of one unit's weights on `items`, with the unit's activation quantization off."""
     cfg = unet.quant_config
     ctx = unet.quant_context
@@ -161,13 +165,10 @@ def learn_weights(unet, name: str, unit, items: list[dict], iters_w: int, w_lr: 
         layer.quant_weight = layer.w_quant.n_bits < 32
     set_unit_act(unit, False)
     metrics = {}
-    if iters_w > 0 and cfg.w_bits < 32:
+    if (iters_w > 0 or adaround_init != "fp") and cfg.w_bits < 32:  # GPTQ's start alone: --iters-w 0
         metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
-        for layer in layers:
-            layer.w_quant.start_learning_rounding(layer.weight)
-        module = fit_unit(unit, ctx, train, [Phase("weight", iters_w)], w_lr, trainer_kwargs or {}, seed, name)
-        for layer in layers:
-            layer.w_quant.finish_learning_rounding()
+        module = fit_rounding(unit, ctx, train, iters_w, w_lr, trainer_kwargs or {}, seed, name, adaround_init,
+                              select=held if adaround_init != "fp" else None)  # fp: unchanged, no selection
         metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
         metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
     return metrics
@@ -264,12 +265,13 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None,
                     ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False,
-                    recon_inputs: str = "fp") -> dict:
+                    recon_inputs: str = "fp", adaround_init: str = "fp") -> dict:
     """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
 
     `recon_inputs` "fp" (the default): each unit is fitted on the FP model's inputs; "quantized" (Q-Diffusion's
     and BRECQ's asym): on the inputs that the units reconstructed before it produce, quantized
     (`capture_unit_io`), in Q-Diffusion's two passes (`PASSES`). docs/calibration.md says why fp is the default.
+    `adaround_init`: "fp" (AdaRound's own start) or "gptq" (GPTQ's closed-form rounding first).
 
     `signature` (the run's settings) is stored with the progress; progress made
     under another signature is refused rather than silently mixed in (`discard_stale`: discarded).
@@ -281,6 +283,7 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     if cfg.weight_rounding != "adaround":
         raise ValueError("Q-Diffusion needs QuantConfig(weight_rounding='adaround')")
     check_recon_inputs(recon_inputs)
+    check_adaround_init(adaround_init)
     passes = PASSES[recon_inputs]
     cap = ram_cap_bytes(ram_cap_gib)
     partial = Path(partial_dir)
@@ -288,7 +291,9 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
     signature = jsonable({"quant_config": cfg.to_dict(), "iters_w": iters_w, "iters_a": iters_a, "w_lr": w_lr,
                           "a_lr": a_lr, "seed": seed, "data": data.meta["signature"],  # the model's weight hash
                           "recon_inputs": recon_inputs, **(signature or {}),
-                          **({"passes": [p[0] for p in passes]} if len(passes) > 1 else {})})
+                          **({"passes": [p[0] for p in passes]} if len(passes) > 1 else {}),
+                          # absent at the default: progress kept before the option existed still matches
+                          **({"adaround_init": adaround_init} if adaround_init != "fp" else {})})
     progress = check_progress(progress_file, signature, "reconstruction progress", discard_stale) or {
         "signature": signature, "done": [], "metrics": {}, "sha256": {}}
     units = reconstruction_units(unet)
@@ -311,7 +316,7 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
             metrics = reconstruct_unit(unet, name, unit, data, iters_w, iters_a, w_lr, a_lr, trainer_kwargs, seed,
                                        store=ItemStore(spill, cap, name=f"{idx:04d}"), share=share,
                                        upstream=done if recon_inputs == "quantized" else None,
-                                       weights=fit_w, acts=fit_a)
+                                       weights=fit_w, acts=fit_a, adaround_init=adaround_init)
             done.append(unit)
             if is_rank_zero:
                 save_tensors(path, quantizer_state(unit, prefix=name))

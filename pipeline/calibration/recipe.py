@@ -56,7 +56,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                        relax_tau: float, relax_bits: int, relax_end: str | None, cali_dir: str | Path,
                        partial_dir: str | Path, trainer: dict | None, signature: dict,
                        ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False,
-                       recon_inputs: str = "fp") -> tuple[dict, dict]:
+                       recon_inputs: str = "fp", adaround_init: str = "fp") -> tuple[dict, dict]:
     """Quantize `pipe.unet` with `qcfg` and calibrate it by `method`.
 
     Returns (extra tensors for the state, e.g. PTQD's statistics; metrics).
@@ -95,7 +95,8 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
         metrics["units"] = calibrate_qdiff(pipe.unet, data, partial_dir, iters_w, 0 if progressive else iters_a,
                                            trainer_kwargs=trainer or {}, seed=seed, is_rank_zero=is_global_zero(),
                                            signature=signature, ram_cap_gib=ram_cap_gib,
-                                           discard_stale=discard_stale, recon_inputs=recon_inputs)
+                                           discard_stale=discard_stale, recon_inputs=recon_inputs,
+                                           adaround_init=adaround_init)
         if progressive:
             calibrate_progressive(pipe, prompts, steps, guidance, seed, batch_size, iters_a=iters_a,
                                   trainer_kwargs=trainer or {}, partial_dir=partial_dir,

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.calibration.blocks import unit_banks, unit_layers
+from pipeline.calibration.gptq import check_adaround_init, gptq_starts
 from pipeline.engine import make_trainer
 from pipeline.quant.adaround import BetaSchedule, rounding_regularizer
 from pipeline.shards import item_field
@@ -175,3 +177,63 @@ def fit_unit(unit, ctx, items, phases, lr, trainer_kwargs, seed, unit_name, reg_
     trainer.fit(module, loader)
     unit.to(device)  # the Trainer's teardown moves its module to the CPU; the rest of the UNet is on `device`
     return module
+
+
+def hard_rounding_mse(unit: nn.Module, ctx, items: Sequence[dict]) -> float:
+    """`held_out_mse` with every learning weight quantizer at its current hard decisions (alpha >= 0)."""
+    saved = []
+    for layer in unit_layers(unit):
+        wq = layer.w_quant
+        if wq.alpha is not None:
+            saved.append((wq, wq.alpha, wq.round_up))
+            wq.round_up, wq.alpha = (wq.alpha >= 0).detach(), None
+    try:
+        return held_out_mse(unit, ctx, items)
+    finally:
+        for wq, alpha, round_up in saved:
+            wq.alpha, wq.round_up = alpha, round_up
+
+
+def fit_rounding(unit, ctx, items, iters, lr, trainer_kwargs, seed, unit_name, init: str = "fp", reg_weight=0.01,
+                 select: Sequence[dict] | None = None):
+    """AdaRound on the unit's weight-quantized layers (activations as the caller set them), ending with hard
+    decisions in each quantizer's `round_up`; returns the module (its losses; `kept_start`).
+
+    `init` "fp": AdaRound's own start (soft = the FP weights, hard = nearest); "gptq": GPTQ's closed-form
+    rounding of each layer on its inputs in `items` (pipeline.calibration.gptq), which alone is already below
+    the error of many AdaRound iterations (docs/calibration.md#time-to-quality). `select` (items not fitted
+    on): the start's hard decisions are kept instead of AdaRound's end where they have the lower error there
+    (a short schedule from a good start can end worse than it began); `module.kept_start` says which won."""
+    check_adaround_init(init)
+    layers = [layer for layer in unit_layers(unit) if layer.quant_weight]
+    starts = gptq_starts(unit, ctx, items) if init == "gptq" else {}
+    for layer in layers:
+        layer.w_quant.start_learning_rounding(layer.weight, start=starts.get(layer))
+    first = [(layer.w_quant.alpha >= 0).detach().clone() for layer in layers]
+    selecting = select is not None and len(select) > 0 and bool(layers)
+    start_error = hard_rounding_mse(unit, ctx, select) if selecting else None
+    try:
+        module = fit_unit(unit, ctx, items, [Phase("weight", iters)], lr, trainer_kwargs, seed, unit_name, reg_weight)
+    finally:  # hard decisions also when the fit fails, so that the unit is left usable
+        for layer in layers:
+            layer.w_quant.finish_learning_rounding()
+    if selecting:
+        device = layers[0].weight.device
+        end_error = held_out_mse(unit, ctx, select)
+        module.kept_start = _mean_over_ranks(start_error, len(select), device) < _mean_over_ranks(
+            end_error, len(select), device)
+    else:
+        module.kept_start = False
+    if module.kept_start:
+        for layer, up in zip(layers, first):
+            layer.w_quant.round_up = up
+    return module
+
+
+def _mean_over_ranks(mean: float, n: int, device) -> float:
+    """A per-rank mean over n items as the mean over every DDP rank's items (every rank decides alike)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return mean
+    t = torch.tensor([mean * n, float(n)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1])

@@ -17,9 +17,13 @@ def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def init_alpha(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """alpha such that h(alpha) equals the fractional part of w / s (soft = exact weight)."""
-    rest = weight / scale - torch.floor(weight / scale)
+def init_alpha(weight: torch.Tensor, scale: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha such that h(alpha) equals the fractional part of w / s (soft = exact weight), or with `start`
+    (e.g. GPTQ's compensated weights) its position between floor(w / s) and floor(w / s) + 1, clipped to that
+    interval: the soft weight is then `start` clipped, and the hard one (alpha >= 0) rounds `start`."""
+    rest = (weight if start is None else start) / scale - torch.floor(weight / scale)
+    if start is not None:
+        rest = torch.clamp(rest, 0, 1)
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
 
 

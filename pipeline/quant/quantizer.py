@@ -150,10 +150,12 @@ class WeightQuantizer(nn.Module):
         return spread(self.scale, self.scale_skip), spread(self.zero_point, self.zero_point_skip)
 
     # -- AdaRound -----------------------------------------------------------
-    def start_learning_rounding(self, weight: torch.Tensor) -> nn.Parameter:
+    def start_learning_rounding(self, weight: torch.Tensor, start: torch.Tensor | None = None) -> nn.Parameter:
+        """A soft, learnable `alpha`: from the FP weight (AdaRound's start), or from `start` (adaround.init_alpha)."""
         if self.rounding != "adaround":
             raise ValueError("this weight quantizer rounds to nearest; build it with rounding='adaround'")
-        self.alpha = nn.Parameter(init_alpha(weight.detach(), self.grid(weight)[0]))
+        start = None if start is None else start.detach()
+        self.alpha = nn.Parameter(init_alpha(weight.detach(), self.grid(weight)[0], start))
         return self.alpha
 
     @torch.no_grad()

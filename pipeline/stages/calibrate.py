@@ -12,6 +12,7 @@ import lightning as L
 
 from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, PARTIAL, prepare_artifact, write_manifest
+from pipeline.calibration.gptq import check_adaround_init
 from pipeline.calibration.qdiff import check_recon_inputs
 from pipeline.calibration.recipe import calibrate_pipeline, quant_config_for
 from pipeline.engine import StageConfig, check_flags, is_global_zero
@@ -67,6 +68,9 @@ class CalibrateConfig(StageConfig):
     recon_inputs: str = "fp"
     """fp (each unit fitted on the FP model's inputs) | quantized (Q-Diffusion/BRECQ asym: on the inputs the
     already-reconstructed units produce, quantized); qdiff/ptqd. docs/calibration.md has the measurements"""
+    adaround_init: str = "fp"
+    """AdaRound's start: fp (the FP weights, nearest rounding) | gptq (GPTQ's closed-form rounding of each layer
+    first: the same held-out error in far fewer --iters-w; docs/calibration.md#time-to-quality); qdiff/ptqd"""
     progressive: bool = False
     """PCR progressive calibration (time-aware)"""
     relax_tau: float = 0.0
@@ -98,6 +102,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
     draw = draw_prompts(cfg.prompts, "train", cfg.cali_n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
     prompts = draw.prompts
     check_recon_inputs(cfg.recon_inputs)  # before anything is loaded
+    check_adaround_init(cfg.adaround_init)
     run_dir = Path(cfg.run_dir)
     # --overwrite keeps partial/ and cali_data/ where they were made under these settings (--fresh: neither)
     out = prepare_artifact(run_dir, ARTIFACTS["calibrate"], cfg.overwrite, cfg.fresh)
@@ -111,7 +116,7 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
         relax_tau=cfg.relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
         cali_dir=cfg.cali_data or run_dir / "cali_data", partial_dir=run_dir / PARTIAL, trainer=trainer,
         signature={"model": cfg.model, "prompts": prompts}, ram_cap_gib=cfg.ram_cap_gib, recon_inputs=cfg.recon_inputs,
-        discard_stale=cfg.overwrite or cfg.fresh)
+        discard_stale=cfg.overwrite or cfg.fresh, adaround_init=cfg.adaround_init)
     if not is_global_zero():
         return out
     summary = {**quantized_summary(pipe.unet), **{k: v for k, v in metrics.items() if k != "units"}}
