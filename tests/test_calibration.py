@@ -409,6 +409,7 @@ def test_relaxed_steps_run_at_their_bits_during_progressive_calibration(tmp_path
     assert seen[2] == {16}
 
 
+@pytest.mark.slow
 def test_quantized_inputs_run_weights_then_activations_as_q_diffusion_does(cali_dir, tmp_path, monkeypatch):
     """With --recon-inputs quantized, every unit's AdaRound runs first, on inputs from upstream weights
     quantized and activations off; then every unit's activations (Q-Diffusion's txt2img.py order). So the
