@@ -93,33 +93,34 @@ def ptqd_statistics(unet, data, device="cpu", pipe=None) -> dict[str, torch.Tens
             out.append((_guided(eps_q, w) - eps_fp).cpu())
         return out
 
+    steps = list(data.steps) if pipe is None else list(range(int(data.meta["signature"]["steps"])))
+
+    def fp_outputs():  # (step, UNet call, the FP UNet's output on it): recorded calls, or the rerun trajectories
+        if pipe is None:
+            for step, call in data.unet_calls(device=device):
+                set_step(unet, step)
+                set_quant_state(unet, False, False)
+                yield step, call, unet(**call).sample
+            return
+        for traj in _fp_trajectories(pipe, data, device):
+            while traj.step < len(steps):
+                step, call = traj.step, traj.unet_input()
+                outputs = []  # the FP output of the step's first call, which advances the trajectory
+                set_quant_state(unet, False, False)
+                handle = unet.register_forward_hook(lambda m, a, o: outputs.append(o.sample))
+                try:
+                    traj.advance(unet)
+                finally:
+                    handle.remove()
+                yield step, call, outputs[0]
+
+    moments = {(o, s): _Moments() for o in range(len(options)) for s in steps}
     try:
         with torch.no_grad():
-            if pipe is None:
-                steps = list(data.steps)
-                moments = {(o, s): _Moments() for o in range(len(options)) for s in steps}
-                for step, call in data.unet_calls(device=device):
-                    set_step(unet, step)
-                    set_quant_state(unet, False, False)
-                    eps_fp = _guided(space.to_eps(unet(**call).sample, call["sample"], call["timestep"]), w)
-                    for o, d in enumerate(quantized_errors(call, step, eps_fp)):
-                        moments[o, step].add(d, eps_fp.cpu())
-            else:
-                steps = list(range(int(data.meta["signature"]["steps"])))
-                moments = {(o, s): _Moments() for o in range(len(options)) for s in steps}
-                for traj in _fp_trajectories(pipe, data, device):
-                    while traj.step < len(steps):
-                        step, call = traj.step, traj.unet_input()
-                        outputs = []  # the FP output of the step's first call, which advances the trajectory
-                        set_quant_state(unet, False, False)
-                        handle = unet.register_forward_hook(lambda m, a, o: outputs.append(o.sample))
-                        try:
-                            traj.advance(unet)
-                        finally:
-                            handle.remove()
-                        eps_fp = _guided(space.to_eps(outputs[0], call["sample"], call["timestep"]), w)
-                        for o, d in enumerate(quantized_errors(call, step, eps_fp)):
-                            moments[o, step].add(d, eps_fp.cpu())
+            for step, call, out in fp_outputs():
+                eps_fp = _guided(space.to_eps(out, call["sample"], call["timestep"]), w)
+                for o, d in enumerate(quantized_errors(call, step, eps_fp)):
+                    moments[o, step].add(d, eps_fp.cpu())
     finally:
         set_quant_state(unet, True, True)
         set_bit_policy(unet, saved)
