@@ -8,6 +8,7 @@ from data.prompts import load_prompts
 from pipeline.calibration import qdiff as qdiff_mod
 from pipeline.calibration.blocks import reconstruction_units, unit_layers
 from pipeline.calibration.data import CalibrationData, cali_step_indices, collect
+from pipeline.calibration.naive import ranges_from_calls
 from pipeline.calibration.pcr import apply_relaxing, calibrate_progressive, relaxed_steps
 from pipeline.calibration.ptqd import apply_ptqd, ptqd_statistics
 from pipeline.calibration.qdiff import calibrate_qdiff
@@ -100,17 +101,7 @@ def _unet_error(unet, data):
 
 def _naive(config, data):
     """Min-max calibration of a fresh tiny UNet on the calibration data."""
-    from pipeline.quant import observing
-
-    unet = quantize_unet(tiny_pipeline(0).unet, config)
-    with observing(unet):
-        for step, call in data.unet_calls():
-            set_step(unet, step)
-            with torch.no_grad():
-                unet(**call)
-    for b in act_banks(unet).values():
-        b.finalize()
-    return unet
+    return ranges_from_calls(quantize_unet(tiny_pipeline(0).unet, config), data.unet_calls())
 
 
 def test_qdiff_lowers_whole_unet_error_against_naive_and_adaround_carries_part_of_it(cali_dir, tmp_path):

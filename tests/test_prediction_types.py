@@ -13,12 +13,13 @@ from test_schedulers import BASE, FAMILIES, PROMPTS  # the SD 2.x family the sch
 
 from pipeline.calibration.analysis import eps_relative_error, reference_outputs
 from pipeline.calibration.data import CalibrationData, collect
+from pipeline.calibration.naive import ranges_from_calls
 from pipeline.calibration.ptqd import apply_ptqd, ptqd_statistics
 from pipeline.calibration.qdiff import capture_unit_io
 from pipeline.models import quantize_pipeline, tiny_pipeline
 from pipeline.prediction import PREDICTION_TYPES, prediction_space
 from pipeline.qlip.train import guided_eps, item_distortion, item_text, reference_distortion, training_items
-from pipeline.quant import QuantConfig, act_banks, observing, quantize_unet, save_quantized, set_quant_state, set_step
+from pipeline.quant import QuantConfig, quantize_unet, save_quantized, set_quant_state, set_step
 
 STEPS = 3
 GUIDANCE = 5.0
@@ -94,13 +95,7 @@ def v_data(tmp_path_factory):
 
 def _naive(data, config):
     """Min-max calibration of the tiny UNet on `data` (quantized, activations on)."""
-    unet = quantize_unet(tiny_pipeline(0).unet, config)
-    with observing(unet), torch.no_grad():
-        for step, call in data.unet_calls():
-            set_step(unet, step)
-            unet(**call)
-    for b in act_banks(unet).values():
-        b.finalize()
+    unet = ranges_from_calls(quantize_unet(tiny_pipeline(0).unet, config), data.unet_calls())
     set_quant_state(unet, True, True)
     return unet
 

@@ -6,12 +6,11 @@ import torch
 
 from data.prompts import load_prompts
 from pipeline.calibration.data import CalibrationData, collect
+from pipeline.calibration.naive import ranges_from_calls
 from pipeline.calibration.ptqd import NoiseFusion, apply_ptqd, noise_terms, ptqd_statistics
 from pipeline.models import load_pipeline, quantize_pipeline, set_scheduler, tiny_pipeline
 from pipeline.quant import (
     QuantConfig,
-    act_banks,
-    observing,
     quant_layers,
     quantize_unet,
     save_quantized,
@@ -24,18 +23,6 @@ from pipeline.sampling import denoise, encode_prompts, generate, initial_latents
 STEPS = 4
 
 
-def _min_max(unet, data):
-    """Min-max ranges for every bit option from the calibration data."""
-    with observing(unet):
-        for step, call in data.unet_calls():
-            set_step(unet, step)
-            with torch.no_grad():
-                unet(**call)
-    for b in act_banks(unet).values():
-        b.finalize()
-    return unet
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny DDIM pipeline at W4 A{5, 8}, calibration data (batches of 2 and 1 prompts) at 2 of its 4 steps,
@@ -44,8 +31,8 @@ def tiny(tmp_path_factory):
     pipe = tiny_pipeline(0)
     collect(pipe, load_prompts("builtin", 3), path, steps=STEPS, cali_st=2, guidance=5.0, batch_size=2)
     data = CalibrationData(path, pipe, steps=STEPS)
-    unet = _min_max(quantize_unet(pipe.unet, QuantConfig(w_bits=4, a_bits=5, a_bit_options=[8, 5], n_steps=STEPS)),
-                    data)
+    config = QuantConfig(w_bits=4, a_bits=5, a_bit_options=[8, 5], n_steps=STEPS)
+    unet = ranges_from_calls(quantize_unet(pipe.unet, config), data.unet_calls())
     return {"pipe": pipe, "data": data, "every": ptqd_statistics(unet, data, pipe=pipe),
             "calibrated": ptqd_statistics(unet, data)}
 
@@ -211,7 +198,8 @@ def test_noise_fusion_moves_euler_ancestral_samples_toward_fp(tmp_path):
     pipe = load_pipeline("embedded", scheduler="euler-ancestral")
     collect(pipe, load_prompts("builtin", 2), tmp_path, steps=steps, cali_st=steps, guidance=5.0, batch_size=2)
     data = CalibrationData(tmp_path, pipe, steps=steps)
-    unet = _min_max(quantize_unet(pipe.unet, QuantConfig(w_bits=4, a_bits=4, n_steps=steps)), data)
+    unet = quantize_unet(pipe.unet, QuantConfig(w_bits=4, a_bits=4, n_steps=steps))
+    ranges_from_calls(unet, data.unet_calls())
     stats = ptqd_statistics(unet, data, pipe=pipe)
     prompts, seeds = load_prompts("builtin", 6), list(range(100, 106))
     text = encode_prompts(pipe, prompts)

@@ -4,10 +4,11 @@ sampling trajectories, round-to-nearest weights. A LightningModule so that
 from __future__ import annotations
 
 import lightning as L
+import torch
 import torch.distributed as dist
 
 from pipeline.engine import make_trainer
-from pipeline.quant import act_banks, observing, quantize_unet
+from pipeline.quant import act_banks, observing, quantize_unet, set_step
 from pipeline.sampling import generate
 
 
@@ -29,6 +30,19 @@ def merge_observations(unet) -> None:
             o = bank._obs[slot]
             dist.all_reduce(o["min"], op=dist.ReduceOp.MIN)
             dist.all_reduce(o["max"], op=dist.ReduceOp.MAX)
+
+
+def ranges_from_calls(unet, calls, act_init: str = "minmax"):
+    """Every activation bank's ranges from FP UNet calls already recorded ((step, kwargs) pairs, e.g.
+    `CalibrationData.unet_calls()`), in one process; returns `unet`."""
+    with observing(unet), torch.no_grad():
+        for step, call in calls:
+            set_step(unet, step)
+            unet(**call)
+    cfg = unet.quant_config
+    for bank in act_banks(unet).values():
+        bank.finalize(act_init, p=cfg.lp_norm, n_candidates=cfg.lp_candidates)
+    return unet
 
 
 class NaiveCalibration(L.LightningModule):
