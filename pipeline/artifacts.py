@@ -48,6 +48,7 @@ from pipeline.errors import RunDirError
 ARTIFACTS = {
     "pretrain": "pretrain", "calibrate": "quant", "score": "scored", "t2q": "t2q", "q2b": "q2b",
     "generate": "images", "evaluate": "evaluate", "demo": "demo",
+    "policy": "policy",
 }
 PARTIAL = "partial"  # calibrate's resumable reconstruction progress
 # stage -> its reusable progress inside --run-dir (docs/reliability.md): kept by --overwrite when made under the

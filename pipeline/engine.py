@@ -99,7 +99,7 @@ FLAG_RANGES = {
     "images_per_prompt": COUNT, "grid_n": COUNT, "richness_scenes": COUNT, "shard_size": COUNT,
     "batch_size": COUNT, "eval_batch": COUNT, "inception_batch": COUNT,
     # quantization and calibration
-    "w_bits": BITS, "a_bits": BITS, "softmax_bits": BITS, "relax_bits": BITS,
+    "w_bits": BITS, "a_bits": BITS, "softmax_bits": BITS, "relax_bits": BITS, "bits": BITS,
     "cali_st": COUNT, "iters_w": NON_NEGATIVE, "iters_a": NON_NEGATIVE,  # 0 iterations: the initial ranges
     "relax_tau": Range(0, 1, open_hi=True),  # a fraction of the steps
     "ram_cap_gib": NON_NEGATIVE,  # 0: every item on disk

@@ -158,3 +158,26 @@ def _save(fig, path) -> Path:
         fig.savefig(tmp, dpi=150, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     _plt().close(fig)
     return path
+
+
+def plot_quality_vs_fab(curves: Mapping[str, Sequence[dict]], path: str | Path, metric: str = "PSNR to FP (dB)",
+                        title: str | None = None) -> Path:
+    """Quality against FAB, one line per method with its 95% band: `curves[name]` = points
+    {"fab", "mean", "low", "high"} (a single point is drawn as a marker with an error bar)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for name, points in curves.items():
+        pts = sorted(points, key=lambda p: p["fab"])
+        x = [p["fab"] for p in pts]
+        y, lo, hi = ([p[k] for p in pts] for k in ("mean", "low", "high"))
+        if len(pts) == 1:
+            ax.errorbar(x, y, yerr=[[y[0] - lo[0]], [hi[0] - y[0]]], fmt="s", capsize=3, label=name)
+            continue
+        (line,) = ax.plot(x, y, "o-", label=name, ms=3)
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("FAB (mean activation bits, input-size weighted)")
+    ax.set_ylabel(metric)
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -401,6 +401,35 @@ def test_relaxed_steps_run_at_their_bits_during_progressive_calibration(tmp_path
 
 
 @pytest.mark.slow
+def test_quantized_inputs_follow_the_order_the_unet_runs_its_units(cali_dir, tmp_path, monkeypatch):
+    """A diffusers UNet registers up_blocks before mid_block, and a block's attentions before the resnets that
+    run first: each unit's quantized upstream must be the units a UNet call runs before it (mutation caught:
+    the module order of `reconstruction_units`, which fits the up blocks on an FP mid block)."""
+    unet = tiny_pipeline(0).unet
+    quantize_unet(unet, qcfg(w_bits=4, a_bits=8))
+    seen = {}
+
+    def record(unet_, name, unit, data, *a, upstream=None, weights=True, acts=True, **k):
+        seen.setdefault(name, {id(u) for u in upstream or []})
+        return {"seconds": 0.0}
+
+    monkeypatch.setattr(qdiff_mod, "reconstruct_unit", record)
+    calibrate_qdiff(unet, CalibrationData(cali_dir), tmp_path / "p", iters_w=1, iters_a=1, recon_inputs="quantized")
+    units = reconstruction_units(unet)
+    order = []
+    hooks = [u.register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
+             for n, u in units.items()]
+    step, call = next(iter(CalibrationData(cali_dir).unet_calls()))
+    set_quant_state(unet, False, False)
+    with torch.no_grad():
+        unet(**call)
+    for h in hooks:
+        h.remove()
+    assert order.index("mid_block.resnets.0") < order.index("up_blocks.0.resnets.0")
+    for name in order:
+        assert seen[name] == {id(units[n]) for n in order[: order.index(name)]}, name
+
+
 def test_quantized_inputs_run_weights_then_activations_as_q_diffusion_does(cali_dir, tmp_path, monkeypatch):
     """With --recon-inputs quantized, every unit's AdaRound runs first, on inputs from upstream weights
     quantized and activations off; then every unit's activations (Q-Diffusion's txt2img.py order). So the

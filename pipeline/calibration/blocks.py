@@ -35,6 +35,24 @@ def reconstruction_units(unet: nn.Module) -> "OrderedDict[str, nn.Module]":
     return units
 
 
+def in_call_order(units: "OrderedDict[str, nn.Module]", run) -> "OrderedDict[str, nn.Module]":
+    """`units` in the order one UNet call (`run()`) first reaches them; units it never reaches stay at the end.
+
+    Module order is not call order in a diffusers UNet: `up_blocks` is registered before `mid_block`, and a
+    cross-attention block registers its attentions before the resnets that run first. Reconstruction on
+    quantized inputs must follow the call: a unit's upstream is what runs before it."""
+    seen: list[str] = []
+    hooks = [unit.register_forward_pre_hook(lambda module, args, name=name: seen.append(name) if name not in seen
+                                            else None) for name, unit in units.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return OrderedDict((n, units[n]) for n in seen + [n for n in units if n not in seen])
+
+
 def unit_layers(unit: nn.Module) -> list[QuantLayer]:
     return [m for m in unit.modules() if isinstance(m, QuantLayer)]
 

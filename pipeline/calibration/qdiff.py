@@ -24,6 +24,7 @@ from pipeline.artifacts import (
 )
 from pipeline.calibration.blocks import (
     UnitProbe,
+    in_call_order,
     reconstruction_units,
     set_unit_act,
     set_units_quantized,
@@ -82,6 +83,14 @@ def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int
                 set_quant_state(unet, weight=False, act=False)
             items.append({"args": seen["args"], "kwargs": seen["kwargs"], "out": seen["out"], "step": step})
     return items
+
+
+def units_in_call_order(unet, data) -> dict:
+    """The reconstruction units in the order the UNet runs them (`blocks.in_call_order`), from one FP call."""
+    step, call = next(iter(data.unet_calls(device=next(unet.parameters()).device)))
+    set_step(unet, step)
+    set_quant_state(unet, weight=False, act=False)
+    return in_call_order(reconstruction_units(unet), lambda: unet(**call))
 
 
 def unit_call_bytes(unet, data, device="cpu") -> dict[str, int]:
@@ -296,7 +305,7 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
                           **({"adaround_init": adaround_init} if adaround_init != "fp" else {})})
     progress = check_progress(progress_file, signature, "reconstruction progress", discard_stale) or {
         "signature": signature, "done": [], "metrics": {}, "sha256": {}}
-    units = reconstruction_units(unet)
+    units = units_in_call_order(unet, data)
     rank, world = share = process_share(trainer_kwargs)
     spill = partial / "spill" / f"rank{rank}"
     print_estimate(unet, data, cap, share)

@@ -108,3 +108,17 @@ def paired_difference(a, b, groups=None, n_resamples: int = N_RESAMPLES, confide
     n_groups = int(np.unique(groups).size) if groups is not None else int(d.size)
     return {"mean_diff": mean, "ci_low": lo, "ci_high": hi, "p_wilcoxon": test["p"],
             "n_images": int(d.size), "n_prompts": n_groups}
+
+
+def verdict(paired: dict, margin: float, alpha: float = 0.05, higher_is_better: bool = True) -> str:
+    """Two-sided reading of a `paired_difference` (a - b): "better" or "worse" when the Wilcoxon p is below
+    `alpha` and the mean difference points that way; "equal" when the interval contains 0 and lies within
+    +-`margin` (equivalence at that margin, so a wide interval is never read as equal); else "inconclusive"."""
+    if not margin > 0:
+        raise ValueError(f"margin={margin} must be > 0: equal quality is a difference within +-margin")
+    sign = 1.0 if higher_is_better else -1.0
+    if paired["p_wilcoxon"] < alpha and paired["mean_diff"] != 0:
+        return "better" if sign * paired["mean_diff"] > 0 else "worse"
+    if paired["ci_low"] <= 0 <= paired["ci_high"] and -margin <= paired["ci_low"] and paired["ci_high"] <= margin:
+        return "equal"
+    return "inconclusive"

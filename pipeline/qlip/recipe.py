@@ -89,7 +89,9 @@ def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, promp
 
     quantize_pipeline(pipe, quant_state)
     layers = list(quant_layers(pipe.unet))
-    q2b = Q2BModule(layers, steps, options, float(q_train.mean()), float(q_train.std()))
+    # a constant quality (text-blind) has no spread to standardize by: z is 0 for every prompt either way
+    q_std = float(q_train.std()) if len(q_train) > 1 and float(q_train.std()) > 0 else 1.0
+    q2b = Q2BModule(layers, steps, options, float(q_train.mean()), q_std)
     fab_w = fab_weights(layer_stats(pipe.unet), layers)
     with store:
         module = fit_q2b(pipe.unet, q2b, items, fab_w, target_fab, guidance, epochs=epochs, seed=seed,

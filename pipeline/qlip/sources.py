@@ -1,6 +1,6 @@
 """Quality sources for Q2B: anything with `predict(prompts) -> [N] tensor` and
 `memory_bytes()`. T2Q is the paper's; prompt length and image complexity are
-the selection-criteria ablation (Table S3)."""
+the selection-criteria ablation (Table S3); text-blind is the direct ablation of text-awareness."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ from pipeline.models import load_pipeline
 from pipeline.qlip.t2q import load_t2q
 from pipeline.sampling import generate
 
-CRITERIA = ("t2q", "length", "complexity")
+CRITERIA = ("t2q", "length", "complexity", "text-blind")
 
 
 class PromptLength:
@@ -25,6 +25,17 @@ class PromptLength:
     def predict(self, prompts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(prompts), truncation=True, max_length=self.tokenizer.model_max_length)["input_ids"]
         return torch.tensor([len(i) - 2 for i in ids], dtype=torch.float32)  # without BOS / EOS
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+class TextBlind:
+    """q = 0 for every prompt: Q2B trained on it learns one static per-(layer, step) table under the same
+    loss, budget and schedule as QLIP, so QLIP against it isolates what reading the text adds."""
+
+    def predict(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.zeros(len(prompts))
 
     def memory_bytes(self) -> int:
         return 0
@@ -71,4 +82,6 @@ def quality_source(criterion: str, model: str, pipe=None, t2q: str | None = None
         return PromptLength((pipe or load_pipeline(model, **(load or {}))).tokenizer)
     if criterion == "complexity":
         return ImageComplexity(pipe or load_pipeline(model, **(load or {})), steps, guidance)
+    if criterion == "text-blind":
+        return TextBlind()
     raise ValueError(f"unknown quality criterion {criterion!r}; choose one of {CRITERIA}")

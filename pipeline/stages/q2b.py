@@ -40,7 +40,8 @@ class Q2BConfig(StageConfig):
     quant_state: str | None = None
     """a calibrate output folder (e.g. runs/x/quant)"""
     criterion: str = "t2q"
-    """quality source: t2q | length | complexity"""
+    """quality source: t2q | length | complexity | text-blind (q constant: a static table, the control of
+    text-awareness)"""
     t2q: str | None = None
     """T2Q folder (criterion t2q), e.g. runs/x/t2q"""
     bit_options: str | None = None
