@@ -9,7 +9,7 @@ demo: setup
 
 test: setup
 	ruff check .
-	python -m pytest -q -ra tests
+	python -m pytest -q -ra --durations=25 tests
 
 bench: setup
 	python benchmarks/quant_overhead.py
