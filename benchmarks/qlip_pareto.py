@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=3, help="noise seeds (one evaluate run each)")
     ap.add_argument("--batch-size", type=int, default=1,
                     help="evaluation batch; a batch runs the max of its prompts' bits, so 1 is QLIP's own FAB")
+    ap.add_argument("--real-images", default="world:1000", help="FID to real: a folder, world:N, or none")
     ap.add_argument("--work", default="runs/bench/qlip_pareto")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "qlip_pareto.json"))
     a = ap.parse_args(argv)
@@ -120,7 +121,9 @@ def main(argv=None) -> dict:
         folder = stage(evaluate, EvaluateConfig(**common, seed=seed, quant_states=[str(m["path"]) for m in
                                                                                    methods.values()],
                                                 labels=labels, in_domain="world:test", n=a.n, steps=a.steps,
-                                                batch_size=a.batch_size, fid=a.n >= 65, sfid=False, grid_n=4),
+                                                batch_size=a.batch_size, fid=a.n >= 65, sfid=False, grid_n=4,
+                                                real_images=None if a.real_images == "none" or a.n < 65
+                                                else a.real_images),
                        work / f"evaluate_seed{seed}" / "evaluate", **quiet)
         runs.append(json.loads((folder / "results.json").read_text()))
     result = summarize(runs, methods, fabs, a)
@@ -151,10 +154,12 @@ def summarize(runs: list[dict], methods: dict, fabs: list[float], a) -> dict:
             mean, lo, hi = mean_ci(v, g)
             row[metric] = {"mean": mean, "low": lo, "high": hi}
         row["n_images"], row["n_prompts"] = int(v.size), int(np.unique(g).size)
-        fids = [f for f in row["fid_to_fp_per_seed"] if f is not None]
-        if fids:
-            row["fid_to_fp"] = {"mean": float(np.mean(fids)), "min": float(min(fids)), "max": float(max(fids)),
-                                "std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0}
+        row["fid_to_real_per_seed"] = [r.get("fid_to_real") for r in per_seed]
+        for key in ("fid_to_fp", "fid_to_real"):  # set statistics: their spread over the seeds
+            fids = [f for f in row[f"{key}_per_seed"] if f is not None]
+            if fids:
+                row[key] = {"mean": float(np.mean(fids)), "min": float(min(fids)), "max": float(max(fids)),
+                            "std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0}
         rows[label] = row
     comparisons, beats, unmatched = [], {}, {}
     for f in fabs:
@@ -176,7 +181,8 @@ def summarize(runs: list[dict], methods: dict, fabs: list[float], a) -> dict:
         unmatched.update({f"{f:g}": gap} if abs(gap) > FAB_TOLERANCE else {})
     split = runs[0]["splits"][0]
     return {"model": a.model, "base": {"method": a.method, "w_bits": a.w_bits, "bit_options": a.bit_options},
-            "steps": a.steps, "seeds": a.seeds, "n_prompts": split["n_prompts"], "prompt_source": split["source"],
+            "t2q": a.t2q, "real_images": a.real_images, "steps": a.steps, "seeds": a.seeds,
+            "n_prompts": split["n_prompts"], "prompt_source": split["source"],
             "eval_batch": a.batch_size, "q2b": {"n": a.q2b_n, "epochs": a.q2b_epochs},
             "criterion": "QLIP beats the text-blind control at a FAB when its per-image PSNR to FP is higher, "
                          "Wilcoxon p < 0.05 (per-prompt means, prompts pooled over seeds), at achieved FABs within "

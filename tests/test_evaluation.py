@@ -584,3 +584,19 @@ def test_clip_score_prefers_matched_captions():
     matched.update(x, prompts)
     shuffled.update(x, prompts[1:] + prompts[:1])
     assert float(matched.compute()) > float(shuffled.compute())
+
+
+def test_world_real_images_are_renders_of_the_test_split(tmp_path):
+    """--real-images world:N renders N test-split scenes once (a rerun reuses them) at the given size."""
+    from data.images import list_images, load_square
+    from data.world import render_split
+    from pipeline.evaluation.real_images import world_real_images
+
+    folder = world_real_images("world:5", tmp_path, 32)
+    files = list_images(folder)
+    assert len(files) == 5
+    assert np.array_equal(load_square(files[3], 32), render_split("test", 5, resolution=32)[0][3])
+    stamp = files[0].stat().st_mtime_ns
+    assert world_real_images("world:5", tmp_path, 32) == folder and files[0].stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="world:N"):
+        world_real_images("world:many", tmp_path)

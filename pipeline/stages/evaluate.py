@@ -16,6 +16,7 @@ from data.prompts import parse_fractions
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import FLAG_RANGES, StageConfig, check_flags
 from pipeline.evaluation.plan import AUTO, plan_evaluation
+from pipeline.evaluation.real_images import world_real_images
 from pipeline.evaluation.report import write_results
 from pipeline.evaluation.runner import run_evaluation, validate
 from pipeline.evaluation.settings import EvalSettings
@@ -74,15 +75,18 @@ class EvaluateConfig(StageConfig):
     lpips: bool = True
     """LPIPS to FP where its weights are on disk"""
     real_images: str | None = None
-    """folder of real images (FID to real)"""
+    """folder of real images (FID to real), or world[:N]: N renders (default 1000) of the embedded world's test
+    split, written once under <run-dir>/real_images"""
     grid_n: int = 8
     """images per split in each method's grid"""
 
 
 def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
     check_flags(cfg)  # before anything loads or is written
-    settings = EvalSettings(fid=cfg.fid, sfid=cfg.sfid, lpips=cfg.lpips, real_images=cfg.real_images,
-                            grid_n=cfg.grid_n)
+    real = cfg.real_images
+    if real and (real == "world" or real.startswith("world:")):  # the world's renders are its real images
+        real = str(world_real_images(real, Path(cfg.run_dir) / "real_images", cfg.resolution or 32))
+    settings = EvalSettings(fid=cfg.fid, sfid=cfg.sfid, lpips=cfg.lpips, real_images=real, grid_n=cfg.grid_n)
     plan = plan_evaluation(cfg.model, cfg.quant_states, cfg.labels, cfg.in_domain, cfg.generalization, cfg.n,
                            cfg.images_per_prompt, cfg.seed, settings, cfg.fid_dims, cfg.sfid_grid, cfg.clip,
                            parse_fractions(cfg.split_fractions), cfg.prompt_seed, cfg.baseline)
