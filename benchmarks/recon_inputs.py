@@ -7,6 +7,7 @@ held-out UNet call. Those are paired (the same call for both), so the table give
 with a 95% bootstrap interval, and which way it fell.
 
     python benchmarks/recon_inputs.py                       # embedded world, W4A8, 300 AdaRound iterations
+    python benchmarks/recon_inputs.py --iters-w 100 --iters-a 20   # what results/recon_inputs.json holds
     python benchmarks/recon_inputs.py --model tiny-random --iters-w 10 --iters-a 5   # smoke"""
 from __future__ import annotations
 

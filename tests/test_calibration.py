@@ -146,8 +146,9 @@ def test_time_aware_lsq_trains_each_calibrated_step_and_shares_it_with_the_neare
 
 
 def test_resume_after_interruption_gives_the_same_state(cali_dir, tmp_path, monkeypatch):
+    """FP inputs' single pass (the quantized inputs' two passes resume in the test after next)."""
     data = CalibrationData(cali_dir)
-    kw = dict(iters_w=4, iters_a=2, seed=3)
+    kw = dict(iters_w=4, iters_a=2, seed=3, recon_inputs="fp")
     full = tiny_pipeline(0).unet
     quantize_unet(full, qcfg())
     calibrate_qdiff(full, data, tmp_path / "full", **kw)

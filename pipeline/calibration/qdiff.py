@@ -274,12 +274,12 @@ def calibrate_qdiff(unet, data, partial_dir: str | Path, iters_w: int = 20000, i
                     w_lr: float = 1e-3, a_lr: float = 4e-4, trainer_kwargs: dict | None = None, seed: int = 0,
                     is_rank_zero: bool = True, signature: dict | None = None,
                     ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False,
-                    recon_inputs: str = "fp", adaround_init: str = "fp") -> dict:
+                    recon_inputs: str = "quantized", adaround_init: str = "fp") -> dict:
     """Reconstruct every unit of the already-wrapped `unet`; returns per-unit metrics.
 
-    `recon_inputs` "fp" (the default): each unit is fitted on the FP model's inputs; "quantized" (Q-Diffusion's
-    and BRECQ's asym): on the inputs that the units reconstructed before it produce, quantized
-    (`capture_unit_io`), in Q-Diffusion's two passes (`PASSES`). docs/calibration.md says why fp is the default.
+    `recon_inputs` "quantized" (the default, Q-Diffusion's and BRECQ's asym): each unit is fitted on the inputs
+    that the units running before it in a UNet call produce, quantized (`capture_unit_io`, `units_in_call_order`),
+    in Q-Diffusion's two passes (`PASSES`); "fp": on the FP model's inputs. docs/calibration.md has the figures.
     `adaround_init`: "fp" (AdaRound's own start) or "gptq" (GPTQ's closed-form rounding first).
 
     `signature` (the run's settings) is stored with the progress; progress made
@@ -346,10 +346,11 @@ def learn_adaround_weights(unet, data, partial_dir: str | Path, iters_w: int, w_
                            trainer_kwargs: dict | None = None) -> tuple[dict, dict]:
     """Q-Diffusion's weight phase alone (AdaRound, no LSQ) on an already-wrapped `unet`, to share its result.
 
-    The weight phase sees FP unit inputs with the unit's activation quantization off, so what it learns does
-    not depend on the activation setting: one run (the UNet wrapped at A32) serves every A-bits at these
-    W-bits. Returns the learned weight-quantizer tensors (`assign_quantizer_tensors` puts them into another
-    UNet wrapped with the same W-bits) and `calibrate_qdiff`'s per-unit metrics; resumable in `partial_dir`."""
+    The weight pass sees inputs from the upstream units with weights quantized and every activation quantizer
+    off (Q-Diffusion's first pass), so what it learns does not depend on the activation setting: one run (the
+    UNet wrapped at A32) serves every A-bits at these W-bits. Returns the learned weight-quantizer tensors
+    (`assign_quantizer_tensors` puts them into another UNet wrapped with the same W-bits) and `calibrate_qdiff`'s
+    per-unit metrics; resumable in `partial_dir`."""
     units = calibrate_qdiff(unet, data, partial_dir, iters_w, 0, w_lr=w_lr, trainer_kwargs=trainer_kwargs)
     tensors = {k: v for k, v in quantizer_state(unet).items() if ".w_quant." in k}
     return tensors, units

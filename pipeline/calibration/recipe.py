@@ -56,7 +56,7 @@ def calibrate_pipeline(pipe, qcfg: QuantConfig, method: str, prompts: list[str],
                        relax_tau: float, relax_bits: int, relax_end: str | None, cali_dir: str | Path,
                        partial_dir: str | Path, trainer: dict | None, signature: dict,
                        ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, discard_stale: bool = False,
-                       recon_inputs: str = "fp", adaround_init: str = "fp") -> tuple[dict, dict]:
+                       recon_inputs: str = "quantized", adaround_init: str = "fp") -> tuple[dict, dict]:
     """Quantize `pipe.unet` with `qcfg` and calibrate it by `method`.
 
     Returns (extra tensors for the state, e.g. PTQD's statistics; metrics).

@@ -65,9 +65,10 @@ class CalibrateConfig(StageConfig):
     """AdaRound iterations per unit (qdiff/ptqd)"""
     iters_a: int = 5000
     """activation step-size iterations per unit"""
-    recon_inputs: str = "fp"
-    """fp (each unit fitted on the FP model's inputs) | quantized (Q-Diffusion/BRECQ asym: on the inputs the
-    already-reconstructed units produce, quantized); qdiff/ptqd. docs/calibration.md has the measurements"""
+    recon_inputs: str = "quantized"
+    """quantized (Q-Diffusion/BRECQ asym, in their two passes: each unit on the inputs the units that run before
+    it produce, quantized) | fp (each unit on the FP model's inputs); qdiff/ptqd. docs/calibration.md has the
+    measurements"""
     adaround_init: str = "fp"
     """AdaRound's start: fp (the FP weights, nearest rounding) | gptq (GPTQ's closed-form rounding of each layer
     first: the same held-out error in far fewer --iters-w; docs/calibration.md#time-to-quality); qdiff/ptqd"""
