@@ -6,8 +6,10 @@
 
 Writes <run-dir>/t2q/{t2q.safetensors, t2q.json, manifest.json, logs/} and
 prints validation MSE / Pearson / Spearman next to the two baselines T2Q must
-beat (a constant, and a linear regression on prompt length), plus the
-richness table on the embedded world."""
+beat (a constant, and a linear regression on prompt length), the same on the
+train and (when the scored set has one) test split, plus the richness table on
+the embedded world. Early stopping on the val MSE (--patience) keeps the best
+val epoch's head, so the val figures are selected on: the test split's are not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
