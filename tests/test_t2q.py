@@ -321,10 +321,13 @@ def test_score_stage_refusals(tmp_path):
 @needs_world
 def test_t2q_on_the_embedded_world_beats_the_baselines(tmp_path):
     """Real targets: GIQA of the world model's FP images. The full measurement
-    (more prompts) is benchmarks/t2q_quality.py; this is a looser version. With
-    early stopping (the default) val MSE is no worse than training every epoch."""
-    main(["score", "--model", "embedded", "--limit", "360", "--split-fractions", "0.6,0.2,0.2", "--splits",
-          "train,val,test", "--n-reference", "128", "--pca-dim", "32", "--run-dir", str(tmp_path), *QUIET])
+    (more prompts) is benchmarks/t2q_quality.py; these are the settings of
+    benchmarks/results/t2q_embedded_early_stopping.json. With early stopping (the
+    default) val MSE is no worse than training every epoch (0.0284 against 0.0306)."""
+    # GIQA as published (95% PCA, 5 components) on 300 renders, as the demo scores; with 128 renders and a
+    # 32-d PCA its targets were too noisy for T2Q to beat the constant (val MSE 0.0327 against 0.0323)
+    main(["score", "--model", "embedded", "--limit", "480", "--split-fractions", "0.6,0.2,0.2", "--splits",
+          "train,val,test", "--n-reference", "300", "--run-dir", str(tmp_path), *QUIET])
     main(["t2q", "--model", "embedded", "--run-dir", str(tmp_path), "--richness", "false", *QUIET])
     main(["t2q", "--model", "embedded", "--run-dir", str(tmp_path / "all"), "--scored", str(tmp_path / "scored"),
           "--patience", "0", "--richness", "false", *QUIET])
