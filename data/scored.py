@@ -107,11 +107,12 @@ class ScoredDataModule(L.LightningDataModule):
     counted twice), so the synced metrics equal the single-process ones."""
 
     def __init__(self, scored_dir: str | Path, batch_size: int = 64, train_split: str = "train",
-                 val_split: str = "val", quantile: float = 0.01, seed: int = 0):
+                 val_split: str = "val", quantile: float = 0.01, seed: int = 0, test_split: str = "test"):
         super().__init__()
         self.scored_dir, self.batch_size, self.seed = Path(scored_dir), batch_size, seed
         self.train_split, self.val_split, self.quantile = train_split, val_split, quantile
-        self.train_set = self.val_set = self.normalizer = None
+        self.test_split = test_split
+        self.train_set = self.val_set = self.test_set = self.normalizer = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -125,13 +126,15 @@ class ScoredDataModule(L.LightningDataModule):
                                  f"score that split (--splits train,val) or pick another split")
         train = by_split[self.train_split]
         self.normalizer = Normalizer.fit([r["score_raw"] for r in train], self.quantile)
-        self.train_set, self.val_set = (
+        # the test split is optional (score it with --splits train,val,test): never trained or selected on
+        test = [r for r in rows if r["split"] == self.test_split]
+        self.train_set, self.val_set, self.test_set = (
             ScoredPrompts([r["prompt"] for r in part], self.normalizer([r["score_raw"] for r in part]))
-            for part in (train, by_split[self.val_split]))
+            for part in (train, by_split[self.val_split], test))
 
     def describe(self) -> dict:
         return {"scored": str(self.scored_dir), "n_train": len(self.train_set), "n_val": len(self.val_set),
-                "normalization": asdict(self.normalizer)}
+                "n_test": len(self.test_set), "normalization": asdict(self.normalizer)}
 
     def _world(self) -> tuple[int, int]:
         t = getattr(self, "trainer", None)

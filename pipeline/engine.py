@@ -105,12 +105,14 @@ FLAG_RANGES = {
     "ram_cap_gib": NON_NEGATIVE,  # 0: every item on disk
     # training (T2Q, Q2B)
     "epochs": COUNT, "q2b_epochs": COUNT, "plot_every": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "patience": NON_NEGATIVE,  # 0: no early stopping
+    "eval_every": NON_NEGATIVE, "eval_n": COUNT,  # q2b's paired evaluation while training; 0: off
     "dual_lr": NON_NEGATIVE, "rho": NON_NEGATIVE,  # 0 turns the integral / proportional term off
     "kappa": ANY,  # the sign says which prompts get the bits (tests/test_q2b.py trains kappa -1)
     "tau_start": POSITIVE, "tau_end": POSITIVE,
     "target_fab": ANY,  # within the bit options' range: check_target_fab, once the options are known
     # GIQA (score) and the T2Q targets
-    "gmm_components": COUNT, "pca_dim": COUNT, "knn_k": COUNT,
+    "gmm_components": COUNT, "pca_dim": COUNT, "knn_k": COUNT, "pca_variance": Range(0, 1, open_lo=True),
     "norm_quantile": Range(0, 0.5, open_hi=True),  # min-max between the q and 1 - q quantiles
     # the embedded world (pretrain)
     "n_train": COUNT, "n_val": COUNT, "clip_steps": COUNT, "vae_steps": COUNT, "unet_steps": COUNT,

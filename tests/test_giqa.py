@@ -1,6 +1,7 @@
-"""GIQA: the GMM (PCA + residual term) and KNN scores on synthetic features,
-the clear errors, and the acceptance on real photos: on coco-mini with the real
-FID Inception, the score falls monotonically with blur and with noise."""
+"""GIQA: the published GMM (PCA keeping 95% of the variance, 5 components),
+the residual variant and KNN on synthetic features, the clear errors, and the
+validation on real photos: with the real FID Inception, a reference fitted on
+some coco-mini photos, and blur and noise of *other* photos scored."""
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def test_the_residual_term_sees_what_the_subspace_misses():
     ref, basis = low_rank_reference()
     off = np.linalg.qr(np.c_[basis.T, np.random.default_rng(1).normal(size=(64, 1))])[0][:, -1]  # orthogonal
     steps = np.stack([ref[0] + t * off for t in (0.0, 0.2, 0.5, 1.0)])
-    with_res = GMMGIQA(1, pca_dim=6).fit(ref).score(steps)
+    with_res = GMMGIQA(1, pca_dim=6, residual=True).fit(ref).score(steps)
     assert np.all(np.diff(with_res) < 0)
     without = GMMGIQA(1, pca_dim=6, residual=False).fit(ref).score(steps)
     assert np.ptp(without) < 1e-3 * np.ptp(with_res)  # projected away: blind to it (why the residual exists)
@@ -66,69 +67,85 @@ def test_world_tools_use_this_implementation():
     assert "from pipeline.metrics.giqa import GMMGIQA" in open(text).read()
 
 
+def test_the_published_pca_keeps_95_percent_of_the_variance_as_sklearn_does():
+    from sklearn.decomposition import PCA
+
+    ref, _ = low_rank_reference(n=300, dim=40, rank=8)
+    ref = ref * np.linspace(0.5, 2.0, 40)  # unequal axes: the 95% cut falls inside the spectrum
+    giqa = make_giqa("gmm").fit(ref)
+    assert giqa.describe()["n_components"] == 5 and giqa.describe()["pca_variance"] == 0.95
+    assert giqa.pca_dim_used == PCA(0.95, svd_solver="full").fit(ref).n_components_
+    assert giqa.explained_variance >= 0.95
+    fewer = GMMGIQA(pca_dim=giqa.pca_dim_used - 1, pca_variance=None).fit(ref)
+    assert fewer.explained_variance < 0.95  # the fewest axes that reach it
+
+
+def test_the_published_score_is_the_log_likelihood_in_pca_space():
+    """Reference computed another way: sklearn's PCA, then a 5-component full-covariance mixture on its output."""
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    ref, _ = low_rank_reference(n=300, dim=40, rank=8)
+    query = ref[:20] * 1.5 + 0.1
+    pca = PCA(0.95, svd_solver="full").fit(ref)
+    gmm = GaussianMixture(5, covariance_type="full", reg_covar=1e-4, random_state=0).fit(pca.transform(ref))
+    want = gmm.score_samples(pca.transform(query))
+    # the mixture's k-means start sees sign-flipped axes here and there: same density up to EM's tolerance
+    np.testing.assert_allclose(make_giqa("gmm").fit(ref).score(query), want, rtol=0.02, atol=0.5)
+
+
+def test_the_residual_variant_and_old_descriptions_rebuild():
+    from pipeline.metrics.giqa import from_description
+
+    ref, _ = low_rank_reference(n=60)
+    res = make_giqa("gmm-residual", n_components=2).fit(ref)
+    assert res.residual and res.describe()["method"] == "gmm-residual"
+    again = from_description(res.describe()).fit(ref)
+    np.testing.assert_allclose(again.score(ref[:5]), res.score(ref[:5]))
+    # a scored set written before issue 18: 64 PCA dims, residual on (not recorded then), no pca_variance key
+    old = from_description({"method": "gmm", "n_components": 2, "pca_dim": 64, "reg_covar": 1e-4, "seed": 0})
+    assert old.residual and old.pca_dim == 64 and old.pca_variance is None
+    with pytest.raises(ValueError, match="--pca-variance 1.5 must be in \\(0, 1\\]"):
+        make_giqa("gmm", pca_variance=1.5)
+
+
 # ---------------------------------------------------------------------------
-# acceptance: real photos, real Inception
+# validation: real photos, real Inception, a reference that does not hold them
 # ---------------------------------------------------------------------------
-BLUR_SIGMAS = (0, 1, 2, 4)
-NOISE_STDS = (0, 8, 16, 32)  # on the 0..255 scale
-
-
-def degraded_features(folder, side=299):
-    """Inception pool features of every photo at each blur sigma and noise std.
-
-    The degradation is applied to the original photo (sigma in its pixels),
-    which then reaches the Inception like any real image: centre crop, resize."""
-    import torch
-    from PIL import Image, ImageFilter
-
+@pytest.fixture(scope="module")
+def coco_features(shared_data):
+    torch = pytest.importorskip("torch")
     from data.images import list_images
-    from pipeline.metrics.inception import shared_backbone
+    from pipeline.metrics.giqa_validation import distortion_features
 
-    def square(im):
-        w, h = im.size
-        s = min(w, h)
-        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-        return np.asarray(im.crop(box).resize((side, side), Image.BICUBIC))
-
-    photos = [Image.open(f).convert("RGB") for f in list_images(folder)]
-    g = np.random.default_rng(0)
-    variants = {("blur", s): [square(p.filter(ImageFilter.GaussianBlur(s)) if s else p) for p in photos]
-                for s in BLUR_SIGMAS}
-    def noisy(p, std):
-        x = np.asarray(p).astype(np.float64)
-        return Image.fromarray(np.clip(x + g.normal(0, std, x.shape), 0, 255).round().astype(np.uint8))
-
-    for std in NOISE_STDS[1:]:
-        variants[("noise", std)] = [square(noisy(p, std)) for p in photos]
-    variants[("noise", 0)] = variants[("blur", 0)]
-    backbone = shared_backbone()
-    feats = {}
-    for key, imgs in variants.items():
-        if key == ("noise", 0):
-            continue
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-        feats[key] = torch.cat([backbone(x[i:i + 16]) for i in range(0, len(x), 16)]).double().numpy()
-    feats[("noise", 0)] = feats[("blur", 0)]
-    return feats
+    torch.set_num_threads(2)
+    return distortion_features(list_images(shared_data / "coco-mini" / "images"))
 
 
 @pytest.mark.slow
-def test_giqa_falls_monotonically_with_blur_and_noise_on_real_photos(shared_data):
-    """Reference = the 32 clean coco-mini photos. With 32 images no model of
-    natural-image features generalizes to an unseen photo (leave-one-out GIQA
-    ranks degradations of a held-out photo correctly for only ~40% of them:
-    blur erases what is distinctive and moves features towards the mean of
-    the others), so the density is fitted to all clean photos, as one would
-    fit GIQA to a model's real training set: one full-covariance Gaussian
-    (32 photos support no more components) in the largest PCA space whose
-    residual variance is still estimated from data (n - 2 = 30 dims)."""
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(2)
-    feats = degraded_features(shared_data / "coco-mini" / "images")
-    giqa = GMMGIQA(n_components=1, pca_dim=64).fit(feats[("blur", 0)])
-    assert giqa.pca_dim_used == 30
-    for kind, levels in (("blur", BLUR_SIGMAS), ("noise", NOISE_STDS)):
-        scores = np.stack([giqa.score(feats[(kind, v)]) for v in levels])  # [levels, photos]
-        monotone = np.all(np.diff(scores, axis=0) < 0, axis=0).mean()
-        print(f"GIQA falls monotonically with {kind} {levels} for {monotone:.0%} of {scores.shape[1]} photos")
-        assert scores.shape[1] == 32 and monotone >= 0.9
+def test_giqa_on_held_out_photos(coco_features):
+    """Fit on 16 coco-mini photos, score blur and noise of the other 16 (and the other way round). The figures
+    (benchmarks/results/giqa_validation.json, benchmarks/giqa_validation.py) are recomputed and the bounds
+    below are what they support: with 16 reference photos the published 5-component mixture in its ~13-d PCA
+    space orders degradations of unseen photos barely better than chance (monotone for 3/32 and 6/32 photos,
+    pairwise 54%), while fitted on the photos it scores it looks excellent (84% / 97% monotone): the old
+    in-sample check said nothing about unseen images. KNN-GIQA, the paper's alternative, generalizes better."""
+    import json
+    from pathlib import Path
+
+    from pipeline.metrics.giqa_validation import validate
+
+    published = validate(lambda: make_giqa("gmm"), coco_features)
+    knn = validate(lambda: make_giqa("knn"), coco_features)
+    for kind in ("blur", "noise"):
+        held, fitted = published["halves"][kind], published["in_sample"][kind]
+        print(f"{kind}: published GMM held out {held}, in sample {fitted}; KNN held out {knn['halves'][kind]}")
+        assert held["n_photos"] == 32 and held["monotone_fraction"] > 1 / 24 and held["pairwise_fraction"] > 0.5
+        assert fitted["monotone_fraction"] >= 0.8
+        assert knn["halves"][kind]["monotone_fraction"] >= 0.25 and knn["halves"][kind]["pairwise_fraction"] >= 0.6
+    recorded = json.loads((Path(__file__).parent.parent / "benchmarks/results/giqa_validation.json").read_text())
+    row = recorded["variants"]["gmm (published: PCA 95%, 5 components)"]
+    assert row["describe"] == published["describe"]
+    for split in ("halves", "leave_one_out", "in_sample"):
+        for kind in ("blur", "noise"):
+            assert row[split][kind] == pytest.approx(published[split][kind], abs=1e-9)

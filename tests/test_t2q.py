@@ -13,7 +13,7 @@ import torch
 from data.scored import MissingImagesError, Normalizer, ScoredDataModule, read_scored, write_scored
 from pipeline.fit import main
 from pipeline.models import EMBEDDED_DIR
-from pipeline.qlip.t2q import T2QCheckpointError, T2QModule, load_t2q, load_text_tower, save_t2q
+from pipeline.qlip.t2q import T2QCheckpointError, T2QModule, load_t2q, load_text_tower, save_t2q, t2q_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_world = pytest.mark.skipif(not (EMBEDDED_DIR / "clip" / "config.json").is_file(),
@@ -34,7 +34,7 @@ def tower():
     return load_text_tower("embedded")
 
 
-def synthetic_scored(path: Path, n: int = 360, seed: int = 0) -> Path:
+def synthetic_scored(path: Path, n: int = 360, seed: int = 0, fractions=(0.7, 0.3, 0.0)) -> Path:
     """A scored set whose quality is a known function of what the caption says
     (warm colours and round-ish shapes score high, crowded scenes low; not
     its length), plus noise, with 1-pixel stand-in images."""
@@ -44,11 +44,11 @@ def synthetic_scored(path: Path, n: int = 360, seed: int = 0) -> Path:
     from data.world import parse_caption
 
     prompts, _ = normalize(read_source("world", n_world=n, seed=seed))
-    splits = assign_splits(prompts, (0.7, 0.3, 0.0))
+    splits = assign_splits(prompts, fractions)
     g = np.random.default_rng(seed)
     (path / "images").mkdir(parents=True)
     rows = []
-    for split in ("train", "val"):
+    for split in ("train", "val", "test")[:3 if fractions[2] else 2]:
         for i, p in enumerate(splits[split]):
             objects = parse_caption(p)["objects"]
             warm = any(o.get("colour") in ("red", "orange", "yellow") for o in objects)
@@ -171,6 +171,38 @@ def test_t2q_stage_learns_a_text_determined_quality(tmp_path, capsys):
         main(["t2q", "--model", "embedded", "--run-dir", str(tmp_path), "--epochs", "1", *QUIET])
 
 
+@needs_world
+def test_early_stopping_keeps_the_best_val_epoch(tmp_path):
+    """A small train split and a high learning rate overfit within a few epochs: the stage stops `patience`
+    epochs after the best val MSE, keeps that epoch's head (its val MSE, recomputed from the saved T2Q, is the
+    history's minimum), and reports train/val/test MSE next to the baselines on each split."""
+    synthetic_scored(tmp_path / "scored", n=200, fractions=(0.4, 0.3, 0.3))
+    args = ["t2q", "--model", "embedded", "--epochs", "40", "--lr", "0.01", "--batch-size", "16", "--richness",
+            "false", *QUIET]
+    main(args + ["--run-dir", str(tmp_path), "--patience", "3"])
+    m = json.loads((tmp_path / "t2q" / "manifest.json").read_text())["metrics"]
+    hist, es = m["history"], m["early_stopping"]
+    val_curve = [h["val_mse"] for h in hist]
+    assert es["best_epoch"] == int(np.argmin(val_curve)) and es["best_val_mse"] == min(val_curve)
+    assert es["epochs_run"] == len(hist) == es["best_epoch"] + 4 < 40  # stopped 3 epochs after the best
+    assert m["val"]["mse"] == pytest.approx(es["best_val_mse"], rel=1e-4)  # the saved head is the best epoch's
+    dm = ScoredDataModule(tmp_path / "scored")
+    dm.setup()
+    again = load_t2q(tmp_path / "t2q")
+    assert t2q_metrics(again, dm.val_set.prompts, dm.val_set.targets)["mse"] == pytest.approx(m["val"]["mse"], rel=1e-4)
+    assert set(m) >= {"train", "val", "test"} and set(m["baselines_by_split"]) == {"train", "val", "test"}
+    assert m["baselines_by_split"]["val"] == m["baselines"]  # the old keys still hold the val figures
+    constant = float(((dm.test_set.targets - dm.train_set.targets.mean()) ** 2).mean())
+    assert m["baselines_by_split"]["test"]["constant_mse"] == pytest.approx(constant, rel=1e-5)
+    # without early stopping every epoch runs and the last head is kept: its val MSE is no better
+    main(args + ["--run-dir", str(tmp_path / "all"), "--scored", str(tmp_path / "scored"), "--patience", "0"])
+    full = json.loads((tmp_path / "all" / "t2q" / "manifest.json").read_text())["metrics"]
+    assert full["early_stopping"] is None and len(full["history"]) == 40
+    assert m["val"]["mse"] <= full["val"]["mse"]
+    print(f"val MSE: early stopping {m['val']['mse']:.4f} (epoch {es['best_epoch']}), all 40 epochs "
+          f"{full['val']['mse']:.4f}; test {m['test']['mse']:.4f} vs {full['test']['mse']:.4f}")
+
+
 # ---------------------------------------------------------------------------
 # the score stage
 # ---------------------------------------------------------------------------
@@ -289,16 +321,26 @@ def test_score_stage_refusals(tmp_path):
 @needs_world
 def test_t2q_on_the_embedded_world_beats_the_baselines(tmp_path):
     """Real targets: GIQA of the world model's FP images. The full measurement
-    (more prompts) is benchmarks/t2q_quality.py; this is a looser version."""
-    main(["score", "--model", "embedded", "--limit", "360", "--split-fractions", "0.7,0.3,0", "--n-reference", "128",
-          "--pca-dim", "32", "--run-dir", str(tmp_path), *QUIET])
+    (more prompts) is benchmarks/t2q_quality.py; these are the settings of
+    benchmarks/results/t2q_embedded_early_stopping.json. With early stopping (the
+    default) val MSE is no worse than training every epoch (0.0284 against 0.0306)."""
+    # GIQA as published (95% PCA, 5 components) on 300 renders, as the demo scores; with 128 renders and a
+    # 32-d PCA its targets were too noisy for T2Q to beat the constant (val MSE 0.0327 against 0.0323)
+    main(["score", "--model", "embedded", "--limit", "480", "--split-fractions", "0.6,0.2,0.2", "--splits",
+          "train,val,test", "--n-reference", "300", "--run-dir", str(tmp_path), *QUIET])
     main(["t2q", "--model", "embedded", "--run-dir", str(tmp_path), "--richness", "false", *QUIET])
+    main(["t2q", "--model", "embedded", "--run-dir", str(tmp_path / "all"), "--scored", str(tmp_path / "scored"),
+          "--patience", "0", "--richness", "false", *QUIET])
     m = json.loads((tmp_path / "t2q" / "manifest.json").read_text())["metrics"]
+    plain = json.loads((tmp_path / "all" / "t2q" / "manifest.json").read_text())["metrics"]
     val, base = m["val"], m["baselines"]
-    print(f"T2Q val MSE {val['mse']:.4f} vs constant {base['constant_mse']:.4f} vs length {base['length_mse']:.4f}; "
-          f"Spearman {val['spearman']:.3f}")
+    print(f"T2Q val MSE {val['mse']:.4f} (all epochs {plain['val']['mse']:.4f}) vs constant "
+          f"{base['constant_mse']:.4f} vs length {base['length_mse']:.4f}; Spearman {val['spearman']:.3f}; test MSE "
+          f"{m['test']['mse']:.4f} (all epochs {plain['test']['mse']:.4f}, constant "
+          f"{m['baselines_by_split']['test']['constant_mse']:.4f})")
     assert val["mse"] < base["constant_mse"] and val["mse"] < base["length_mse"]
     assert val["spearman"] > 0.2
+    assert m["early_stopping"]["best_epoch"] < m["early_stopping"]["epochs_run"] and val["mse"] <= plain["val"]["mse"]
 
 
 @pytest.mark.slow

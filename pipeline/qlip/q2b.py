@@ -196,13 +196,19 @@ def follow_link(q2b_dir: str | Path, recorded: str | None) -> str | None:
     return str(Path(recorded) if Path(recorded).is_absolute() else Path(q2b_dir) / recorded)
 
 
+@torch.no_grad()
+def to_stored_precision(module: Q2BModule) -> Q2BModule:
+    """Round the module's parameters to fp16 in place (the stored form), so it decides as its saved copy will."""
+    for p in module.parameters():
+        p.copy_(p.half().float())
+    return module
+
+
 def save_q2b(module: Q2BModule, path: str | Path, extra: dict | None = None) -> Path:
     """Write q2b.safetensors (fp16 tables) + q2b.json into folder `path`. The
     module's parameters are rounded to fp16 in place first, so the module in
     memory decides exactly as the stored one will."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(p.half().float())
+    to_stored_precision(module)
     tensors = {k: v.detach() for k, v in module.state_dict().items()}
     tensors = {k: v.half() if k in dict(module.named_parameters()) else v for k, v in tensors.items()}
     meta = {"bit_options": module.bit_options, "n_steps": module.n_steps, "layers": module.layers,

@@ -60,13 +60,15 @@ def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, promp
                        target_fab: float, epochs: int, seed: int, trainer: dict | None,
                        callbacks: Callable[[torch.Tensor], list] | None = None,
                        ram_cap_gib: float | None = DEFAULT_RAM_CAP_GIB, spill_dir: str | Path | None = None,
-                       **hparams):
+                       before_quantize: Callable[[object], None] | None = None, **hparams):
     """Steps 1 and 2 on the FP `pipe` (quantized in place). Returns (q2b, training module, q_train, q_val, fab_w).
 
     `callbacks(q_train)` makes the Lightning callbacks of the Q2B Trainer (the stage attaches them).
     The training items stay in RAM up to `ram_cap_gib` (None: no cap); the rest go to disk shards in
     `spill_dir`/rank<r> (default: next to `cali_dir`), deleted after training. Under DDP each process
-    builds and holds only its own share of them. The cap does not change the result."""
+    builds and holds only its own share of them. The cap does not change the result.
+    `before_quantize(pipe)` runs on the FP pipeline just before the state is loaded (e.g. the paired
+    evaluation's FP images, pipeline/qlip/monitor.py)."""
     cap = ram_cap_bytes(ram_cap_gib)
     check_own_sampler(pipe, "q2b")
     q_train = source.predict(prompts).float().cpu()
@@ -87,6 +89,8 @@ def train_q2b_on_state(pipe, quant_state: str, options: list[int], source, promp
         # FP targets: before the state is loaded
         items = training_items(pipe.unet, data, q_train, device, store=store, share=share)
 
+    if before_quantize is not None:
+        before_quantize(pipe)
     quantize_pipeline(pipe, quant_state)
     layers = list(quant_layers(pipe.unet))
     # a constant quality (text-blind) has no spread to standardize by: z is 0 for every prompt either way

@@ -93,9 +93,17 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
 # ---------------------------------------------------------------------------
 class T2QModule(L.LightningModule):
     def __init__(self, tower: TextTower, hidden: int = HIDDEN, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 warmup_frac: float = 0.05):
+                 warmup_frac: float = 0.05, patience: int = 0):
+        """`patience` > 0: early stopping on the validation MSE. After every validation epoch the head of the
+        best epoch so far is kept (in memory); training stops after `patience` epochs without a better one,
+        and `restore_best()` puts the best head back. 0: every epoch is trained and the last head is kept."""
         super().__init__()
+        if patience < 0:
+            raise ValueError(f"--patience {patience} must be >= 0 (0: no early stopping)")
         self.save_hyperparameters(ignore=["tower"])
+        self.history: list[dict] = []  # per epoch: train and val MSE
+        self.best: dict | None = None  # {"epoch", "val_mse", "head"} of the best validation epoch
+        self._train_sq = [0.0, 0]  # this epoch's squared error sum and count
         self.text_encoder, self.tokenizer, self.source = tower.encoder.eval(), tower.tokenizer, tower.source
         self.text_encoder.requires_grad_(False)
         c_in, c_proj = tower.projection.in_features, tower.projection.out_features
@@ -177,14 +185,40 @@ class T2QModule(L.LightningModule):
     def training_step(self, batch, _):
         loss = F.mse_loss(self(self.encode(batch["prompt"])), batch["target"])
         self.log("train/mse", loss, prog_bar=True, batch_size=len(batch["target"]))
+        self._train_sq[0] += float(loss.detach()) * len(batch["target"])
+        self._train_sq[1] += len(batch["target"])
         return loss
 
     def validation_step(self, batch, _):
         self.val_metrics.update(self(self.encode(batch["prompt"])), batch["target"])
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)  # compute() syncs across processes
+        values = self.val_metrics.compute()  # compute() syncs across processes: every rank decides alike
+        self.log_dict(values, prog_bar=True)
         self.val_metrics.reset()
+        if self.trainer.sanity_checking:
+            return
+        mse = float(values["val/mse"])
+        total, n = self._train_sq
+        # the running MSE of the epoch's batches (the head moves during the epoch), this process's share
+        self.history.append({"epoch": self.current_epoch, "val_mse": mse, "train_mse": total / n if n else None})
+        self._train_sq = [0.0, 0]
+        if self.hparams.patience <= 0:
+            return
+        if self.best is None or mse < self.best["val_mse"]:
+            self.best = {"epoch": self.current_epoch, "val_mse": mse,
+                         "head": {k: v.detach().clone() for k, v in self.head.state_dict().items()}}
+        elif self.current_epoch - self.best["epoch"] >= self.hparams.patience:
+            self.trainer.should_stop = True
+
+    def restore_best(self) -> dict | None:
+        """Put the best validation epoch's head back (early stopping); returns what was selected, or None
+        without early stopping or validation."""
+        if self.best is None:
+            return None
+        self.head.load_state_dict(self.best["head"])
+        return {"best_epoch": self.best["epoch"], "best_val_mse": self.best["val_mse"],
+                "epochs_run": len(self.history), "patience": self.hparams.patience}
 
     def configure_optimizers(self):
         h = self.hparams
@@ -247,15 +281,28 @@ def token_lengths(prompts: Sequence[str], tokenizer) -> list[int]:
     return [len(ids) - 2 for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
 
 
-def baselines(train_prompts, train_y, val_prompts, val_y, tokenizer) -> dict:
-    """Validation MSE of a constant (the train mean) and of a linear regression on token length."""
-    import numpy as np
+def baselines_by_split(train_prompts, train_y, splits: dict, tokenizer) -> dict:
+    """{split: MSE of a constant (the train mean) and of a linear regression on token length, both fitted on
+    train, and the length's Spearman} for each `splits` entry name -> (prompts, targets); an empty split
+    is left out."""
+    import numpy as np  # scipy is slow to import; the stage's report alone needs it
     from scipy.stats import spearmanr
 
-    ty, vy = np.asarray(train_y, dtype=np.float64), np.asarray(val_y, dtype=np.float64)
-    tl, vl = np.asarray(token_lengths(train_prompts, tokenizer)), np.asarray(token_lengths(val_prompts, tokenizer))
+    ty = np.asarray(train_y, dtype=np.float64)
+    tl = np.asarray(token_lengths(train_prompts, tokenizer))
     slope, intercept = np.polyfit(tl, ty, 1) if np.ptp(tl) > 0 else (0.0, ty.mean())
-    pred = slope * vl + intercept
-    rho = spearmanr(vl, vy).statistic if np.ptp(vl) > 0 else float("nan")
-    return {"constant_mse": float(((vy - ty.mean()) ** 2).mean()), "length_mse": float(((vy - pred) ** 2).mean()),
-            "length_spearman": float(rho)}
+    out = {}
+    for name, (prompts, y) in splits.items():
+        if not len(prompts):
+            continue
+        y, lengths = np.asarray(y, dtype=np.float64), np.asarray(token_lengths(prompts, tokenizer))
+        rho = spearmanr(lengths, y).statistic if np.ptp(lengths) > 0 and np.ptp(y) > 0 else float("nan")
+        out[name] = {"constant_mse": float(((y - ty.mean()) ** 2).mean()),
+                     "length_mse": float(((y - (slope * lengths + intercept)) ** 2).mean()),
+                     "length_spearman": float(rho)}
+    return out
+
+
+def baselines(train_prompts, train_y, val_prompts, val_y, tokenizer) -> dict:
+    """Validation MSE of a constant (the train mean) and of a linear regression on token length."""
+    return baselines_by_split(train_prompts, train_y, {"val": (val_prompts, val_y)}, tokenizer)["val"]

@@ -10,6 +10,7 @@ epoch to <run-dir>/q2b_progress: a rerun after a kill resumes from it (docs/reli
 See docs/q2b.md."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import shutil
 import time
@@ -19,11 +20,13 @@ from pathlib import Path
 import lightning as L
 
 from callbacks.bit_allocation import BitAllocationCallback
+from callbacks.evaluation import PairedEvaluationCallback
 from data.prompts import draw_prompts, parse_fractions
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, refuse_existing_results, write_manifest
 from pipeline.engine import StageConfig, check_flags, stage_device
 from pipeline.errors import UserError
 from pipeline.models import load_pipeline, sampling_defaults
+from pipeline.qlip.monitor import PairedValidation
 from pipeline.qlip.q2b import relative_link, save_q2b
 from pipeline.qlip.recipe import measure_q2b, q2b_options, train_q2b_on_state
 from pipeline.qlip.scoring import check_same_sampler, t2q_sampler
@@ -31,6 +34,8 @@ from pipeline.qlip.sources import quality_source
 from pipeline.qlip.t2q import T2Q_FORMAT
 from pipeline.quant.state import check_same_model, read_meta
 from pipeline.shards import DEFAULT_RAM_CAP_GIB, process_share
+
+EVAL_MONITORS = ("psnr", "ssim")  # paired quality to FP, higher is better
 
 
 @dataclass
@@ -89,12 +94,25 @@ class Q2BConfig(StageConfig):
     ram_cap_gib: float = DEFAULT_RAM_CAP_GIB
     """GiB of training items (prompt batches with FP targets) kept in RAM; the rest go to disk shards in
     <run-dir>/q2b_items (same result, slower)"""
+    eval_every: int = 0
+    """epochs between paired evaluations while training (0: off): the first --eval-n val prompts generated with
+    the current Q2B, PSNR/SSIM to their FP images with 95% intervals and FAB, logged and written to
+    <run-dir>/q2b/evaluation/evaluation.json; the best checkpoint by --eval-monitor goes to evaluation/best"""
+    eval_n: int = 8
+    """val prompts of the paired evaluation (--eval-every)"""
+    eval_monitor: str = "psnr"
+    """what the evaluation's best checkpoint is chosen by: psnr | ssim (higher is better)"""
 
 
 def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
     check_flags(cfg)  # before anything loads or is written
     if not cfg.quant_state:
         raise UserError("--quant-state is required: a calibrate output folder such as runs/x/quant")
+    if cfg.eval_every and not cfg.val_n:
+        raise UserError(f"--eval-every {cfg.eval_every} evaluates on val prompts, but --val-n is 0; pass --val-n "
+                        f"(e.g. 64) or --eval-every 0")
+    if cfg.eval_monitor not in EVAL_MONITORS:
+        raise ValueError(f"--eval-monitor {cfg.eval_monitor!r}: choose one of {EVAL_MONITORS}")
     refuse_existing_results(Path(cfg.run_dir) / ARTIFACTS["q2b"], cfg.overwrite or cfg.fresh)  # before the model loads
     meta = read_meta(cfg.quant_state, "--quant-state")
     options = q2b_options(meta, cfg.quant_state, cfg.bit_options, cfg.criterion, cfg.t2q, cfg.relax, cfg.target_fab)
@@ -129,29 +147,42 @@ def q2b(cfg: Q2BConfig, trainer: dict | None = None) -> Path:
                  "batch_size": cfg.batch_size, "sampler": sampling.sampler(), "resolution": sampling.resolution,
                  "seed": cfg.seed, "relax": cfg.relax, "tau": [cfg.tau_start, cfg.tau_end],
                  "world_size": process_share(trainer)[1], **hparams}
+    def deployed(folder: Path) -> dict:  # what q2b.json records, so that a folder deploys on its own
+        return {"model": cfg.model, "quant_state": relative_link(cfg.quant_state, folder), "criterion": cfg.criterion,
+                "t2q": relative_link(cfg.t2q, folder), "steps": steps, "guidance": sampling.guidance,
+                "sampler": sampling.sampler(), "target_fab": cfg.target_fab,
+                "base_method": meta.get("extra", {}).get("method"), "w_bits": meta["quant_config"]["w_bits"],
+                "hparams": {**hparams, "relax": cfg.relax, "tau": [cfg.tau_start, cfg.tau_end], "epochs": cfg.epochs}}
+
+    evaluation, validation = None, None
+    if cfg.eval_every:  # paired quality to FP on fixed val prompts while training (off by default)
+        validation = PairedValidation(val[:cfg.eval_n], steps, sampling.guidance, cfg.seed)
+        evaluation = PairedEvaluationCallback(
+            lambda m: validation.measure_qlip(pipe, m.q2b, source), out / "evaluation", cfg.eval_every,
+            cfg.eval_monitor, "max",
+            save=lambda m, folder, record: save_q2b(copy.deepcopy(m.q2b).cpu(), folder,
+                                                    {**deployed(folder), "evaluation": record}))
     module, training, q_train, q_val, fab_w = train_q2b_on_state(
         pipe, cfg.quant_state, options, source, prompts, val, steps=steps, guidance=sampling.guidance,
         batch_size=cfg.batch_size, resolution=sampling.resolution,
         cali_dir=cfg.cali_data or Path(cfg.run_dir) / "q2b_data",
         target_fab=cfg.target_fab, epochs=cfg.epochs, seed=cfg.seed, trainer=trainer,
-        callbacks=lambda q: [BitAllocationCallback(q, progress_dir / "training", cfg.plot_every)],
+        callbacks=lambda q: [BitAllocationCallback(q, progress_dir / "training", cfg.plot_every)]
+        + ([evaluation] if evaluation else []),
         tau=(cfg.tau_start, cfg.tau_end), noise=cfg.relax == "gumbel", ram_cap_gib=cfg.ram_cap_gib,
-        spill_dir=Path(cfg.run_dir) / "q2b_items",
+        spill_dir=Path(cfg.run_dir) / "q2b_items", before_quantize=validation.record_fp if validation else None,
         progress={"folder": progress_dir, "signature": signature, "discard_stale": cfg.overwrite}, **hparams)
     if not training.trainer.is_global_zero:
         return out
     module = module.cpu()
     if (progress_dir / "training").is_dir():  # the heatmaps drawn while training, resumed or not
         shutil.copytree(progress_dir / "training", out / "training", dirs_exist_ok=True)
-    save_q2b(module, out, {"model": cfg.model, "quant_state": relative_link(cfg.quant_state, out),
-                           "criterion": cfg.criterion, "t2q": relative_link(cfg.t2q, out), "steps": steps,
-                           "guidance": sampling.guidance, "sampler": sampling.sampler(), "target_fab": cfg.target_fab,
-                           "base_method": meta.get("extra", {}).get("method"), "w_bits": meta["quant_config"]["w_bits"],
-                           "hparams": {**hparams, "relax": cfg.relax, "tau": [cfg.tau_start, cfg.tau_end],
-                                       "epochs": cfg.epochs}})
+    save_q2b(module, out, deployed(out))
     metrics = {**measure_q2b(module, q_train, q_val, fab_w, out), "lambda": training.lam, "d_ref": training.d_ref,
                "memory_bytes": module.memory_bytes(), "q2b_seconds": time.time() - t0, "n_train": len(prompts),
                "n_val": len(val)}
+    if evaluation is not None:
+        metrics["evaluation"] = {**evaluation.summary(), "split": validation.describe()}
     write_manifest(out, "q2b", cfg, metrics, history=training.history, sampling=sampling.as_dict(),
                    prompt_split={"train": train_draw.describe(), "val": val_draw.describe() if val_draw else None})
     print(f"Q2B {options} -> {out}: FAB train {metrics['fab_train']:.2f} (target {cfg.target_fab}), "

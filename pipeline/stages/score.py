@@ -53,11 +53,15 @@ class ScoreConfig(StageConfig):
     n_reference: int | None = 1000
     """reference images (world renders; a folder's first N, None = all)"""
     giqa: str = "gmm"
-    """gmm | knn"""
-    gmm_components: int = 4
-    """GMM components"""
-    pca_dim: int | None = 64
-    """PCA before the GMM (None = none)"""
+    """gmm (as published: log-likelihood under a full-covariance GMM in the PCA space keeping --pca-variance) |
+    knn (the paper's alternative) | gmm-residual (a variant: adds the discarded dimensions as an isotropic
+    Gaussian; pipeline/metrics/giqa.py says why)"""
+    gmm_components: int = 5
+    """GMM components (5 as published)"""
+    pca_dim: int | None = None
+    """PCA dimensions before the GMM (None: as many as keep --pca-variance of the reference's variance)"""
+    pca_variance: float = 0.95
+    """fraction of the reference's variance the PCA keeps when --pca-dim is None (0.95 as published)"""
     knn_k: int = 5
     """neighbours of KNN-GIQA"""
     norm_quantile: float = 0.01
@@ -69,7 +73,8 @@ class ScoreConfig(StageConfig):
 def score(cfg: ScoreConfig, trainer: dict | None = None) -> Path:
     check_flags(cfg)  # before anything loads or is written
     t0 = time.time()
-    giqa = make_giqa(cfg.giqa, cfg.gmm_components, cfg.pca_dim, cfg.knn_k, cfg.seed)  # validates early
+    giqa = make_giqa(cfg.giqa, cfg.gmm_components, cfg.pca_dim, cfg.knn_k, cfg.seed,
+                     pca_variance=cfg.pca_variance)  # validates early
     reference = scoring.resolve_reference(cfg.reference, cfg.model)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     fractions = parse_fractions(cfg.split_fractions)

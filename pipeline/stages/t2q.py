@@ -6,8 +6,10 @@
 
 Writes <run-dir>/t2q/{t2q.safetensors, t2q.json, manifest.json, logs/} and
 prints validation MSE / Pearson / Spearman next to the two baselines T2Q must
-beat (a constant, and a linear regression on prompt length), plus the
-richness table on the embedded world."""
+beat (a constant, and a linear regression on prompt length), the same on the
+train and (when the scored set has one) test split, plus the richness table on
+the embedded world. Early stopping on the val MSE (--patience) keeps the best
+val epoch's head, so the val figures are selected on: the test split's are not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig, check_flags, is_global_zero, make_trainer, stage_device
 from pipeline.models import EMBEDDED
 from pipeline.qlip.scoring import scored_sampler
-from pipeline.qlip.t2q import T2QModule, baselines, load_t2q, load_text_tower, save_t2q, t2q_metrics
+from pipeline.qlip.t2q import T2QModule, baselines, baselines_by_split, load_t2q, load_text_tower, save_t2q, t2q_metrics
 from pipeline.world.richness import format_richness_table, richness_series, richness_table
 
 
@@ -41,7 +43,10 @@ class T2QConfig(StageConfig):
     lr: float = 1e-3
     """AdamW learning rate"""
     weight_decay: float = 1e-4
-    """AdamW weight decay"""
+    """AdamW weight decay of the head"""
+    patience: int = 10
+    """early stopping: stop after this many epochs without a lower val MSE and keep the best val epoch's head
+    (0: train every epoch and keep the last)"""
     norm_quantile: float = 0.01
     """target normalization (data/scored.py)"""
     predict: list[str] | str | None = None
@@ -76,18 +81,24 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
         prepare_artifact(cfg.run_dir, ARTIFACTS["t2q"], cfg.overwrite, cfg.fresh)
     tower = load_text_tower(cfg.model, cfg.clip)
     L.seed_everything(cfg.seed, verbose=False)  # after the tower: the head's init is what the seed fixes
-    module = T2QModule(tower, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    module = T2QModule(tower, lr=cfg.lr, weight_decay=cfg.weight_decay, patience=cfg.patience)
     fitter = make_trainer(trainer, progress=True, forced={"max_epochs": cfg.epochs},
                           defaults={"log_every_n_steps": 1, "logger": CSVLogger(str(out), name="logs", version="")})
     fitter.fit(module, datamodule=dm)
     if not fitter.is_global_zero:
         return out
+    selected = module.restore_best()  # early stopping: the best val epoch's head, not the last
     module.to(stage_device(trainer))  # the metric passes too; the Trainer's teardown left it on the CPU
-    train, val = dm.train_set, dm.val_set
-    metrics = {"val": t2q_metrics(module, val.prompts, val.targets),
-               "train": t2q_metrics(module, train.prompts, train.targets),
-               "baselines": baselines(train.prompts, train.targets, val.prompts, val.targets, module.tokenizer),
-               "memory_bytes": module.memory_bytes(), "world_size": fitter.world_size}
+    train, val, test = dm.train_set, dm.val_set, dm.test_set
+    splits = {"train": train, "val": val, "test": test}
+    metrics = {name: t2q_metrics(module, part.prompts, part.targets) for name, part in splits.items() if len(part)}
+    metrics.update(
+        baselines=baselines(train.prompts, train.targets, val.prompts, val.targets, module.tokenizer),
+        baselines_by_split=baselines_by_split(train.prompts, train.targets,
+                                              {k: (v.prompts, v.targets) for k, v in splits.items()},
+                                              module.tokenizer),
+        early_stopping=selected, history=module.history, memory_bytes=module.memory_bytes(),
+        world_size=fitter.world_size)
     table = None
     if cfg.richness and cfg.model == EMBEDDED:
         table = richness_table(module.predict, richness_series(cfg.richness_scenes, cfg.seed))
@@ -97,7 +108,13 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
                                  "sampler": scored_sampler(scored), "metrics": metrics})
     write_manifest(out, "t2q", cfg, metrics, data=dm.describe(), richness=table)
     v, b = metrics["val"], metrics["baselines"]
+    stop = f"; best val epoch {selected['best_epoch']} of {selected['epochs_run']}" if selected else ""
     print(f"T2Q on {len(val)} val prompts: MSE {v['mse']:.4f} (constant {b['constant_mse']:.4f}, "
           f"prompt-length regression {b['length_mse']:.4f}), Pearson {v['pearson']:.3f}, "
-          f"Spearman {v['spearman']:.3f}; {metrics['memory_bytes'] / 1e6:.3f} MB -> {out}")
+          f"Spearman {v['spearman']:.3f}{stop}; {metrics['memory_bytes'] / 1e6:.3f} MB -> {out}")
+    for name in ("train", "test"):
+        if name in metrics:
+            nb = metrics["baselines_by_split"][name]
+            print(f"  {name} ({len(splits[name])} prompts): MSE {metrics[name]['mse']:.4f} (constant "
+                  f"{nb['constant_mse']:.4f}, prompt-length regression {nb['length_mse']:.4f})")
     return out
