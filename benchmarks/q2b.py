@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.prompts import load_prompts  # noqa: E402
+from data.prompts import draw_prompts  # noqa: E402
 from pipeline.api import CalibrateConfig, EvaluateConfig, Q2BConfig, calibrate, evaluate, q2b  # noqa: E402
 from pipeline.plots import plot_bit_heatmaps, plot_bit_shares, plot_fab_vs_batch_size  # noqa: E402
 from pipeline.qlip.analysis import batch_size_fab, bits_overhead, q2b_bytes_at_scale, richness_fab  # noqa: E402
@@ -40,6 +40,9 @@ OPTION_SETS = {"8-16": "8,16", "8-16-32": "8,16,32", "6-8-16-32": "6,8,16,32"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
+    p.add_argument("--prompts", default="world",
+                   help="prompt source of every stage (calibration and Q2B draw its train split; evaluation "
+                        "world:val, or another source's test split): world | builtin | coco:F | parti:F | FILE")
     p.add_argument("--t2q", default=None, help="T2Q folder (python -m pipeline.fit t2q); omit: --criterion")
     p.add_argument("--criterion", default="t2q", help="quality of the main runs: t2q | length | complexity")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "q2b"))
@@ -64,8 +67,8 @@ QUIET = {"enable_progress_bar": False}
 # artifacts (each built once)
 # ---------------------------------------------------------------------------
 def ensure_states(a, work: Path) -> dict[str, Path]:
-    common = dict(model=a.model, w_bits=4, a_bits=16, a_bit_options="6,8,16,32", steps=a.steps, cali_n=16,
-                  cali_st=5, iters_w=a.iters_w, iters_a=a.iters_a)
+    common = dict(model=a.model, prompts=a.prompts, w_bits=4, a_bits=16, a_bit_options="6,8,16,32", steps=a.steps,
+                  cali_n=16, cali_st=5, iters_w=a.iters_w, iters_a=a.iters_a)
     if not (work / "qdiff" / "quant" / "quant_config.json").is_file():
         calibrate(CalibrateConfig(method="qdiff", run_dir=str(work / "qdiff"), **common), trainer=QUIET)
     if not (work / "ptqd" / "quant" / "quant_config.json").is_file():
@@ -79,7 +82,7 @@ def ensure_states(a, work: Path) -> dict[str, Path]:
 def ensure_q2b(a, work: Path, name: str, state: Path, criterion: str, options: str) -> Path:
     out = work / f"q2b_{name}"
     if not (out / "q2b" / "q2b.json").is_file():
-        q2b(Q2BConfig(model=a.model, quant_state=str(state), criterion=criterion,
+        q2b(Q2BConfig(model=a.model, prompts=a.prompts, quant_state=str(state), criterion=criterion,
                       t2q=a.t2q if criterion == "t2q" else None, bit_options=options, target_fab=a.target_fab,
                       n=a.q2b_n, epochs=a.epochs, kappa=a.kappa, cali_data=str(work / "q2b_data"),
                       run_dir=str(out), overwrite=True), trainer=QUIET)
@@ -91,7 +94,8 @@ def ensure_eval(a, work: Path, name: str, seed: int, methods: dict[str, Path]) -
     res = out / "evaluate" / "results.json"
     if not res.is_file():
         evaluate(EvaluateConfig(model=a.model, quant_states=[str(v) for v in methods.values()], labels=list(methods),
-                                in_domain="world:val", n=a.n, steps=a.steps, batch_size=a.eval_batch, seed=seed,
+                                in_domain="world:val" if a.prompts == "world" else a.prompts, n=a.n, steps=a.steps,
+                                batch_size=a.eval_batch, seed=seed,
                                 run_dir=str(out), overwrite=True),
                  trainer={"accelerator": "cpu", "devices": 1, **QUIET})
     return json.loads(res.read_text())
@@ -139,12 +143,13 @@ def main(argv=None) -> None:
     methods.update(ablations)
 
     qlip = QLIPPipeline.from_pretrained(qlips["qdiff+QLIP"], model=a.model)
-    val = load_prompts("world", limit=a.n, split="val", seed=0)
+    val = draw_prompts(a.prompts, "val", a.n).prompts
     q_val = qlip.quality_source.predict(val).float()
     fab_val = qlip.fab_of(qlip.q2b(q_val))
     res = {"args": vars(a), "methods": {k: str(v) for k, v in methods.items()},
            "spearman_q_fab": spearman(q_val, fab_val), "fab_val_batch1": float(fab_val.mean()),
-           "richness": richness_fab(qlip), "batch_size_fab": batch_size_fab(qlip, val),
+           "richness": richness_fab(qlip) if a.prompts == "world" else None,
+           "batch_size_fab": batch_size_fab(qlip, val),
            "overhead": bits_overhead(qlip, val[0], a.steps),
            "memory": {"quality_source_bytes": qlip.quality_source.memory_bytes(),
                       "q2b_bytes": qlip.q2b.memory_bytes(), "q2b_bk_sdm_tiny": q2b_bytes_at_scale()}}
@@ -191,7 +196,7 @@ def write_report(work: Path, res: dict, qlip, val, q_val) -> None:
     plot_fab_vs_batch_size(res["batch_size_fab"], work / "fab_vs_batch_size.png", baseline=16.0)
     r, n = res["rows"], res["args"]["seeds"]
     L = [f"# QLIP on `{res['args']['model']}` (quality: {res['args']['criterion']})", "",
-         f"FID/sFID to FP over {n} seeds ({res['args']['n']} world:val prompts each, eval batch "
+         f"FID/sFID to FP over {n} seeds ({res['args']['n']} {res['args']['prompts']}:val prompts each, eval batch "
          f"{res['args']['eval_batch']}); FID = mean, spread = max - min over seeds.", "",
          "| Method | Bit options | FAB | BitOPs (T) | FID | FID spread | sFID | CLIP score |",
          "|---|---|---|---|---|---|---|---|"]
@@ -220,12 +225,13 @@ def write_report(work: Path, res: dict, qlip, val, q_val) -> None:
             L.append(f"| {label} | {x['bit_options']} | {fmt(x['fab'])} | {fmt(x['fid'], 3)} | "
                      f"{fmt(x['fid_spread'], 3)} | {fmt(x['sfid'], 3)} |")
     rich = res["richness"]
-    L += ["", "## Richness (caption -> FAB, world:val scenes recaptioned at richness 0..4)", "",
-          "| Richness | mean q | mean FAB |", "|---|---|---|"]
-    L += [f"| {i} | {q:.3f} | {f:.2f} |" for i, (q, f) in enumerate(zip(rich["mean_q"], rich["mean_fab"]))]
-    L += ["", "| Caption | q | FAB |", "|---|---|---|"]
-    for ex in rich["examples"][:2]:
-        L += [f"| {c} | {q:.3f} | {f:.2f} |" for c, q, f in zip(ex["captions"], ex["q"], ex["fab"])]
+    if rich:  # the world's scenes only: other prompt sources have no richness levels
+        L += ["", "## Richness (caption -> FAB, world:val scenes recaptioned at richness 0..4)", "",
+              "| Richness | mean q | mean FAB |", "|---|---|---|"]
+        L += [f"| {i} | {q:.3f} | {f:.2f} |" for i, (q, f) in enumerate(zip(rich["mean_q"], rich["mean_fab"]))]
+        L += ["", "| Caption | q | FAB |", "|---|---|---|"]
+        for ex in rich["examples"][:2]:
+            L += [f"| {c} | {q:.3f} | {f:.2f} |" for c, q, f in zip(ex["captions"], ex["q"], ex["fab"])]
     L += ["", "## Batch size (Fig. S1: a batch runs the max bits of its prompts)", "",
           "| Batch size | " + " | ".join(map(str, res["batch_size_fab"])) + " |",
           "|---|" + "---|" * len(res["batch_size_fab"]),
