@@ -51,6 +51,9 @@ STAGES = {
                    "FP images of prompt splits + Inception features + GIQA scores (T2Q targets)"),
     "t2q": Stage("pipeline.stages.t2q", "t2q", "T2QConfig",
                  "train QLIP's T2Q (text -> predicted quality) on a scored set, or --predict"),
+    "export": Stage("pipeline.stages.export", "export", "ExportConfig",
+                    "export a calibrated state as a deployable integer UNet (packed weights, int8 kernels)",
+                    trainer=False),
     "demo": Stage("pipeline.demo", "demo", "DemoConfig",
                   "the README main job: quantize the default model, sample, report"),
 }
