@@ -13,6 +13,7 @@ from pipeline.demo import DemoConfig, demo
 from pipeline.stages.bitops import BitopsConfig, bitops
 from pipeline.stages.calibrate import CalibrateConfig, calibrate
 from pipeline.stages.evaluate import EvaluateConfig, evaluate
+from pipeline.stages.export import ExportConfig, export
 from pipeline.stages.generate import GenerateConfig, generate
 from pipeline.stages.policy import PolicyConfig, policy
 from pipeline.stages.pretrain import PretrainConfig, pretrain
@@ -20,6 +21,6 @@ from pipeline.stages.q2b import Q2BConfig, q2b
 from pipeline.stages.score import ScoreConfig, score
 from pipeline.stages.t2q import T2QConfig, t2q
 
-__all__ = ["BitopsConfig", "CalibrateConfig", "DemoConfig", "EvaluateConfig", "GenerateConfig", "PolicyConfig",
-           "PretrainConfig", "Q2BConfig", "ScoreConfig", "T2QConfig", "bitops", "calibrate", "demo", "evaluate",
-           "generate", "policy", "pretrain", "q2b", "score", "t2q"]
+__all__ = ["BitopsConfig", "CalibrateConfig", "DemoConfig", "EvaluateConfig", "ExportConfig", "GenerateConfig",
+           "PolicyConfig", "PretrainConfig", "Q2BConfig", "ScoreConfig", "T2QConfig", "bitops", "calibrate", "demo",
+           "evaluate", "export", "generate", "policy", "pretrain", "q2b", "score", "t2q"]

@@ -47,7 +47,7 @@ from pipeline.errors import RunDirError
 # stage -> the folder (inside --run-dir) its main artifact goes to
 ARTIFACTS = {
     "pretrain": "pretrain", "calibrate": "quant", "score": "scored", "t2q": "t2q", "q2b": "q2b",
-    "generate": "images", "evaluate": "evaluate", "demo": "demo",
+    "generate": "images", "evaluate": "evaluate", "export": "deploy", "demo": "demo",
     "policy": "policy",
 }
 PARTIAL = "partial"  # calibrate's resumable reconstruction progress

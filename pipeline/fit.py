@@ -54,6 +54,9 @@ STAGES = {
     "policy": Stage("pipeline.stages.policy", "policy", "PolicyConfig",
                     "a static control of QLIP at equal bits (uniform or random bits) as a quantized state",
                     trainer=False),
+    "export": Stage("pipeline.stages.export", "export", "ExportConfig",
+                    "export a calibrated state as a deployable integer UNet (packed weights, int8 kernels)",
+                    trainer=False),
     "demo": Stage("pipeline.demo", "demo", "DemoConfig",
                   "the README main job: quantize the default model, sample, report"),
 }

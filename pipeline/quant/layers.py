@@ -111,9 +111,14 @@ class ActQuantBank(nn.Module):
         (tensor-bounded clamps and per-call indexing dominate small layers)."""
         if x.is_meta:  # a shape trace of a published architecture (its quantizers are on meta too)
             return x
+        return self.codes(x, k, slot, inplace).mul_(self._inference_params()[k][slot][0])
+
+    def codes(self, x: torch.Tensor, k: int, slot: int, inplace: bool = False) -> torch.Tensor:
+        """The integer codes q - zero_point (floats) that the inference path multiplies by the scale of
+        quantizer (k, slot): what the real-kernel runtime feeds its int8 kernels (pipeline/deploy)."""
         s, lo, hi = self._inference_params()[k][slot]
         q = x.div_(s) if inplace else torch.div(x, s)
-        return q.round_().clamp_(lo, hi).mul_(s)
+        return q.round_().clamp_(lo, hi)
 
     def _inference_params(self):
         key = (_version_of(self.scale), _version_of(self.zero_point))

@@ -30,10 +30,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
         return (q - zero_point) * scale
-    # Inference: the same arithmetic in place, one allocation. With an integer
-    # zero point, clamp(round(x/s) + z, 0, qmax) - z == clamp(round(x/s), -z, qmax - z).
+    return quantize_codes(x, scale, zero_point, n_bits).mul_(scale)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """The integer codes q - zero_point (as floats) that inference's fake_quantize multiplies by the scale:
+    what pipeline/deploy packs, so that exported integers are these very values."""
+    # In place, one allocation. With an integer zero point,
+    # clamp(round(x/s) + z, 0, qmax) - z == clamp(round(x/s), -z, qmax - z).
     q = torch.div(x, scale).round_()
-    return q.clamp_(-zero_point, qmax - zero_point).mul_(scale)
+    return q.clamp_(-zero_point, 2**n_bits - 1 - zero_point)
 
 
 def scale_zero_point(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int):
@@ -177,9 +183,23 @@ class WeightQuantizer(nn.Module):
         if self.alpha is not None:
             offset = rectified_sigmoid(self.alpha)
         else:
-            offset = self.round_up.to(w.dtype)
+            return self.codes(w) * scale
         q = torch.clamp(torch.floor(w.detach() / scale) + offset + zero_point, 0, 2**self.n_bits - 1)
         return (q - zero_point) * scale
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer codes q - zero_point (floats, shaped as `w`) that the frozen forward multiplies by
+        `grid(w)[0]`: what export packs (pipeline/deploy/pack.py)."""
+        if self.n_bits == 32:
+            raise ValueError("a 32-bit weight quantizer has no integer codes (the weight stays in float)")
+        if self.alpha is not None:
+            raise ValueError("AdaRound is still learning this layer's rounding (soft alpha): finish it first")
+        scale, zero_point = self.grid(w)
+        if self.rounding == "nearest":
+            return quantize_codes(w, scale, zero_point, self.n_bits)
+        q = torch.clamp(torch.floor(w / scale) + self.round_up.to(w.dtype) + zero_point, 0, 2**self.n_bits - 1)
+        return q - zero_point
 
     def extra_repr(self) -> str:
         return f"w_bits={self.n_bits}, init={self.method}, rounding={self.rounding}" + (

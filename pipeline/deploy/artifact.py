@@ -1,0 +1,117 @@
+"""The deployable artifact (format `qlip-deploy/1`): `unet.safetensors` (the deployed UNet's whole state dict:
+packed integer weights, per-channel scales, every activation quantizer's (scale, zero point) per (option, step
+slot), biases, norms and other float parameters, PTQD's statistics as `extra.*`) plus `deploy.json` (the UNet
+config, the quantization config, each layer's weight parts, the policy), written and checksummed by
+`save_artifact`. It loads without the FP weights: `load_unet(folder)` builds the UNet from its config on the
+meta device and assigns the artifact's tensors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
+from pipeline.calibration.ptqd import apply_ptqd
+from pipeline.deploy.backends import check_backend, set_backend
+from pipeline.deploy.layer import RealQuantLayer
+from pipeline.deploy.pack import PACKED_BITS, empty_part, pack_layer
+from pipeline.quant.config import QuantConfig
+from pipeline.quant.policy import quant_layers
+from pipeline.quant.state import model_fingerprint
+from pipeline.quant.wrap import _set_module, quantize_unet
+
+DEPLOY = ArtifactFormat("qlip-deploy", 1, "unet.safetensors", "deploy.json", "deployable quantized UNet",
+                        "run the export stage: `python -m pipeline.fit export --quant-state <calibrate folder>`",
+                        required=("unet_config", "quant_config", "layers", "policy"))
+
+
+def _unet_config(unet: nn.Module) -> dict:
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(cfg, default=list))
+
+
+@torch.no_grad()
+def to_real(unet: nn.Module) -> dict[str, list]:
+    """Replace every QuantLayer of a fake-quantized UNet (in place) by a RealQuantLayer holding its integer
+    weights; each dequantized weight is checked torch.equal to the fake-quant weight. Returns the layers' parts
+    [[start, stop, bits, shape], ...] (what deploy.json records)."""
+    layout = {}
+    for name, layer in quant_layers(unet).items():
+        parts = pack_layer(layer) if layer.quant_weight else []
+        real = RealQuantLayer(layer, parts)
+        if parts and not torch.equal(real.dequantized_weight(), layer.quantized_weight()):
+            raise RuntimeError(f"{name}: the packed integers do not give back the fake-quant weight exactly")
+        real._dequantized = None  # rebuilt on the device the deployed UNet runs on
+        _set_module(unet, name, real)
+        layout[name] = [[p.start, p.stop, p.bits, list(p.shape)] for p in parts]
+    return layout
+
+
+def export_unet(unet: nn.Module, folder: str | Path, extra_tensors: dict | None = None,
+                extra: dict | None = None) -> Path:
+    """Write the deployable artifact of fake-quantized `unet` into `folder` (the UNet becomes the deployed one)."""
+    fingerprint = model_fingerprint(unet)
+    policy = {n: list(m.policy) for n, m in quant_layers(unet).items()}
+    config = unet.quant_config
+    layout = to_real(unet)
+    tensors = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v
+    meta = {"unet_config": _unet_config(unet), "quant_config": config.to_dict(), "layers": layout,
+            "policy": policy, "model": fingerprint, "extra": extra or {}}
+    return save_artifact(folder, DEPLOY, tensors, meta)
+
+
+def read_deploy_meta(folder: str | Path, flag: str | None = None) -> dict:
+    return read_artifact_meta(folder, DEPLOY, flag)
+
+
+def load_unet(folder: str | Path, backend: str = "onednn", device="cpu") -> UNet2DConditionModel:
+    """The deployed UNet of an export folder, without the FP weights:
+    `unet = pipeline.deploy.load_unet("runs/x/deploy")`; then `pipe.unet = unet` (or `attach`)."""
+    folder = Path(folder)
+    meta = read_deploy_meta(folder)
+    config = QuantConfig.from_dict(meta["quant_config"])
+    check_backend(backend, config)
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the artifact
+        unet = UNet2DConditionModel.from_config(meta["unet_config"])
+    quantize_unet(unet, config, only=list(meta["layers"]), init_weights=False)
+    for name, layer in quant_layers(unet).items():
+        parts = [empty_part(a, b, bits, shape) for a, b, bits, shape in meta["layers"][name]]
+        if any(p.bits not in PACKED_BITS for p in parts):
+            raise ValueError(f"{folder / DEPLOY.meta}: layer {name} records weight bits outside {PACKED_BITS}")
+        _set_module(unet, name, RealQuantLayer(layer, parts))
+    tensors = load_artifact_tensors(folder, DEPLOY, device=device)
+    extra = {k[len("extra."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("extra.")]}
+    try:
+        unet.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / DEPLOY.tensors} does not fit the UNet its {DEPLOY.meta} describes "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                         f"{DEPLOY.made_by} again") from e
+    for name, layer in quant_layers(unet).items():
+        layer.policy = list(meta["policy"][name])
+    unet.quant_context.step = 0
+    set_backend(unet, backend)
+    unet.deploy_extra = extra
+    return unet.eval()
+
+
+def attach(pipe, folder: str | Path, backend: str = "onednn"):
+    """Put the deployed UNet of `folder` into `pipe` (its text encoders, VAE and scheduler), in place, after
+    checking that the artifact was exported from this pipeline's UNet architecture; PTQD's correction too."""
+    meta = read_deploy_meta(folder)
+    want, have = meta["unet_config"], _unet_config(pipe.unet)
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: artifact {want.get(k)!r} vs model {have.get(k)!r}" for k in diff[:4])
+        raise ValueError(f"deployable artifact {folder} belongs to another UNet architecture ({detail}); "
+                         f"export it from this model's quantized state")
+    device = pipe.unet.device
+    pipe.unet = load_unet(folder, backend, device="cpu").to(device)
+    if "ptqd_k" in pipe.unet.deploy_extra:
+        apply_ptqd(pipe.unet, pipe.unet.deploy_extra, pipe)
+    return pipe

@@ -1,0 +1,286 @@
+"""Real low-bit inference (pipeline/deploy): the export is bit-exact, the int8 kernels' integer accumulators match
+the reference backend's, the zero-point guard holds, and a whole deployed UNet agrees with the fake-quant one."""
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.deploy import (
+    attach,
+    check_backend,
+    check_weight_zero_point,
+    export_unet,
+    load_unet,
+    make_backend,
+    pack_layer,
+    pack_nibbles,
+    to_real,
+    unpack_nibbles,
+)
+from pipeline.deploy.backends import onednn_missing, onednn_prepack
+from pipeline.deploy.layer import RealQuantLayer
+from pipeline.fit import main
+from pipeline.models import load_pipeline, tiny_pipeline
+from pipeline.quant import (
+    QuantConfig,
+    QuantContext,
+    QuantLayer,
+    act_banks,
+    observing,
+    quant_layers,
+    quantize_unet,
+    save_quantized,
+    set_bit_policy,
+)
+from pipeline.sampling import generate
+
+needs_onednn = pytest.mark.skipif(onednn_missing() is not None, reason=f"{onednn_missing()}")
+STEPS = 2
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), 500, torch.randn(2, 16, 64, generator=g)
+
+
+@pytest.fixture(scope="module")
+def fp_unet():
+    return load_pipeline("embedded").unet
+
+
+@pytest.fixture(scope="module")
+def calibrated(fp_unet):
+    """The embedded world's UNet at W4, activation options 4/8/16 (8 in force), calibrated on random inputs at
+    every step slot."""
+    unet = copy.deepcopy(fp_unet)
+    quantize_unet(unet, QuantConfig(w_bits=4, a_bits=8, a_bit_options=[4, 8, 16], n_steps=STEPS, time_aware=True))
+    with observing(unet), torch.no_grad():
+        for step in range(STEPS):
+            unet.quant_context.step = step
+            unet(*_inputs(step))
+    for bank in act_banks(unet).values():
+        bank.finalize("minmax")
+    return unet
+
+
+@pytest.fixture(scope="module")
+def exported(calibrated, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deploy") / "deploy"
+    export_unet(copy.deepcopy(calibrated), folder)
+    return folder
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# -- packing ------------------------------------------------------------------
+def test_nibbles_round_trip_odd_count():
+    q = torch.randint(0, 16, (3, 5, 3))  # 45 values: the last byte carries one
+    packed = pack_nibbles(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == 23
+    assert torch.equal(unpack_nibbles(packed, q.shape), q.to(torch.uint8))
+    assert int(packed[0]) == int(q.reshape(-1)[0]) | int(q.reshape(-1)[1]) << 4  # low nibble first
+
+
+@pytest.mark.parametrize("w_bits,rounding", [(4, "nearest"), (8, "nearest"), (4, "adaround"), (8, "adaround")])
+def test_export_is_bit_exact(fp_unet, w_bits, rounding):
+    unet = copy.deepcopy(fp_unet)
+    quantize_unet(unet, QuantConfig(w_bits=w_bits, a_bits=8, weight_rounding=rounding))
+    layers = quant_layers(unet)
+    g = torch.Generator().manual_seed(w_bits)
+    for layer in layers.values():
+        if rounding == "adaround":  # learned decisions: up where nearest would go down, and the other way
+            layer.w_quant.round_up = torch.rand(layer.weight.shape, generator=g) < 0.5
+    fake = {n: layer.quantized_weight().clone() for n, layer in layers.items()}
+    kinds = {(m.kind, tuple(m.weight.shape[2:]), getattr(m, "conv_kwargs", {}).get("stride"), m.split > 0)
+             for m in layers.values()}
+    assert {("conv", (3, 3), (2, 2), False), ("conv", (1, 1), (1, 1), True), ("conv", (3, 3), (1, 1), False),
+            ("linear", (), None, False)} <= kinds  # stride 2, 1x1, split halves, Linear all covered
+    to_real(unet)  # in memory (the artifact's round trip: test_w4_artifact_loads_without_fp_weights)
+    real = quant_layers(unet)
+    assert list(real) == list(fake) and all(isinstance(m, RealQuantLayer) for m in real.values())
+    for name, w in fake.items():
+        assert torch.equal(real[name].dequantized_weight(), w), name
+        stored = real[name].qweight0
+        assert stored.dtype == (torch.uint8 if w_bits == 4 else torch.int8)
+    split = real["up_blocks.0.resnets.0.conv_shortcut"]
+    assert len(split.parts) == 2 and split.parts[0][:2] == (0, 128)  # each half its own grid
+
+
+def test_w4_artifact_loads_without_fp_weights(fp_unet, calibrated, exported):
+    fp_bytes = sum(p.numel() * 4 for p in fp_unet.parameters())
+    size = (exported / "unet.safetensors").stat().st_size
+    # 4 bits is 0.125 of fp32; biases, norms, per-channel grids and the activation tables add the rest
+    assert size / fp_bytes < 0.15, size / fp_bytes
+    meta = json.loads((exported / "deploy.json").read_text())
+    assert meta["format"] == "qlip-deploy/1"
+    deployed = load_unet(exported, "reference")
+    assert not any(t.is_meta for t in list(deployed.parameters()) + list(deployed.buffers()))
+    for name, layer in quant_layers(deployed).items():
+        assert torch.equal(layer.dequantized_weight(), quant_layers(calibrated)[name].quantized_weight()), name
+
+
+# -- integer accumulators -----------------------------------------------------
+def _integer_layer(module: nn.Module, w_bits: int, w_zero: torch.Tensor, x_zero: float, x_scale: float):
+    """A QuantLayer with weight scale 1 (its codes are the weight's integers) and one activation quantizer."""
+    layer = QuantLayer(module, QuantConfig(w_bits=w_bits, a_bits=8), QuantContext())
+    wq = layer.w_quant
+    wq.scale = torch.ones_like(wq.scale)
+    wq.zero_point = w_zero.reshape(wq.zero_point.shape).float()
+    layer.act.scale.data.fill_(x_scale)
+    layer.act.zero_point.fill_(x_zero)
+    return layer
+
+
+def _unfold_accumulator(layer, codes_x, codes_w):
+    """sum (q_x - z_x)(q_w - z_w) in int64, through unfold + matmul (not a convolution)."""
+    if layer.kind == "linear":
+        return codes_x.long() @ codes_w.long().T
+    kw = layer.conv_kwargs
+    cols = torch.nn.functional.unfold(codes_x.double(), codes_w.shape[2:], dilation=kw["dilation"],
+                                      padding=kw["padding"], stride=kw["stride"]).long()
+    out = codes_w.reshape(codes_w.shape[0], -1).long() @ cols
+    h = (codes_x.shape[2] + 2 * kw["padding"][0] - codes_w.shape[2]) // kw["stride"][0] + 1
+    return out.reshape(codes_x.shape[0], codes_w.shape[0], h, -1)
+
+
+@needs_onednn
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("x_zero", [0, 255, 97])
+@pytest.mark.parametrize("module", ["conv3x3s2", "conv1x1", "linear"])
+def test_accumulators_match_reference(w_bits, x_zero, module):
+    torch.manual_seed(w_bits + x_zero)
+    m = {"conv3x3s2": lambda: nn.Conv2d(24, 16, 3, stride=2, padding=1), "conv1x1": lambda: nn.Conv2d(24, 16, 1),
+         "linear": lambda: nn.Linear(24, 16)}[module]()
+    qmax = 2**w_bits - 1
+    w_zero = torch.randint(0, qmax + 1, (16,)).float()
+    w_zero[0], w_zero[1] = 0, qmax  # the grid's two ends
+    with torch.no_grad():  # integers beyond the grid too: the quantizer clamps them
+        m.weight.copy_(torch.randint(-qmax - 4, qmax + 5, m.weight.shape).float())
+    layer = _integer_layer(m, w_bits, w_zero, x_zero, x_scale=0.5)
+    shape = (2, 24, 9, 9) if module != "linear" else (2, 5, 24)
+    # codes: ties x / s = n + 0.5 (half to even), and values far outside [0, 255] - z (clamped)
+    x = (torch.randint(-400, 400, shape) + 0.5 * torch.randint(0, 2, shape)) * 0.5
+    codes = layer.act.codes(x, 0, 0)
+    ties = (x / 0.5) % 1 == 0.5
+    assert torch.equal(codes[ties], torch.round(x[ties] / 0.5).clamp(-x_zero, 255 - x_zero))
+    assert codes.min() == -x_zero and codes.max() == 255 - x_zero  # both clamps reached
+    assert torch.equal(codes * 0.5, layer.act(x, 0, 0))  # the fake quantizer's own values
+    real = RealQuantLayer(layer, pack_layer(layer))
+    want = _unfold_accumulator(layer, codes, real.part(0).codes())
+    for name in ("reference", "onednn"):
+        backend = make_backend(name)
+        backend.prepare(real)
+        acc = backend.part_call(real, 0, codes.clone(), 1.0, x_zero, None)  # unit scales: the accumulator itself
+        assert torch.equal(acc.double(), want.double()), name
+
+
+@needs_onednn
+def test_weight_zero_point_guard():
+    check_weight_zero_point(torch.zeros(4, dtype=torch.long), "conv")
+    with pytest.raises(ValueError, match="zero point 3 in output channel 2 would be ignored"):
+        check_weight_zero_point(torch.tensor([0, 0, 3, 0]), "conv")
+    layer = RealQuantLayer(_integer_layer(nn.Linear(8, 4), 4, torch.zeros(4), 0, 1.0), [])
+    with pytest.raises(ValueError, match="would be ignored by the oneDNN int8 kernel"):
+        onednn_prepack(layer, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), torch.tensor([0, 1, 0, 0]))
+    # and the kernel would indeed ignore it: the same output with zero point 0 and 5
+    layer8 = RealQuantLayer(_integer_layer(nn.Linear(8, 4), 8, torch.full((4,), 128.0), 0, 1.0), [])
+    x = torch.randint(0, 255, (3, 8), dtype=torch.uint8)
+    w = torch.randint(-100, 100, (4, 8), dtype=torch.int8)
+    packed = onednn_prepack(layer8, w, torch.ones(4), torch.zeros(4, dtype=torch.long))
+    outs = [torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(4), torch.full((4,), z), None, 1.0, 0,
+                                               torch.float32, "none", [], "") for z in (0, 5)]
+    assert torch.equal(outs[0], outs[1])
+
+
+# -- the whole UNet -----------------------------------------------------------
+def _qlip_table(unet, options=(4, 8, 16)):
+    g = torch.Generator().manual_seed(0)
+    return torch.tensor(options)[torch.randint(0, len(options), (len(quant_layers(unet)), STEPS), generator=g)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["a8", "qlip"])
+def test_whole_unet_every_layer_every_step(calibrated, exported, policy):
+    """Every quantized layer of the deployed UNet, on the very input the fake-quant layer saw, at every step:
+    relative error <= 1e-5 (uniform A8, and a per-(layer, step) table over 4/8/16 bits)."""
+    fake = copy.deepcopy(calibrated)
+    real = load_unet(exported, "onednn")
+    if policy == "qlip":  # set at run time on both: the deployed UNet routes each (layer, step) call by it
+        set_bit_policy(fake, _qlip_table(fake))
+        set_bit_policy(real, _qlip_table(real))
+    real_layers = quant_layers(real)
+    seen, routes = [], {"integer": 0, "float": 0}
+    worst = 0.0
+
+    def check(name):
+        def hook(layer, args, out):
+            nonlocal worst
+            r = real_layers[name]
+            real.quant_context.step = fake.quant_context.step
+            integer = r.bit_options[r.bit_index()] <= 8
+            routes["integer" if integer else "float"] += 1
+            with torch.no_grad():
+                worst = max(worst, _rel(r(args[0].clone()), out))
+            seen.append(name)
+        return hook
+
+    for name, layer in quant_layers(fake).items():
+        layer.register_forward_hook(check(name))
+    with torch.no_grad():
+        for step in range(STEPS):
+            fake.quant_context.step = step
+            fake(*_inputs(10 + step))
+    assert len(seen) == STEPS * len(real_layers)
+    assert worst <= 1e-5, worst
+    assert routes["integer"] > 0 and (routes["float"] > 0) == (policy == "qlip")
+
+
+@needs_onednn
+def test_sampled_images_real_vs_fake(calibrated, exported):
+    """Sampling end to end: the deployed UNet's images against the fake-quant ones, per image."""
+    pipe = load_pipeline("embedded")
+    pipe.unet = copy.deepcopy(calibrated)
+    prompts = ["a red circle", "a blue star"]
+    fake = generate(pipe, prompts, steps=STEPS, progress=False).astype(float)
+    real = generate(attach(pipe, exported, "onednn"), prompts, steps=STEPS, progress=False).astype(float)
+    psnr = 10 * np.log10(255**2 / np.maximum(((fake - real) ** 2).mean(axis=(1, 2, 3)), 1e-10))
+    assert psnr.min() >= 45, psnr
+
+
+# -- bad input ----------------------------------------------------------------
+def test_corrupted_artifact_is_refused(tmp_path, exported):
+    shutil.copytree(exported, tmp_path / "deploy")
+    f = tmp_path / "deploy" / "unet.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        load_unet(tmp_path / "deploy", "reference")
+
+
+def test_artifact_of_another_architecture_is_refused(exported):
+    with pytest.raises(ValueError, match="belongs to another UNet architecture .*block_out_channels"):
+        attach(tiny_pipeline(0), exported, "reference")
+
+
+def test_export_stage_and_unavailable_kernels(tmp_path, fp_unet):
+    unet = quantize_unet(copy.deepcopy(fp_unet), QuantConfig(w_bits=8, a_bits=8, bos_aware=True))
+    save_quantized(unet, tmp_path / "bos")
+    with pytest.raises(ValueError, match="BOS-aware K/V .* no full-precision weights"):
+        main(["export", "--quant-state", str(tmp_path / "bos"), "--run-dir", str(tmp_path / "r0")])
+    assert not (tmp_path / "r0" / "deploy").exists()  # refused before anything was written
+    unet.quant_config.bos_aware = False
+    save_quantized(unet, tmp_path / "q")
+    with pytest.raises(ValueError, match="--backend gpu .* (not on this machine|not written yet)"):
+        main(["export", "--quant-state", str(tmp_path / "q"), "--run-dir", str(tmp_path / "r1"), "--backend", "gpu"])
+    out = main(["export", "--quant-state", str(tmp_path / "q"), "--run-dir", str(tmp_path / "r1")])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "export" and 0.25 < manifest["metrics"]["size_ratio"] < 0.3  # 8 of 32 bits
+    with pytest.raises(ValueError, match="12-bit weights .* no integer kernel"):
+        check_backend("onednn", QuantConfig(w_bits=12, a_bits=8))
