@@ -133,7 +133,7 @@ def test_time_aware_lsq_trains_each_calibrated_step_and_shares_it_with_the_neare
                         real_fit(u, c, items, ph, *a, **k))
     unet = tiny_pipeline(0).unet
     quantize_unet(unet, qcfg(time_aware=True))
-    calibrate_qdiff(unet, CalibrationData(cali_dir), tmp_path / "p", iters_w=2, iters_a=6)
+    calibrate_qdiff(unet, CalibrationData(cali_dir), tmp_path / "p", iters_w=2, iters_a=6, recon_inputs="fp")
     act_slots = {p.slot for ph in phases for p in ph if p.kind == "act"}
     assert act_slots == {0, 2, 5}
     for bank in act_banks(unet).values():
@@ -187,11 +187,11 @@ def test_progress_of_other_settings_is_refused(cali_dir, tmp_path):
     data = CalibrationData(cali_dir)
     u = tiny_pipeline(0).unet
     quantize_unet(u, qcfg())
-    calibrate_qdiff(u, data, tmp_path / "p", iters_w=2, iters_a=0)
+    calibrate_qdiff(u, data, tmp_path / "p", iters_w=2, iters_a=0, recon_inputs="fp")  # the mode is not the point
     v = tiny_pipeline(0).unet
     quantize_unet(v, qcfg(w_bits=3))
     with pytest.raises(FileExistsError, match="progress of other settings.*quant_config"):
-        calibrate_qdiff(v, data, tmp_path / "p", iters_w=2, iters_a=0)
+        calibrate_qdiff(v, data, tmp_path / "p", iters_w=2, iters_a=0, recon_inputs="fp")
 
 
 def test_non_finite_loss_names_block_and_step(cali_dir, tmp_path):
