@@ -47,7 +47,7 @@ from pipeline.errors import RunDirError
 # stage -> the folder (inside --run-dir) its main artifact goes to
 ARTIFACTS = {
     "pretrain": "pretrain", "calibrate": "quant", "score": "scored", "t2q": "t2q", "q2b": "q2b",
-    "generate": "images", "evaluate": "evaluate", "demo": "demo",
+    "generate": "images", "evaluate": "evaluate", "demo": "demo", "sensitivity": "sensitivity", "mixdq": "mixdq",
 }
 PARTIAL = "partial"  # calibrate's resumable reconstruction progress
 # stage -> its reusable progress inside --run-dir (docs/reliability.md): kept by --overwrite when made under the
@@ -55,6 +55,7 @@ PARTIAL = "partial"  # calibrate's resumable reconstruction progress
 PROGRESS = {
     "calibrate": (PARTIAL, "cali_data"), "score": ("prompts", "scored"),
     "q2b": ("q2b_data", "q2b_items", "q2b_progress"), "evaluate": ("evaluate_progress",),
+    "sensitivity": ("sensitivity_progress",),
 }
 
 

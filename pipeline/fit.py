@@ -51,6 +51,10 @@ STAGES = {
                    "FP images of prompt splits + Inception features + GIQA scores (T2Q targets)"),
     "t2q": Stage("pipeline.stages.t2q", "t2q", "T2QConfig",
                  "train QLIP's T2Q (text -> predicted quality) on a scored set, or --predict"),
+    "sensitivity": Stage("pipeline.stages.sensitivity", "sensitivity", "SensitivityConfig",
+                         "MixDQ's per-layer sensitivity (one layer quantized, SSIM and SQNR to FP)"),
+    "mixdq": Stage("pipeline.stages.mixdq", "mixdq", "MixDQConfig",
+                   "MixDQ's bit allocation (integer program) from a sensitivity record: a mixed-precision state"),
     "demo": Stage("pipeline.demo", "demo", "DemoConfig",
                   "the README main job: quantize the default model, sample, report"),
 }
