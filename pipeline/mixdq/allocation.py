@@ -286,7 +286,7 @@ def protected_layers(names: Sequence[str], sqnr_lowest: Sequence[float], frac: f
     return [names[i] for i in order[:k]]
 
 
-def pareto_front(points: Sequence[dict], x: str = "average", y: str = "score") -> list[int]:
+def pareto_front(points: Sequence[dict], x: str = "average", y: str = "objective") -> list[int]:
     """Indices of the points not dominated (lower or equal `x` with higher or equal `y`, one strictly); of equal
     points (budgets the allocation cannot spend) only the first."""
     keep = []

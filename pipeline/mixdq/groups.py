@@ -17,9 +17,10 @@ class GroupError(ValueError):
     """A grouping rule that leaves a group empty (or is not a valid regex)."""
 
 
-def layer_groups(layers: Sequence[str], content_regex: str | None = None) -> dict[str, str]:
+def layer_groups(layers: Sequence[str], content_regex: str | None = None,
+                 require_both: bool = True) -> dict[str, str]:
     """{layer: "content" | "quality"}: content when `content_regex` (default `CONTENT_PATTERN`) matches the name
-    (re.search). Both groups must be non-empty: MixDQ allocates each group its own budget."""
+    (re.search). Both groups must be non-empty (unless not `require_both`): MixDQ allocates each its own budget."""
     pattern = content_regex or CONTENT_PATTERN
     try:
         rule = re.compile(pattern)
@@ -27,7 +28,7 @@ def layer_groups(layers: Sequence[str], content_regex: str | None = None) -> dic
         raise GroupError(f"--content-regex {pattern!r} is not a valid regular expression ({e})") from None
     groups = {n: "content" if rule.search(n) else "quality" for n in layers}
     for g in GROUPS:
-        if layers and g not in groups.values():
+        if require_both and layers and g not in groups.values():
             raise GroupError(f"--content-regex {pattern!r} leaves the {g} group empty ({len(layers)} layers, all "
                              f"{'quality' if g == 'content' else 'content'}); use a pattern that matches some but "
                              f"not all layers, such as the default {CONTENT_PATTERN!r}")
