@@ -86,9 +86,11 @@ def test_sweep_is_monotone_and_the_frontier_non_dominated():
         objectives.append(points[-1]["objective"])
     assert all(b >= a for a, b in zip(objectives, objectives[1:])), objectives  # never falls as the budget grows
     front = [points[i] for i in pareto_front(points)]
-    assert front
-    for p in front:
-        assert not any(q["average"] <= p["average"] and q["objective"] >= p["objective"] and q != p for q in front)
+    for p in front:  # no saved point is dominated by any point of the sweep
+        assert not any(q["average"] <= p["average"] and q["objective"] >= p["objective"] and q != p for q in points)
+    # a known answer: (3, 2) is dominated by (3, 3), (4, 3) by (3, 3), the repeat of (2, 1) is kept once
+    known = [{"average": a, "objective": o} for a, o in ((2, 1), (3, 3), (3, 2), (4, 3), (5, 5), (2, 1))]
+    assert pareto_front(known) == [0, 1, 4]
     # and the program is at least as good as its baselines on its own objective, at every split it is given
     for alloc in ("sorting", "sqnr-only", "random", "uniform"):
         assert mixdq_objective(spec, allocate(spec, alloc, 4.0)["bits"]) <= \
@@ -257,14 +259,18 @@ def measured(tmp_path_factory):
 
 
 def test_sensitivity_is_reproducible_and_resumes(tmp_path):
-    from pipeline.mixdq.sensitivity import Probe, measure_sensitivity
+    from pipeline.mixdq.sensitivity import Measurement, Probe, measure_sensitivity
     from pipeline.models import load_quantized_pipeline
+    from pipeline.quant import set_quant_state
 
     state = quick_state(tmp_path / "quant")
     pipe = load_quantized_pipeline("tiny-random", str(state))
     probe = Probe(["a red cube"], [7], STEPS, 7.5)
     first = measure_sensitivity(pipe, probe, [2], [], layers=LAYERS)
     assert first["sqnr"]["conv_in"]["w2"] < 40 and first["ssim"]["conv_in"]["w2"] < 1
+    whole = Measurement(pipe, probe)  # the same probe with every layer quantized (W8A8): far noisier than one
+    set_quant_state(pipe.unet, weight=True, act=True)  # layer at 2 bits with the rest in full precision
+    assert first["sqnr"][LAYERS[1]]["w2"] > whole.score()["sqnr"] + 10
 
     progress = tmp_path / "progress" / "progress.json"
     progress.parent.mkdir()
