@@ -29,6 +29,15 @@ from pipeline.mixdq.groups import GroupError, layer_groups
 STEPS = 1
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny UNet calls: on a shared 2-core machine two threads oversubscribe and run ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def brute_force(p: Problem, budget: float) -> int:
     """The best integer objective over every allocation within the budget (what the program maximizes)."""
     ints, cap = integer_scores(p.scores), p.capacity(budget)
