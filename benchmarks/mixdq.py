@@ -1,7 +1,7 @@
 """MixDQ on the embedded world: allocators compared at equal average weight bits and equal FAB (issue 19).
 
     python benchmarks/mixdq.py                           # the issue's setting (slow: see --help)
-    python benchmarks/mixdq.py --steps 10 --probe-n 2 --eval-n 80 --random-seeds 3 --no-bos-variant   # small
+    python benchmarks/mixdq.py --steps 4 --probe-n 1 --eval-n 80 --val-n 0 --random-seeds 2 --no-bos-variant  # small
 
 One naive calibration with weight options 2,4,8 and activation options 4,8,16 (BOS-aware K/V, and optionally a
 second one without), the sensitivity stage on every layer, then per point (W4.0 with A8.0, and with A6.0) the
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--cali-n", type=int, default=16)
     p.add_argument("--probe-n", type=int, default=4, help="sensitivity probe prompts")
+    p.add_argument("--a-candidates", default="4,8", help="activation bits the sensitivity measures")
     p.add_argument("--eval-n", type=int, default=128, help="test prompts per evaluation")
     p.add_argument("--val-n", type=int, default=4, help="val prompts that pick MixDQ's group split")
     p.add_argument("--random-seeds", type=int, default=8)
@@ -112,7 +113,7 @@ def main(argv=None):
                                                 bos_aware=bos, cali_n=a.cali_n, steps=a.steps))
         t1 = time.time()
         records[bos] = sensitivity(SensitivityConfig(**common, run_dir=str(run), quant_state=str(states[bos]),
-                                                     n=a.probe_n))
+                                                     n=a.probe_n, a_bit_options=a.a_candidates))
         rec = json.loads((records[bos] / "sensitivity.json").read_text())
         result[f"sensitivity_{'bos' if bos else 'nobos'}"] = {
             "calibrate_seconds": t1 - t0, "sensitivity_seconds": rec["seconds"], "layers": len(rec["layers"]),
