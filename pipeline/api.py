@@ -15,12 +15,15 @@ from pipeline.stages.calibrate import CalibrateConfig, calibrate
 from pipeline.stages.evaluate import EvaluateConfig, evaluate
 from pipeline.stages.export import ExportConfig, export
 from pipeline.stages.generate import GenerateConfig, generate
+from pipeline.stages.mixdq import MixDQConfig, mixdq
 from pipeline.stages.policy import PolicyConfig, policy
 from pipeline.stages.pretrain import PretrainConfig, pretrain
 from pipeline.stages.q2b import Q2BConfig, q2b
 from pipeline.stages.score import ScoreConfig, score
+from pipeline.stages.sensitivity import SensitivityConfig, sensitivity
 from pipeline.stages.t2q import T2QConfig, t2q
 
 __all__ = ["BitopsConfig", "CalibrateConfig", "DemoConfig", "EvaluateConfig", "ExportConfig", "GenerateConfig",
-           "PolicyConfig", "PretrainConfig", "Q2BConfig", "ScoreConfig", "T2QConfig", "bitops", "calibrate", "demo",
-           "evaluate", "export", "generate", "policy", "pretrain", "q2b", "score", "t2q"]
+           "MixDQConfig", "PolicyConfig", "PretrainConfig", "Q2BConfig", "ScoreConfig", "SensitivityConfig",
+           "T2QConfig", "bitops", "calibrate", "demo", "evaluate", "export", "generate", "mixdq", "policy", "pretrain",
+           "q2b", "score", "sensitivity", "t2q"]

@@ -48,7 +48,7 @@ from pipeline.errors import RunDirError
 ARTIFACTS = {
     "pretrain": "pretrain", "calibrate": "quant", "score": "scored", "t2q": "t2q", "q2b": "q2b",
     "generate": "images", "evaluate": "evaluate", "export": "deploy", "demo": "demo",
-    "policy": "policy",
+    "policy": "policy", "sensitivity": "sensitivity", "mixdq": "mixdq",
 }
 PARTIAL = "partial"  # calibrate's resumable reconstruction progress
 # stage -> its reusable progress inside --run-dir (docs/reliability.md): kept by --overwrite when made under the
@@ -56,6 +56,7 @@ PARTIAL = "partial"  # calibrate's resumable reconstruction progress
 PROGRESS = {
     "calibrate": (PARTIAL, "cali_data"), "score": ("prompts", "scored"),
     "q2b": ("q2b_data", "q2b_items", "q2b_progress"), "evaluate": ("evaluate_progress",),
+    "sensitivity": ("sensitivity_progress",),
 }
 
 

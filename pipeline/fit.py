@@ -57,6 +57,10 @@ STAGES = {
     "export": Stage("pipeline.stages.export", "export", "ExportConfig",
                     "export a calibrated state as a deployable integer UNet (packed weights, int8 kernels)",
                     trainer=False),
+    "sensitivity": Stage("pipeline.stages.sensitivity", "sensitivity", "SensitivityConfig",
+                         "MixDQ's per-layer sensitivity (one layer quantized, SSIM and SQNR to FP)"),
+    "mixdq": Stage("pipeline.stages.mixdq", "mixdq", "MixDQConfig",
+                   "MixDQ's bit allocation (integer program) from a sensitivity record: a mixed-precision state"),
     "demo": Stage("pipeline.demo", "demo", "DemoConfig",
                   "the README main job: quantize the default model, sample, report"),
 }

@@ -181,3 +181,27 @@ def plot_quality_vs_fab(curves: Mapping[str, Sequence[dict]], path: str | Path, 
         ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_sensitivity(rec: Mapping, path: str | Path, title: str | None = None) -> Path:
+    """MixDQ's per-layer sensitivity (a sensitivity record): 1 - SSIM (log) and SQNR (dB) per layer and
+    candidate bit; content layers' names in red."""
+    plt = _plt()
+    layers, cands = list(rec["layers"]), list(rec["candidates"])
+    ssim = np.array([[1.0 - rec["ssim"][n][c] for c in cands] for n in layers]).clip(1e-8, None)
+    sqnr = np.array([[rec["sqnr"][n][c] for c in cands] for n in layers])
+    fig, axes = plt.subplots(1, 2, figsize=(7, max(3.0, min(0.12 * len(layers), 30))), sharey=True)
+    for ax, values, name in ((axes[0], np.log10(ssim), "log10(1 - SSIM)"), (axes[1], sqnr, "SQNR (dB)")):
+        im = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="magma_r" if ax is axes[0] else "magma")
+        ax.set_xticks(range(len(cands)))
+        ax.set_xticklabels(cands, fontsize=6)
+        ax.set_title(name, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    every = max(1, len(layers) // 60)
+    axes[0].set_yticks(range(0, len(layers), every))
+    axes[0].set_yticklabels([short_name(n) for n in layers][::every], fontsize=5)
+    for tick, n in zip(axes[0].get_yticklabels(), layers[::every]):
+        tick.set_color("tab:red" if rec.get("groups", {}).get(n) == "content" else "black")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -104,7 +104,7 @@ def set_units_quantized(units, act: bool = True) -> None:
     """Weights (and, with `act`, activations) of `units` quantized, as they will run (the rest as they are)."""
     for unit in units:
         for layer in unit_layers(unit):
-            layer.quant_weight = layer.w_quant.n_bits < 32
+            layer.quant_weight = layer.w_bits < 32
         set_unit_act(unit, act)
 
 

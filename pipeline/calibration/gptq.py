@@ -130,7 +130,7 @@ def gptq_starts(unit, ctx, items: Sequence[dict], damp: float = 0.01) -> dict[Qu
     hessians = input_hessians(unit, ctx, items)
     out = {}
     for layer, H in hessians.items():
-        wq = layer.w_quant
+        wq = layer.wq
         if not layer.quant_weight or wq.n_bits >= 32 or wq.split:  # a split layer's two grids: AdaRound's own start
             continue
         out[layer] = gptq_round(layer.weight, wq.scale, wq.zero_point, wq.n_bits, H.to(layer.weight.device), damp)

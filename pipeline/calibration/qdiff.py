@@ -165,21 +165,31 @@ def reconstruct_unit(unet, name: str, unit, data, iters_w: int, iters_a: int, w_
 
 def learn_weights(unet, name: str, unit, items: list[dict], iters_w: int, w_lr: float = 1e-3,
                   trainer_kwargs: dict | None = None, seed: int = 0, adaround_init: str = "fp") -> dict:
-    """AdaRound of one unit's weights on `items`, with the unit's activation quantization off."""
+    """AdaRound of one unit's weights on `items`, with the unit's activation quantization off: of every weight
+    option (MixDQ's per-layer bits; the default option's metrics at the top level, the others' under `w<bits>`),
+    each on the same items, and the unit left at the weight bits it had."""
     cfg = unet.quant_config
     ctx = unet.quant_context
     train, held = _split(items)
     layers = unit_layers(unit)
-    for layer in layers:
-        layer.quant_weight = layer.w_quant.n_bits < 32
+    in_force = [layer.w_bits for layer in layers]
     set_unit_act(unit, False)
     metrics = {}
-    if (iters_w > 0 or adaround_init != "fp") and cfg.w_bits < 32:  # GPTQ's start alone: --iters-w 0
-        metrics["mse_rtn"] = held_out_mse(unit, ctx, held)
-        module = fit_rounding(unit, ctx, train, iters_w, w_lr, trainer_kwargs or {}, seed, name, adaround_init,
-                              select=held if adaround_init != "fp" else None)  # fp: unchanged, no selection
-        metrics["mse_adaround"] = held_out_mse(unit, ctx, held)
-        metrics["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
+    try:
+        for bits in [cfg.w_bits] + [b for b in cfg.w_bit_options if b != cfg.w_bits]:
+            for layer in layers:
+                layer.w_bits, layer.quant_weight = bits, bits < 32
+            if not (iters_w > 0 or adaround_init != "fp") or bits >= 32:  # GPTQ's start alone: --iters-w 0
+                continue
+            m = metrics if bits == cfg.w_bits else metrics.setdefault(f"w{bits}", {})
+            m["mse_rtn"] = held_out_mse(unit, ctx, held)
+            module = fit_rounding(unit, ctx, train, iters_w, w_lr, trainer_kwargs or {}, seed, name, adaround_init,
+                                  select=held if adaround_init != "fp" else None)  # fp: unchanged, no selection
+            m["mse_adaround"] = held_out_mse(unit, ctx, held)
+            m["w_loss_first_last"] = [module.losses[0], module.losses[-1]] if module.losses else []
+    finally:
+        for layer, bits in zip(layers, in_force):
+            layer.w_bits, layer.quant_weight = bits, bits < 32
     return metrics
 
 
@@ -199,7 +209,7 @@ def learn_activations(unet, name: str, unit, items: list[dict], iters_a: int, a_
     ctx = unet.quant_context
     layers = unit_layers(unit)
     for layer in layers:  # weights as reconstructed, activations on
-        layer.quant_weight = layer.w_quant.n_bits < 32
+        layer.quant_weight = layer.w_bits < 32
     banks = unit_banks(unit)
     set_unit_act(unit, True)
     for b in banks:

@@ -29,10 +29,14 @@ LEARNED = ("qdiff", "ptqd")
 
 def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: list[int] | None, steps: int,
                      time_aware: bool, bos_aware: bool, softmax_bits: int, act_init: str, weight_init: str,
-                     relax_tau: float = 0.0, relax_bits: int = 10, relax_end: str | None = None) -> QuantConfig:
+                     relax_tau: float = 0.0, relax_bits: int = 10, relax_end: str | None = None,
+                     w_bit_options: list[int] | None = None) -> QuantConfig:
     """The QuantConfig a method calibrates (validates every bit option first)."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not available; choose one of {METHODS}")
+    if w_bit_options and w_bits not in w_bit_options:
+        raise ValueError(f"--w-bits {w_bits} is not one of --w-bit-options {','.join(map(str, w_bit_options))}; "
+                         f"add it there or change --w-bits")
     if a_bit_options and a_bits not in a_bit_options:  # named by flag here; QuantConfig checks it too
         raise ValueError(f"--a-bits {a_bits} is not one of --a-bit-options {','.join(map(str, a_bit_options))}; "
                          f"add it there or change --a-bits")
@@ -43,7 +47,8 @@ def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: li
         options = sorted(set(options) | {relax_bits})  # the relaxed steps need their own quantizers
     learned = method in LEARNED
     return QuantConfig(
-        w_bits=w_bits, a_bits=a_bits, a_bit_options=options, n_steps=steps, time_aware=time_aware,
+        w_bits=w_bits, a_bits=a_bits, a_bit_options=options, w_bit_options=w_bit_options or [], n_steps=steps,
+        time_aware=time_aware,
         bos_aware=bos_aware, softmax_bits=softmax_bits,
         act_init="lp" if learned and act_init == "minmax" else act_init,
         weight_init="lp" if learned and weight_init == "minmax" else weight_init,

@@ -99,7 +99,7 @@ class UnitReconstruction(L.LightningModule):
         opts = []
         for p in self.phases:
             if p.kind == "weight":
-                params = [layer.w_quant.alpha for layer in self.layers if layer.w_quant.alpha is not None]
+                params = [layer.wq.alpha for layer in self.layers if layer.wq.alpha is not None]
             else:
                 params = [b.scale for b in self.banks]
             opts.append(torch.optim.Adam(params, lr=self.lr))
@@ -127,8 +127,8 @@ class UnitReconstruction(L.LightningModule):
         if phase.kind == "weight":
             beta, active = BetaSchedule(phase.iters)(it)
             if active:
-                reg = sum(rounding_regularizer(layer.w_quant.alpha, beta) for layer in self.layers
-                          if layer.w_quant.alpha is not None)
+                reg = sum(rounding_regularizer(layer.wq.alpha, beta) for layer in self.layers
+                          if layer.wq.alpha is not None)
                 loss = loss + self.reg_weight * reg
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite reconstruction loss in {self.unit_name} at step {self.global_step} "
@@ -183,7 +183,7 @@ def hard_rounding_mse(unit: nn.Module, ctx, items: Sequence[dict]) -> float:
     """`held_out_mse` with every learning weight quantizer at its current hard decisions (alpha >= 0)."""
     saved = []
     for layer in unit_layers(unit):
-        wq = layer.w_quant
+        wq = layer.wq
         if wq.alpha is not None:
             saved.append((wq, wq.alpha, wq.round_up))
             wq.round_up, wq.alpha = (wq.alpha >= 0).detach(), None
@@ -208,15 +208,15 @@ def fit_rounding(unit, ctx, items, iters, lr, trainer_kwargs, seed, unit_name, i
     layers = [layer for layer in unit_layers(unit) if layer.quant_weight]
     starts = gptq_starts(unit, ctx, items) if init == "gptq" else {}
     for layer in layers:
-        layer.w_quant.start_learning_rounding(layer.weight, start=starts.get(layer))
-    first = [(layer.w_quant.alpha >= 0).detach().clone() for layer in layers]
+        layer.wq.start_learning_rounding(layer.weight, start=starts.get(layer))
+    first = [(layer.wq.alpha >= 0).detach().clone() for layer in layers]
     selecting = select is not None and len(select) > 0 and bool(layers)
     start_error = hard_rounding_mse(unit, ctx, select) if selecting else None
     try:
         module = fit_unit(unit, ctx, items, [Phase("weight", iters)], lr, trainer_kwargs, seed, unit_name, reg_weight)
     finally:  # hard decisions also when the fit fails, so that the unit is left usable
         for layer in layers:
-            layer.w_quant.finish_learning_rounding()
+            layer.wq.finish_learning_rounding()
     if selecting:
         device = layers[0].weight.device
         end_error = held_out_mse(unit, ctx, select)
@@ -226,7 +226,7 @@ def fit_rounding(unit, ctx, items, iters, lr, trainer_kwargs, seed, unit_name, i
         module.kept_start = False
     if module.kept_start:
         for layer, up in zip(layers, first):
-            layer.w_quant.round_up = up
+            layer.wq.round_up = up
     return module
 
 

@@ -44,10 +44,12 @@ def register_method(kind: str) -> Callable[[type], type]:
     return deco
 
 
-def format_bits(w_bits: int, a_bit_options: Sequence[int]) -> str:
-    opts = sorted(set(int(b) for b in a_bit_options))
-    a = str(opts[0]) if len(opts) == 1 else "{" + ",".join(map(str, opts)) + "}"
-    return f"W{w_bits}A{a}"
+def format_bits(w_bits: int | Sequence[int], a_bit_options: Sequence[int]) -> str:
+    """W4A16, W4A{8,16,32}; a mixed weight allocation (MixDQ) lists its weight bits too: W{2,4,8}A{4,8,16}."""
+    def one(bits):
+        opts = sorted(set(int(b) for b in bits))
+        return str(opts[0]) if len(opts) == 1 else "{" + ",".join(map(str, opts)) + "}"
+    return f"W{one([w_bits] if isinstance(w_bits, int) else w_bits)}A{one(a_bit_options)}"
 
 
 class EvalMethod:
@@ -129,12 +131,16 @@ class StaticQuantState(EvalMethod):
         return list(quant_layers(pipe.unet))
 
     def weight_bits(self, pipe) -> dict[str, int]:
-        return {n: m.w_quant.n_bits for n, m in quant_layers(pipe.unet).items()}
+        return {n: m.w_bits for n, m in quant_layers(pipe.unet).items()}
 
     def bit_options(self) -> str:
         if type(self).before_batch is EvalMethod.before_batch:  # static: the stored policy is what runs
             used = {self.a_bit_options[i] for steps in self.meta["policy"].values() for i in steps}
-            return format_bits(self.w_bits, used)  # W4A16, not the W4A{8,16,32} bank it was calibrated with
+            w_used = set(self.meta.get("w_policy", {}).values()) or {self.w_bits}
+            label = format_bits(w_used, used)  # W4A16, not the W4A{8,16,32} bank it was calibrated with
+            avg = self.meta.get("extra", {}).get("averages")  # a mixed allocation (mixdq stage) records its own
+            return label + (f" (avg W{avg['w']:.2f} A{avg['a']:.2f})" if avg and (len(w_used) > 1 or len(used) > 1)
+                            else "")
         return format_bits(self.w_bits, self.a_bit_options)
 
     def describe(self) -> dict:

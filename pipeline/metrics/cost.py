@@ -124,7 +124,7 @@ def model_size_bytes(unet: nn.Module) -> int:
     total, counted = 0.0, set()
     for m in unet.modules():
         if isinstance(m, QuantLayer):
-            bits = m.w_quant.n_bits
+            bits = m.w_bits
             total += m.weight.numel() * bits / 8 + (0 if bits == 32 else 2 * 4 * m.weight.shape[0])
             counted.add(id(m.weight))
     for p in unet.parameters():
@@ -139,13 +139,20 @@ def quantized_summary(unet: nn.Module, stats=None) -> dict:
     stats = stats or layer_stats(unet)
     layers = quant_layers(unet)
     policy = get_bit_policy(unet)
-    w_bits = {n: m.w_quant.n_bits for n, m in layers.items()}
+    w_bits = {n: m.w_bits for n, m in layers.items()}
     a_bits = {n: policy[i].tolist() for i, n in enumerate(layers)}
     return {
         "bitops_T": bitops(stats, w_bits, a_bits) / 1e12,
         **fab(stats, policy, list(layers)),
+        "avg_w_bits": average_weight_bits(stats, w_bits),
         "size_bytes": model_size_bytes(unet),
     }
+
+
+def average_weight_bits(stats, w_bits: Mapping[str, int]) -> float:
+    """Mean weight bits over the named layers, weighted by each layer's weight count (MixDQ's size budget)."""
+    n = sum(stats[k].weight_numel for k in w_bits)
+    return float(sum(stats[k].weight_numel * b for k, b in w_bits.items()) / max(n, 1))
 
 
 def bitops_table(unets: Mapping[str, nn.Module], resolution: int | None, bits: Sequence[str]) -> list[dict]:

@@ -28,7 +28,10 @@ def parse_bits(text: str | None, flag: str = "--a-bit-options") -> list[int] | N
 class QuantConfig:
     """How to quantize a UNet.
 
-    w_bits: weight bits of every Conv2d/Linear (per output channel).
+    w_bits: weight bits of every Conv2d/Linear (per output channel), and the
+        bits a layer starts at when it carries several weight options.
+    w_bit_options: one weight quantizer per option per layer (MixDQ's
+        per-layer weight bits); defaults to [w_bits].
     a_bits: the default activation bit option every layer starts at.
     a_bit_options: the bank of activation quantizers each layer carries
         (QLIP switches among them per layer and step); defaults to [a_bits].
@@ -42,6 +45,7 @@ class QuantConfig:
 
     w_bits: int = 8
     a_bits: int = 8
+    w_bit_options: list[int] = field(default_factory=list)
     a_bit_options: list[int] = field(default_factory=list)
     n_steps: int = 1
     time_aware: bool = False
@@ -69,6 +73,14 @@ class QuantConfig:
         if self.a_bits not in opts:
             raise ValueError(f"a_bits={self.a_bits} is not one of a_bit_options={opts}; add it or change a_bits")
         self.a_bit_options = sorted(opts)
+        w_opts = [int(b) for b in (self.w_bit_options or [self.w_bits])]
+        for b in w_opts:
+            check_bits(b, "w_bit_options entry")
+        if len(set(w_opts)) != len(w_opts):
+            raise ValueError(f"w_bit_options={w_opts} has duplicates")
+        if self.w_bits not in w_opts:
+            raise ValueError(f"w_bits={self.w_bits} is not one of w_bit_options={w_opts}; add it or change w_bits")
+        self.w_bit_options = sorted(w_opts)
         if self.n_steps < 1:
             raise ValueError(f"n_steps={self.n_steps} must be >= 1")
         if self.weight_rounding not in ("nearest", "adaround"):
@@ -81,8 +93,16 @@ class QuantConfig:
     def bank_steps(self) -> int:
         return self.n_steps if self.time_aware else 1
 
+    @property
+    def mixed_weights(self) -> bool:
+        """Whether layers carry more than one weight quantizer."""
+        return len(self.w_bit_options) > 1
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.mixed_weights:  # one weight option: the JSON (and every progress signature) stays as before
+            del d["w_bit_options"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":

@@ -211,6 +211,13 @@ class QuantLayer(nn.Module):
         self.split = split
         self.w_quant = WeightQuantizer(config.w_bits, module.weight, config.weight_init, config.lp_norm,
                                        config.lp_candidates, init=init, rounding=config.weight_rounding, split=split)
+        # The other weight options (MixDQ): their own ranges and rounding; `w_quant` stays the default
+        # option under its old name, so states saved before per-layer weight bits load unchanged.
+        self.w_options = nn.ModuleDict({
+            str(b): WeightQuantizer(b, module.weight, config.weight_init, config.lp_norm, config.lp_candidates,
+                                    init=init, rounding=config.weight_rounding, split=split)
+            for b in config.w_bit_options if b != config.w_bits}) if config.mixed_weights else None
+        self.w_bits = config.w_bits  # the weight option in force (policy.set_weight_bits)
         self.act = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples)
         self.act_skip = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples) if split else None
         for bank in self.banks():  # where the layer's weight is (the UNet may already be on its device)
@@ -235,6 +242,20 @@ class QuantLayer(nn.Module):
     def act_bits(self) -> int:
         return self.bit_options[self.bit_index()]
 
+    @property
+    def wq(self) -> WeightQuantizer:
+        """The weight quantizer of the weight option in force (`w_quant` unless another option is set)."""
+        return self.weight_quantizer(self.w_bits)
+
+    def weight_quantizer(self, bits: int) -> WeightQuantizer:
+        if bits == self.w_quant.n_bits:
+            return self.w_quant
+        if self.w_options is None or str(bits) not in self.w_options:
+            have = [self.w_quant.n_bits] + ([int(b) for b in self.w_options] if self.w_options else [])
+            raise ValueError(f"{bits}-bit weights have no quantizer in this layer; its options are {sorted(have)} "
+                             f"(calibrate with --w-bit-options including {bits})")
+        return self.w_options[str(bits)]
+
     def slot(self) -> int:
         return min(self.ctx.step, self.act.n_slots - 1) if self.time_aware else 0
 
@@ -242,14 +263,14 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if not self.quant_weight:
             return self.weight
-        if torch.is_grad_enabled() and (self.weight.requires_grad or any(
-                p.requires_grad for p in self.w_quant.parameters())):
-            return self.w_quant(self.weight)
-        # Frozen weights: fake-quantize once, reuse until weight or quantizer change.
-        key = (_version_of(self.weight), self.w_quant.version_key())
+        wq = self.wq
+        if torch.is_grad_enabled() and (self.weight.requires_grad or any(p.requires_grad for p in wq.parameters())):
+            return wq(self.weight)
+        # Frozen weights: fake-quantize once, reuse until weight, option or quantizer change.
+        key = (_version_of(self.weight), self.w_bits, wq.version_key())
         if self._wq_cache is None or self._wq_cache[0] != key:
             with torch.no_grad():
-                self._wq_cache = (key, self.w_quant(self.weight))
+                self._wq_cache = (key, wq(self.weight))
         return self._wq_cache[1]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,5 +303,5 @@ class QuantLayer(nn.Module):
         return [b for b in (self.act, self.act_skip) if b is not None]
 
     def extra_repr(self) -> str:
-        s = f"{self.kind}, {self.in_features}->{self.out_features}, w_bits={self.w_quant.n_bits}"
+        s = f"{self.kind}, {self.in_features}->{self.out_features}, w_bits={self.w_bits}"
         return s + (f", split={self.split}" if self.split else "")

@@ -77,6 +77,33 @@ def set_bit_policy(unet: nn.Module, policy) -> None:
         layer.policy = [layer.bit_options.index(b) for b in steps]
 
 
+def set_weight_bits(unet: nn.Module, bits) -> None:
+    """Set each layer's weight bits: an int (every layer) or {layer name: bits} (only those layers).
+
+    Every value must be one of the config's w_bit_options (each layer carries one calibrated quantizer
+    per option)."""
+    cfg = _require_quantized(unet)
+    layers = quant_layers(unet)
+    updates = {n: bits for n in layers} if isinstance(bits, int) else dict(bits)
+    unknown = [n for n in updates if n not in layers]
+    if unknown:
+        raise ValueError(f"weight bits name layers that are not quantized: {unknown[:5]}")
+    for name, b in updates.items():
+        if int(b) != b or int(b) not in cfg.w_bit_options:
+            raise ValueError(f"{name}: {b}-bit weights is not a calibrated option; choose from {cfg.w_bit_options} "
+                             f"(calibrate with --w-bit-options to add options)")
+    for name, b in updates.items():
+        layer = layers[name]
+        layer.w_bits = int(b)
+        layer.quant_weight = int(b) < 32
+
+
+def get_weight_bits(unet: nn.Module) -> "OrderedDict[str, int]":
+    """{layer name: weight bits in force}, in `quant_layers` order."""
+    _require_quantized(unet)
+    return OrderedDict((n, m.w_bits) for n, m in quant_layers(unet).items())
+
+
 def get_bit_policy(unet: nn.Module) -> torch.Tensor:
     """The [n_layers, n_steps] table of activation bits in force."""
     cfg = _require_quantized(unet)
@@ -165,7 +192,7 @@ def set_quant_state(unet: nn.Module, weight: bool = True, act: bool = True) -> N
     """Switch weight and activation quantization on or off everywhere."""
     for m in unet.modules():
         if isinstance(m, QuantLayer):
-            m.quant_weight = weight and m.w_quant.n_bits < 32
+            m.quant_weight = weight and m.w_bits < 32
             m.quant_act = act
         elif isinstance(m, QuantAttnProcessor):
             m.enabled = act

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.layers import ActQuantBank
-from pipeline.quant.policy import quant_layers
+from pipeline.quant.policy import quant_layers, set_weight_bits
 from pipeline.quant.quantizer import WeightQuantizer
 from pipeline.quant.wrap import quantize_unet
 
@@ -81,6 +81,8 @@ def save_quantized(unet: nn.Module, path: str | Path, extra: dict | None = None,
         "model": model_fingerprint(unet),
         "extra": extra or {},
     }
+    if unet.quant_config.mixed_weights:  # per-layer weight bits (only then: one-option states stay as before)
+        meta["w_policy"] = {n: m.w_bits for n, m in quant_layers(unet).items()}
     return save_artifact(path, QUANT_STATE, tensors, meta)
 
 
@@ -133,4 +135,6 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_model: bool = True)
     assign_quantizer_tensors(unet, tensors)
     for name, layer in quant_layers(unet).items():
         layer.policy = list(meta["policy"][name])
+    if "w_policy" in meta:
+        set_weight_bits(unet, meta["w_policy"])
     return unet, meta, extra

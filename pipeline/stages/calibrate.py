@@ -35,6 +35,9 @@ class CalibrateConfig(StageConfig):
     """activation bits every layer starts at"""
     a_bit_options: str | None = None
     """activation quantizer bank, e.g. 8,16,32 (default: a-bits)"""
+    w_bit_options: str | None = None
+    """weight quantizers per layer, e.g. 2,4,8 (default: w-bits; each layer runs at w-bits until a policy such
+    as the mixdq stage's sets its own; qdiff/ptqd learn AdaRound for every option)"""
     steps: int | None = None
     """sampling steps of the calibrated schedule (default: the model's, pipeline.models.sampling_defaults)"""
     guidance: float | None = None
@@ -95,7 +98,8 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
                                 a_bit_options=parse_bits(cfg.a_bit_options), steps=steps,
                                 time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
                                 softmax_bits=cfg.softmax_bits, act_init=cfg.act_init, weight_init=cfg.weight_init,
-                                relax_tau=relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end)
+                                relax_tau=relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
+                                w_bit_options=parse_bits(cfg.w_bit_options, "--w-bit-options"))
 
     # a bad flag fails before the model loads; without --steps the relaxing checks (they need the
     # steps, which the model gives) wait for it
