@@ -85,12 +85,17 @@ def capture_unit_io(unet, unit, data, device="cpu", store=None, share: tuple[int
     return items
 
 
-def units_in_call_order(unet, data) -> dict:
-    """The reconstruction units in the order the UNet runs them (`blocks.in_call_order`), from one FP call."""
-    step, call = next(iter(data.unet_calls(device=next(unet.parameters()).device)))
+def first_fp_call(unet, data, device="cpu"):
+    """The first calibration UNet call, ready to run in full precision (its step set, quantization off)."""
+    step, call = next(iter(data.unet_calls(device=device)))
     set_step(unet, step)
     set_quant_state(unet, weight=False, act=False)
-    return in_call_order(reconstruction_units(unet), lambda: unet(**call))
+    return lambda: unet(**call)
+
+
+def units_in_call_order(unet, data) -> dict:
+    """The reconstruction units in the order the UNet runs them (`blocks.in_call_order`), from one FP call."""
+    return in_call_order(reconstruction_units(unet), first_fp_call(unet, data, next(unet.parameters()).device))
 
 
 def unit_call_bytes(unet, data, device="cpu") -> dict[str, int]:
@@ -105,13 +110,10 @@ def unit_call_bytes(unet, data, device="cpu") -> dict[str, int]:
 
     hooks = [unit.register_forward_hook(measure(name), with_kwargs=True)
              for name, unit in reconstruction_units(unet).items()]
-    set_quant_state(unet, weight=False, act=False)
+    run = first_fp_call(unet, data, device)
     try:
         with torch.no_grad():
-            step, call = next(iter(data.unet_calls(device=device)))
-            unet.quant_context.timesteps = []
-            unet.quant_context.step = step
-            unet(**call)
+            run()
     finally:
         for h in hooks:
             h.remove()
