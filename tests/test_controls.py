@@ -106,7 +106,7 @@ def test_text_blind_q2b_learns_one_static_table(tiny_state):
 
 
 def test_a_planted_regression_fails_the_paired_check(tmp_path):
-    """On the embedded world: the same state with its largest layer forced from 8 to 4 bits scores lower
+    """On the embedded world: the same state with its largest layers forced from 8 to 4 bits scores lower
     per-image PSNR to FP, and the check calls it worse; the state against itself is equal."""
     from data.prompts import draw_prompts, parse_fractions
     from pipeline.metrics.cost import fab_weights, layer_stats
@@ -124,8 +124,13 @@ def test_a_planted_regression_fails_the_paired_check(tmp_path):
     pipe = quantize_pipeline(load_pipeline(EMBEDDED), tmp_path / "quant")
     good = generate(pipe, prompts, seeds, steps=10, progress=False)
     layers = list(quant_layers(pipe.unet))
-    largest = layers[int(fab_weights(layer_stats(pipe.unet), layers).argmax())]
-    set_bit_policy(pipe.unet, {largest: 4})
+    weights = fab_weights(layer_stats(pipe.unet), layers)
+    # Every layer tied at the largest FAB weight (the world's three ff.net.2), not argmax's pick among ties: one
+    # such layer alone moves PSNR by 0 to -5 dB depending on which, too weak a plant for 24 images (CI once
+    # drew a tie whose p was 0.11); the three together measured -6.3 dB [-9.3, -3.5], p 1e-4.
+    largest = [n for n, w in zip(layers, weights.tolist()) if w == float(weights.max())]
+    assert len(largest) >= 1
+    set_bit_policy(pipe.unet, {name: 4 for name in largest})
     planted = generate(pipe, prompts, seeds, steps=10, progress=False)
     scores = {}
     for name, images in (("good", good), ("planted", planted)):
