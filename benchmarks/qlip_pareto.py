@@ -80,8 +80,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--q2b-epochs", type=int, default=8)
     ap.add_argument("--n", type=int, default=200, help="test prompts")
     ap.add_argument("--seeds", type=int, default=3, help="noise seeds (one evaluate run each)")
-    ap.add_argument("--batch-size", type=int, default=1,
-                    help="evaluation batch; a batch runs the max of its prompts' bits, so 1 is QLIP's own FAB")
+    ap.add_argument("--batch-size", type=int, default=8, help="evaluation batch of the static methods")
+    ap.add_argument("--text-aware-batch-size", type=int, default=1,
+                    help="QLIP's generation calls inside each batch; a call runs the max of its prompts' bits, so "
+                         "1 gives every prompt its own FAB")
     ap.add_argument("--real-images", default="world:1000", help="FID to real: a folder, world:N, or none")
     ap.add_argument("--work", default="runs/bench/qlip_pareto")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "qlip_pareto.json"))
@@ -121,7 +123,8 @@ def main(argv=None) -> dict:
         folder = stage(evaluate, EvaluateConfig(**common, seed=seed, quant_states=[str(m["path"]) for m in
                                                                                    methods.values()],
                                                 labels=labels, in_domain="world:test", n=a.n, steps=a.steps,
-                                                batch_size=a.batch_size, fid=a.n >= 65, sfid=False, grid_n=4,
+                                                batch_size=a.batch_size,
+                                                text_aware_batch_size=a.text_aware_batch_size, fid=a.n >= 65, sfid=False, grid_n=4,
                                                 real_images=None if a.real_images == "none" or a.n < 65
                                                 else a.real_images),
                        work / f"evaluate_seed{seed}" / "evaluate", **quiet)
@@ -183,7 +186,7 @@ def summarize(runs: list[dict], methods: dict, fabs: list[float], a) -> dict:
     return {"model": a.model, "base": {"method": a.method, "w_bits": a.w_bits, "bit_options": a.bit_options},
             "t2q": a.t2q, "real_images": a.real_images, "steps": a.steps, "seeds": a.seeds,
             "n_prompts": split["n_prompts"], "prompt_source": split["source"],
-            "eval_batch": a.batch_size, "q2b": {"n": a.q2b_n, "epochs": a.q2b_epochs},
+            "eval_batch": a.batch_size, "text_aware_batch": a.text_aware_batch_size, "q2b": {"n": a.q2b_n, "epochs": a.q2b_epochs},
             "criterion": "QLIP beats the text-blind control at a FAB when its per-image PSNR to FP is higher, "
                          "Wilcoxon p < 0.05 (per-prompt means, prompts pooled over seeds), at achieved FABs within "
                          "fab_tolerance (else null); equal = the 95% interval contains 0 and lies within +-margin",

@@ -97,7 +97,7 @@ FLAG_RANGES = {
     "n": COUNT, "cali_n": COUNT, "score_n": COUNT, "q2b_n": COUNT, "limit": COUNT, "n_reference": COUNT,
     "val_n": NON_NEGATIVE,  # 0: no validation
     "images_per_prompt": COUNT, "grid_n": COUNT, "richness_scenes": COUNT, "shard_size": COUNT,
-    "batch_size": COUNT, "eval_batch": COUNT, "inception_batch": COUNT,
+    "batch_size": COUNT, "eval_batch": COUNT, "inception_batch": COUNT, "text_aware_batch_size": COUNT,
     # quantization and calibration
     "w_bits": BITS, "a_bits": BITS, "softmax_bits": BITS, "relax_bits": BITS, "bits": BITS,
     "cali_st": COUNT, "iters_w": NON_NEGATIVE, "iters_a": NON_NEGATIVE,  # 0 iterations: the initial ranges

@@ -402,6 +402,8 @@ def test_baseline_must_name_an_evaluated_method(w8a8_state):
 class PromptLengthBits(StaticQuantState):
     """A toy text-aware method: 16-bit activations for batches with a long prompt."""
 
+    text_aware = True
+
     def before_batch(self, pipe, prompts):
         from pipeline.quant import set_bit_policy
 
@@ -427,6 +429,17 @@ def test_a_per_batch_policy_method_plugs_in(tmp_path):
     row = next(r for r in res["rows"] if r["method"] == "naive")
     assert row["fab"] == pytest.approx((2 * 8 + 2 * 16) / 4)  # batch 1 short prompts, batch 2 a long one
     assert row["bit_options"] == "W8A{8,16}"
+    # --text-aware-batch-size 1: every prompt its own bits inside the same global batches (only the long one
+    # at 16); the images equal those of an evaluation at batch 1
+    settings.text_aware_batch = 1
+    one = run_evaluation("tiny-random", [method], [split], settings, batch_size=2,
+                         trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    assert next(r for r in one["rows"] if r["method"] == "naive")["fab"] == pytest.approx((3 * 8 + 16) / 4)
+    settings.text_aware_batch = None
+    ref = run_evaluation("tiny-random", [method], [split], settings, batch_size=1,
+                         trainer_kwargs={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    assert one["per_image"]["naive"]["in_domain"]["psnr"] == pytest.approx(
+        ref["per_image"]["naive"]["in_domain"]["psnr"], abs=1e-3)
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ class EvalMethod:
 
     kind = "fp"
     is_reference = True
+    text_aware = False  # True: before_batch sets bits from the prompts (the evaluation may split its batches)
 
     def __init__(self, label: str = "FP32"):
         self.label = label
@@ -152,6 +153,8 @@ class StaticQuantState(EvalMethod):
 class QLIPMethod(StaticQuantState):
     """A q2b-stage folder: its calibrated state, with each batch's bits chosen
     by T2Q -> Q2B (docs/q2b.md). Label: "<base method>+QLIP"."""
+
+    text_aware = True
 
     def __init__(self, path: str | Path, label: str | None = None, meta: dict | None = None):
         self.q2b_path = Path(path)

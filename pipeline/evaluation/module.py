@@ -149,13 +149,20 @@ class MethodEvaluation(L.LightningModule):
         m = self.split_metrics[split]
         n = len(idx)
         t0 = time.perf_counter()
-        embeds = self.method.before_batch(self.pipe, prompts)
-        policy = self.method.policy(self.pipe)
-        images = generate(self.pipe, prompts, seeds, steps=s.steps, guidance=s.guidance, batch_size=n,
-                          resolution=s.resolution, progress=False, text=embeds)
+        # A text-aware method may run its batch in smaller calls (each with its prompts' own bits); the global
+        # batch, and so which process holds which FP reference, stays the same.
+        size = s.text_aware_batch if self.method.text_aware and s.text_aware_batch else n
+        parts = []
+        for i in range(0, n, size):
+            embeds = self.method.before_batch(self.pipe, prompts[i:i + size])
+            policy = self.method.policy(self.pipe)
+            parts.append(generate(self.pipe, prompts[i:i + size], seeds[i:i + size], steps=s.steps,
+                                  guidance=s.guidance, batch_size=size, resolution=s.resolution, progress=False,
+                                  text=embeds))
+            m["fab"].update(policy, len(parts[-1]))
+            m["bitops"].update(policy, len(parts[-1]))
+        images = np.concatenate(parts)
         t1 = time.perf_counter()
-        m["fab"].update(policy, n)
-        m["bitops"].update(policy, n)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         xd = x.to(self.device)
         taps = s.taps()

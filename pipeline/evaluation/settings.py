@@ -23,6 +23,9 @@ class EvalSettings:
     real_images: str | None = None  # folder of real images for "FID to real"
     grid_n: int = 8  # images per split shown in each method's grid
     inception_batch: int = 16
+    # prompts per generation call of a text-aware (QLIP) method: a batch runs the max of its prompts' bits,
+    # so 1 gives each prompt its own bits; None = the evaluation batch (the paper's batched rule)
+    text_aware_batch: int | None = None
 
     @property
     def fid_tap(self) -> int:
@@ -49,5 +52,7 @@ class EvalSettings:
             raise ValueError(f"--sfid-grid {self.sfid_grid} must be in 1..{SPATIAL_SIDE} (17 = standard sFID)")
         if self.real_images and not Path(self.real_images).is_dir():
             raise FileNotFoundError(f"--real-images {self.real_images} is not a folder")
+        if self.text_aware_batch is not None and self.text_aware_batch < 1:
+            raise ValueError(f"--text-aware-batch-size {self.text_aware_batch} must be >= 1 (or left out)")
         if self.real_images and not self.fid:
             raise ValueError("--real-images needs --fid true")

@@ -61,6 +61,10 @@ class EvaluateConfig(StageConfig):
     """pixels (default: the model's)"""
     batch_size: int = 8
     """prompts per generation batch"""
+    text_aware_batch_size: int | None = None
+    """prompts per generation call of a text-aware (QLIP) method inside each batch: a call runs the max of its
+    prompts' bits, so 1 gives every prompt its own bits at the cost of speed (default: --batch-size, the
+    paper's batched rule); static methods keep --batch-size"""
     fid: bool = True
     """FID to FP (and to --real-images)"""
     fid_dims: str = AUTO
@@ -86,7 +90,8 @@ def evaluate(cfg: EvaluateConfig, trainer: dict | None = None) -> Path:
     real = cfg.real_images
     if real and (real == "world" or real.startswith("world:")):  # the world's renders are its real images
         real = str(world_real_images(real, Path(cfg.run_dir) / "real_images", cfg.resolution or 32))
-    settings = EvalSettings(fid=cfg.fid, sfid=cfg.sfid, lpips=cfg.lpips, real_images=real, grid_n=cfg.grid_n)
+    settings = EvalSettings(fid=cfg.fid, sfid=cfg.sfid, lpips=cfg.lpips, real_images=real, grid_n=cfg.grid_n,
+                            text_aware_batch=cfg.text_aware_batch_size)
     plan = plan_evaluation(cfg.model, cfg.quant_states, cfg.labels, cfg.in_domain, cfg.generalization, cfg.n,
                            cfg.images_per_prompt, cfg.seed, settings, cfg.fid_dims, cfg.sfid_grid, cfg.clip,
                            parse_fractions(cfg.split_fractions), cfg.prompt_seed, cfg.baseline)
