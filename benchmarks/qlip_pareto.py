@@ -5,6 +5,8 @@ activation bits visibly matter), for every target FAB:
 - QLIP: T2Q -> Q2B (the q2b stage, --criterion t2q);
 - text-blind Q2B: the same training with q constant (--criterion text-blind), a learned static table;
 - random: random options at that FAB (the policy stage, --control random);
+- MixDQ: its static per-layer allocation at that FAB (sensitivity once, then the mixdq stage; --mixdq-probe-n 0
+  leaves it out);
 and, at the options themselves, uniform A_b (the policy stage, --control uniform).
 Every method scores the same test prompts under the same noise seeds (one evaluate run per seed, FP reference
 included), so each comparison is paired per image. Per FAB it records QLIP - text-blind (and - random) on
@@ -33,15 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.api import (  # noqa: E402
     CalibrateConfig,
     EvaluateConfig,
+    MixDQConfig,
     PolicyConfig,
     Q2BConfig,
     ScoreConfig,
+    SensitivityConfig,
     T2QConfig,
     calibrate,
     evaluate,
+    mixdq,
     policy,
     q2b,
     score,
+    sensitivity,
     t2q,
 )
 from pipeline.evaluation.statistics import mean_ci, paired_difference, verdict  # noqa: E402
@@ -78,6 +84,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--score-n", type=int, default=240)
     ap.add_argument("--q2b-n", type=int, default=32)
     ap.add_argument("--q2b-epochs", type=int, default=8)
+    ap.add_argument("--mixdq-probe-n", type=int, default=1,
+                    help="probe prompts of MixDQ's sensitivity pass (0: no MixDQ control)")
     ap.add_argument("--n", type=int, default=200, help="test prompts")
     ap.add_argument("--seeds", type=int, default=3, help="noise seeds (one evaluate run each)")
     ap.add_argument("--batch-size", type=int, default=8, help="evaluation batch of the static methods")
@@ -111,6 +119,15 @@ def main(argv=None) -> dict:
         folder = stage(policy, PolicyConfig(**common, quant_state=str(base), control="random", target_fab=f),
                        work / f"random_fab{f:g}" / "policy")
         methods[f"random @{f:g}"] = {"path": folder, "family": "random", "target": f}
+    if a.mixdq_probe_n:  # MixDQ's static allocation: one sensitivity pass, one integer program per FAB
+        sens = stage(sensitivity, SensitivityConfig(**common, quant_state=str(base), n=a.mixdq_probe_n,
+                                                    prompts="world", steps=a.steps), work / "sensitivity" /
+                     "sensitivity")
+        for f in fabs:
+            folder = stage(mixdq, MixDQConfig(**common, sensitivity=str(sens), quant_state=str(base),
+                                              w_budget=float(a.w_bits), a_budget=f, steps=a.steps),
+                           work / f"mixdq_fab{f:g}" / "mixdq")
+            methods[f"MixDQ @{f:g}"] = {"path": folder, "family": "MixDQ", "target": f}
     for b in options:
         if b < 32 and min(fabs) - 2 <= b <= max(fabs) + 4:
             folder = stage(policy, PolicyConfig(**common, quant_state=str(base), control="uniform", bits=b),
@@ -124,7 +141,8 @@ def main(argv=None) -> dict:
                                                                                    methods.values()],
                                                 labels=labels, in_domain="world:test", n=a.n, steps=a.steps,
                                                 batch_size=a.batch_size,
-                                                text_aware_batch_size=a.text_aware_batch_size, fid=a.n >= 65, sfid=False, grid_n=4,
+                                                text_aware_batch_size=a.text_aware_batch_size, fid=a.n >= 65,
+                                                sfid=False, grid_n=4,
                                                 real_images=None if a.real_images == "none" or a.n < 65
                                                 else a.real_images),
                        work / f"evaluate_seed{seed}" / "evaluate", **quiet)
@@ -167,7 +185,9 @@ def summarize(runs: list[dict], methods: dict, fabs: list[float], a) -> dict:
     comparisons, beats, unmatched = [], {}, {}
     for f in fabs:
         q = f"QLIP @{f:g}"
-        for control in (f"text-blind Q2B @{f:g}", f"random @{f:g}"):
+        for control in (f"text-blind Q2B @{f:g}", f"random @{f:g}", f"MixDQ @{f:g}"):
+            if control not in rows:
+                continue
             for metric in METRICS:
                 qa, g = pooled(runs, q, metric)
                 cb, _ = pooled(runs, control, metric)
@@ -186,7 +206,8 @@ def summarize(runs: list[dict], methods: dict, fabs: list[float], a) -> dict:
     return {"model": a.model, "base": {"method": a.method, "w_bits": a.w_bits, "bit_options": a.bit_options},
             "t2q": a.t2q, "real_images": a.real_images, "steps": a.steps, "seeds": a.seeds,
             "n_prompts": split["n_prompts"], "prompt_source": split["source"],
-            "eval_batch": a.batch_size, "text_aware_batch": a.text_aware_batch_size, "q2b": {"n": a.q2b_n, "epochs": a.q2b_epochs},
+            "mixdq_probe_n": a.mixdq_probe_n, "eval_batch": a.batch_size,
+            "text_aware_batch": a.text_aware_batch_size, "q2b": {"n": a.q2b_n, "epochs": a.q2b_epochs},
             "criterion": "QLIP beats the text-blind control at a FAB when its per-image PSNR to FP is higher, "
                          "Wilcoxon p < 0.05 (per-prompt means, prompts pooled over seeds), at achieved FABs within "
                          "fab_tolerance (else null); equal = the 95% interval contains 0 and lies within +-margin",

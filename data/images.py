@@ -29,3 +29,13 @@ def load_square(path: Path, side: int) -> np.ndarray:
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         return np.asarray(im.resize((side, side), Image.BICUBIC), dtype=np.uint8)
+
+
+def image_complexity(images: np.ndarray):
+    """Mean gradient magnitude of grey-level uint8 images [N, H, W, 3], in [0, 1] units: QLIP's Table S3 image
+    complexity (the Q2B criterion `complexity`, and the target of a T2C: `t2q --target complexity`)."""
+    import torch
+
+    g = torch.from_numpy(np.ascontiguousarray(images)).float().mean(-1) / 255
+    dx, dy = g[:, :, 1:] - g[:, :, :-1], g[:, 1:, :] - g[:, :-1, :]
+    return torch.sqrt(dx[:, :-1] ** 2 + dy[:, :, :-1] ** 2).flatten(1).mean(1)

@@ -6,7 +6,8 @@ T2Q DataModule over it.
 `score_raw` is the GIQA score; `score` is it normalized to [0, 1] over the
 train split (`Normalizer`). Targets are re-normalized here from the raw
 scores with the same rule, so a T2Q target never depends on which splits a
-score run happened to include beyond train."""
+score run happened to include beyond train. With target "complexity" the raw target is the FP image's
+complexity instead (a T2C, the text-predicted complexity of QLIP's Table S3), normalized the same way."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.images import image_complexity
 from data.prompts import write_atomic
 
 SCORED_FILE = "scored.jsonl"
@@ -81,6 +83,20 @@ def read_scored(scored_dir: str | Path, check_images: bool = True) -> list[dict]
     return rows
 
 
+TARGETS = ("giqa", "complexity")  # what T2Q learns to predict from the text: GIQA (QLIP's T2Q) or T2C
+
+
+def complexity_of(scored_dir: str | Path, rows: list[dict]) -> list[float]:
+    """Image complexity (mean gradient magnitude, data.images.image_complexity) of each row's FP image."""
+    from PIL import Image
+
+    out = []
+    for r in rows:
+        with Image.open(Path(scored_dir) / r["image"]) as im:
+            out.append(float(image_complexity(np.asarray(im.convert("RGB"))[None])[0]))
+    return out
+
+
 class ScoredPrompts(Dataset):
     """Items {"prompt": str, "target": float32 tensor}."""
 
@@ -107,9 +123,12 @@ class ScoredDataModule(L.LightningDataModule):
     counted twice), so the synced metrics equal the single-process ones."""
 
     def __init__(self, scored_dir: str | Path, batch_size: int = 64, train_split: str = "train",
-                 val_split: str = "val", quantile: float = 0.01, seed: int = 0, test_split: str = "test"):
+                 val_split: str = "val", quantile: float = 0.01, seed: int = 0, test_split: str = "test",
+                 target: str = "giqa"):
         super().__init__()
-        self.scored_dir, self.batch_size, self.seed = Path(scored_dir), batch_size, seed
+        if target not in TARGETS:
+            raise ValueError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+        self.scored_dir, self.batch_size, self.seed, self.target = Path(scored_dir), batch_size, seed, target
         self.train_split, self.val_split, self.quantile = train_split, val_split, quantile
         self.test_split = test_split
         self.train_set = self.val_set = self.test_set = self.normalizer = None
@@ -118,6 +137,8 @@ class ScoredDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         rows = read_scored(self.scored_dir)
+        if self.target == "complexity":  # T2C: the FP image's own complexity, not its GIQA score
+            rows = [{**r, "score_raw": raw} for r, raw in zip(rows, complexity_of(self.scored_dir, rows))]
         by_split = {s: [r for r in rows if r["split"] == s] for s in (self.train_split, self.val_split)}
         for name, part in by_split.items():
             if not part:
@@ -133,7 +154,8 @@ class ScoredDataModule(L.LightningDataModule):
             for part in (train, by_split[self.val_split], test))
 
     def describe(self) -> dict:
-        return {"scored": str(self.scored_dir), "n_train": len(self.train_set), "n_val": len(self.val_set),
+        return {"scored": str(self.scored_dir), "target": self.target, "n_train": len(self.train_set),
+                "n_val": len(self.val_set),
                 "n_test": len(self.test_set), "normalization": asdict(self.normalizer)}
 
     def _world(self) -> tuple[int, int]:

@@ -172,6 +172,43 @@ def test_t2q_stage_learns_a_text_determined_quality(tmp_path, capsys):
 
 
 @needs_world
+def test_t2c_learns_the_images_complexity_from_the_text(tmp_path):
+    """`t2q --target complexity` (T2C): the targets are the FP images' mean gradient magnitude, not GIQA. Here
+    the images' contrast follows the number of objects in the caption, while GIQA follows colour and shape; the
+    T2C ranks val prompts by complexity (mutation caught: training on score_raw gives Spearman ~0)."""
+    from PIL import Image
+
+    from data.world import parse_caption
+
+    scored = synthetic_scored(tmp_path / "scored")
+    rows = read_scored(scored)
+    checker = (np.indices((8, 8)).sum(0) % 2).astype(np.float64)
+    truth = {}
+    for r in rows:
+        k = len(parse_caption(r["prompt"])["objects"])
+        pixels = 128 + (checker - 0.5) * 60 * k
+        Image.fromarray(np.repeat(pixels[..., None], 3, -1).astype(np.uint8)).save(scored / r["image"])
+        g = pixels.astype(np.uint8) / 255  # the measure computed another way: numpy forward differences
+        dx, dy = np.diff(g, axis=1)[:-1], np.diff(g, axis=0)[:, :-1]
+        truth[r["prompt"]] = float(np.sqrt(dx ** 2 + dy ** 2).mean())
+    dm = ScoredDataModule(scored, target="complexity")
+    dm.setup()
+    raw = np.array([truth[p] for p in dm.train_set.prompts])
+    assert np.allclose(dm.train_set.targets.numpy(), dm.normalizer(raw), atol=1e-6)
+    main(["t2q", "--model", "embedded", "--run-dir", str(tmp_path), "--target", "complexity", "--epochs", "20",
+          "--richness", "false", *QUIET])
+    saved = json.loads((tmp_path / "t2q" / "t2q.json").read_text())
+    assert saved["target"] == "complexity"
+    from scipy.stats import spearmanr
+
+    val = dm.val_set.prompts
+    rho = spearmanr(load_t2q(tmp_path / "t2q", model="embedded").predict(val).numpy(), [truth[p] for p in val])[0]
+    assert rho > 0.7, rho
+    with pytest.raises(ValueError, match="--target 'sharpness'"):
+        ScoredDataModule(scored, target="sharpness")
+
+
+@needs_world
 def test_early_stopping_keeps_the_best_val_epoch(tmp_path):
     """A small train split and a high learning rate overfit within a few epochs: the stage stops `patience`
     epochs after the best val MSE, keeps that epoch's head (its val MSE, recomputed from the saved T2Q, is the

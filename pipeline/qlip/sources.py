@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
+from data.images import image_complexity
 from pipeline.models import load_pipeline
 from pipeline.qlip.t2q import load_t2q
 from pipeline.sampling import generate
@@ -57,13 +57,6 @@ class ImageComplexity:
 
     def memory_bytes(self) -> int:
         return 0
-
-
-def image_complexity(images: np.ndarray) -> torch.Tensor:
-    """Mean gradient magnitude of grey-level uint8 images [N, H, W, 3], in [0, 1] units."""
-    g = torch.from_numpy(images).float().mean(-1) / 255
-    dx, dy = g[:, :, 1:] - g[:, :, :-1], g[:, 1:, :] - g[:, :-1, :]
-    return torch.sqrt(dx[:, :-1] ** 2 + dy[:, :, :-1] ** 2).flatten(1).mean(1)
 
 
 def quality_source(criterion: str, model: str, pipe=None, t2q: str | None = None, steps: int = 20,

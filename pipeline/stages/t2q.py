@@ -49,6 +49,10 @@ class T2QConfig(StageConfig):
     (0: train every epoch and keep the last)"""
     norm_quantile: float = 0.01
     """target normalization (data/scored.py)"""
+    target: str = "giqa"
+    """what the head learns to predict from the text: giqa (QLIP's T2Q: the GIQA quality of the FP image) |
+    complexity (a T2C: the FP image's mean gradient magnitude, the text-predicted complexity criterion; its
+    folder is a T2Q folder, so `q2b --t2q` takes it)"""
     predict: list[str] | str | None = None
     """a prompt, a prompt source (every prompt of it, unsplit; the syntax of --prompts, docs/prompts.md), or a
     list '["a", "b"]': print T2Q's predicted quality with the trained <run-dir>/t2q (no training)"""
@@ -74,7 +78,7 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
     if cfg.predict:
         return predict(cfg)
     scored = Path(cfg.scored or Path(cfg.run_dir) / ARTIFACTS["score"])
-    dm = ScoredDataModule(scored, cfg.batch_size, quantile=cfg.norm_quantile, seed=cfg.seed)
+    dm = ScoredDataModule(scored, cfg.batch_size, quantile=cfg.norm_quantile, seed=cfg.seed, target=cfg.target)
     dm.setup()  # a missing image, split or column fails here, before any model is loaded
     out = Path(cfg.run_dir) / ARTIFACTS["t2q"]
     if is_global_zero():
@@ -104,7 +108,8 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
         table = richness_table(module.predict, richness_series(cfg.richness_scenes, cfg.seed))
         print(format_richness_table(table))
     # the sampler of the targets: q2b and evaluate refuse to deploy this T2Q under another one
-    save_t2q(module, out, extra={"normalization": dm.describe()["normalization"], "scored": str(scored),
+    save_t2q(module, out, extra={"normalization": dm.describe()["normalization"], "target": cfg.target,
+                                 "scored": str(scored),
                                  "sampler": scored_sampler(scored), "metrics": metrics})
     write_manifest(out, "t2q", cfg, metrics, data=dm.describe(), richness=table)
     v, b = metrics["val"], metrics["baselines"]
