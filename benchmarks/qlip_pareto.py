@@ -5,6 +5,8 @@ activation bits visibly matter), for every target FAB:
 - QLIP: T2Q -> Q2B (the q2b stage, --criterion t2q);
 - text-blind Q2B: the same training with q constant (--criterion text-blind), a learned static table;
 - random: random options at that FAB (the policy stage, --control random);
+- with --criteria, Q2B on other quality sources: prompt length, the measured image complexity (an oracle: an FP
+  generation per prompt) and T2C (a T2Q head trained on that complexity, `t2q --target complexity`);
 - MixDQ: its static per-layer allocation at that FAB (sensitivity once, then the mixdq stage; --mixdq-probe-n 0
   leaves it out);
 and, at the options themselves, uniform A_b (the policy stage, --control uniform).
@@ -55,6 +57,8 @@ from pipeline.plots import plot_quality_vs_fab  # noqa: E402
 
 METRICS = ("psnr", "ssim")
 MARGIN = {"psnr": 0.25, "ssim": 0.005}  # dB and SSIM units: differences below these are not worth bits
+FAMILIES = {"t2q": "QLIP", "text-blind": "text-blind Q2B", "length": "length Q2B",
+            "complexity": "complexity Q2B (oracle)", "t2c": "T2C Q2B"}  # --criteria -> the curve's name
 FAB_TOLERANCE = 0.5  # achieved FABs further apart than this are not "equal bits": no verdict (None)
 
 
@@ -84,6 +88,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--score-n", type=int, default=240)
     ap.add_argument("--q2b-n", type=int, default=32)
     ap.add_argument("--q2b-epochs", type=int, default=8)
+    ap.add_argument("--criteria", default="t2q,text-blind",
+                    help="Q2B quality sources to sweep: t2q (QLIP) and text-blind always; also length, complexity "
+                         "(oracle), t2c")
     ap.add_argument("--mixdq-probe-n", type=int, default=1,
                     help="probe prompts of MixDQ's sensitivity pass (0: no MixDQ control)")
     ap.add_argument("--n", type=int, default=200, help="test prompts")
@@ -108,13 +115,23 @@ def main(argv=None) -> dict:
         score, ScoreConfig(**common, prompts="world", limit=a.score_n, split_fractions="0.8,0.2,0", n_reference=300,
                            steps=a.steps), work / "scored" / "scored")), richness=False), work / "t2q" / "t2q")
     quiet = {"trainer": {"enable_progress_bar": False}}
+    criteria = ["t2q", "text-blind"] + [c for c in a.criteria.split(",") if c not in ("t2q", "text-blind")]
+    unknown = sorted(set(criteria) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"--criteria {a.criteria!r}: unknown {unknown}; choose from {', '.join(FAMILIES)}")
+    heads = {"t2q": t2q_dir}
+    if "t2c" in criteria:  # the same scored set, the FP images' complexity as the target
+        scored = json.loads((t2q_dir / "t2q.json").read_text())["scored"]
+        heads["t2c"] = stage(t2q, T2QConfig(**common, scored=scored, target="complexity", richness=False),
+                             work / "t2c" / "t2q")
     methods: dict[str, dict] = {}  # label -> {"path", "family", "target"}
     for f in fabs:
-        for family, criterion in (("QLIP", "t2q"), ("text-blind Q2B", "text-blind")):
+        for criterion in criteria:
+            family = FAMILIES[criterion]
             folder = work / f"{criterion}_fab{f:g}" / "q2b"
-            stage(q2b, Q2BConfig(**common, quant_state=str(base), criterion=criterion,
-                                 t2q=str(t2q_dir) if criterion == "t2q" else None, target_fab=f, prompts="world",
-                                 n=a.q2b_n, val_n=0, epochs=a.q2b_epochs), folder, **quiet)
+            stage(q2b, Q2BConfig(**common, quant_state=str(base), criterion="t2q" if criterion in heads else criterion,
+                                 t2q=str(heads[criterion]) if criterion in heads else None, target_fab=f,
+                                 prompts="world", n=a.q2b_n, val_n=0, epochs=a.q2b_epochs), folder, **quiet)
             methods[f"{family} @{f:g}"] = {"path": folder, "family": family, "target": f}
         folder = stage(policy, PolicyConfig(**common, quant_state=str(base), control="random", target_fab=f),
                        work / f"random_fab{f:g}" / "policy")
@@ -185,9 +202,9 @@ def summarize(runs: list[dict], methods: dict, fabs: list[float], a) -> dict:
     comparisons, beats, unmatched = [], {}, {}
     for f in fabs:
         q = f"QLIP @{f:g}"
-        for control in (f"text-blind Q2B @{f:g}", f"random @{f:g}", f"MixDQ @{f:g}"):
-            if control not in rows:
-                continue
+        controls = [label for label, m in methods.items() if m["target"] == f and m["family"] not in ("QLIP",
+                                                                                                       "uniform")]
+        for control in controls:
             for metric in METRICS:
                 qa, g = pooled(runs, q, metric)
                 cb, _ = pooled(runs, control, metric)
