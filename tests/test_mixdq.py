@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from pipeline.mixdq.allocation import (
 from pipeline.mixdq.groups import GroupError, layer_groups
 
 STEPS = 1
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -417,3 +419,34 @@ def test_sensitivity_callback_writes_table_and_heatmap(tmp_path):
     make_trainer({"callbacks": [cb]}, forced={"max_steps": 1}).fit(Nothing(), [torch.zeros(1)])
     assert cb.records and cb.records[0]["layers"] == ["conv_in"]
     assert (tmp_path / "sens" / "sensitivity_0.png").is_file() and (tmp_path / "sens" / "sensitivity_0.md").is_file()
+
+
+@pytest.mark.slow
+def test_sensitivity_under_ddp_two_processes_give_the_file_of_one(tmp_path):
+    """Layers dealt to 2 CPU processes, each with its own progress file: rank 0's merged sensitivity.json is the
+    1-process file (every score bit-identical; only the wall time differs)."""
+    import os
+    import subprocess
+    import sys
+
+    state = quick_state(tmp_path / "quant")
+    records = {}
+    for devices in (1, 2):
+        cmd = [sys.executable, "-m", "pipeline.fit", "sensitivity", "--model", "tiny-random", "--quant-state",
+               str(state), "--n", "1", "--layers", r"^(conv_in|conv_out|.*attn2\.to_k)$", "--w-bit-options", "2",
+               "--a-bit-options", "8", "--run-dir", str(tmp_path / f"d{devices}"), "--trainer.accelerator", "cpu",
+               "--trainer.devices", str(devices), "--trainer.strategy", "ddp", "--trainer.enable_progress_bar",
+               "false"]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records[devices] = json.loads((tmp_path / f"d{devices}" / "sensitivity" / "sensitivity.json").read_text())
+        progress = sorted(p.name for p in (tmp_path / f"d{devices}" / "sensitivity_progress").iterdir())
+        assert progress == [f"progress_rank{r}.json" for r in range(devices)]  # one file per process
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # both processes joined the process group
+    shares = [json.loads((tmp_path / "d2" / "sensitivity_progress" / f"progress_rank{r}.json").read_text())["ssim"]
+              for r in (0, 1)]
+    layers = records[1]["layers"]
+    assert len(layers) >= 3 and [list(s) for s in shares] == [layers[0::2], layers[1::2]]  # dealt, none twice
+    one, two = ({k: v for k, v in r.items() if k != "seconds"} for r in (records[1], records[2]))
+    assert json.dumps(two) == json.dumps(one)  # the same file: numbers and key order (layers in state order)
