@@ -272,6 +272,41 @@ def read_sensitivity(path: str | Path, flag: str = "--sensitivity") -> dict:
     return rec
 
 
+def lowest_candidates(cands: Sequence[str]) -> list[str]:
+    """The lowest weight and the lowest activation candidate among `cands` (e.g. ["w2", "a4"])."""
+    return [min(mine, key=lambda c: int(c[1:])) for k in KINDS if (mine := [c for c in cands if c[0] == k])]
+
+
+def probe_agreement(first: dict, second: dict) -> dict:
+    """How well a sensitivity ranking carries over to other prompts: the Spearman rank correlation, across the
+    layers, of two records measured on disjoint probe sets (sensitivity --probe-set 0 and 1), per metric at
+    the lowest weight and the lowest activation candidate: {"w2": {"ssim": rho, "sqnr": rho}, "a4": {...},
+    "layers": n}. rho is None where one side ranks nothing (every layer scored the same). MixDQ's claim
+    (the issue's acceptance) is rho >= 0.8 at the lowest bit."""
+    from scipy.stats import spearmanr
+
+    if first["layers"] != second["layers"]:
+        raise ValueError(f"the two sensitivity records measured different layers ({len(first['layers'])} and "
+                         f"{len(second['layers'])}); measure both with the same --layers")
+    shared = [c for c in first["candidates"] if c in second["candidates"]]
+    if not shared:
+        raise ValueError(f"the two sensitivity records share no candidate ({first['candidates']} and "
+                         f"{second['candidates']}); measure both with the same --w/--a-bit-options")
+    overlap = sorted(set(first["signature"]["prompts"]) & set(second["signature"]["prompts"]))
+    if overlap:
+        raise ValueError(f"the two probe sets share prompts ({overlap[:2]}): their agreement would not measure "
+                         f"reproducibility across prompts; measure them with different --probe-set")
+    out: dict = {"layers": len(first["layers"])}
+    for cand in lowest_candidates(shared):
+        out[cand] = {}
+        for metric in ("ssim", "sqnr"):
+            x = [first[metric][n][cand] for n in first["layers"]]
+            y = [second[metric][n][cand] for n in first["layers"]]
+            ranked = min(len(set(x)), len(set(y))) > 1
+            out[cand][metric] = float(spearmanr(x, y).statistic) if ranked else None
+    return out
+
+
 def sensitivity_table(rec: dict) -> str:
     """Markdown: one row per layer (group, then SSIM and SQNR at every candidate)."""
     cands = rec["candidates"]

@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from data.prompts import dealt_loader, draw_prompts, parse_fractions
 from pipeline.artifacts import (
@@ -26,7 +27,7 @@ from pipeline.artifacts import (
     write_manifest,
     write_text_atomic,
 )
-from pipeline.engine import StageConfig, check_flags, is_global_zero, make_trainer, stage_device
+from pipeline.engine import NON_NEGATIVE, StageConfig, check_flags, is_global_zero, make_trainer, stage_device
 from pipeline.mixdq.groups import layer_groups
 from pipeline.mixdq.sensitivity import (
     SENSITIVITY_FILE,
@@ -60,6 +61,10 @@ class SensitivityConfig(StageConfig):
     """train,val,test fractions of the hashed prompt split (use the same in every stage of a run)"""
     n: int = 4
     """probe prompts (each with a seed fixed by --seed); MixDQ averages over 32"""
+    probe_set: int = 0
+    """which block of --n train prompts and noise seeds probes: block k is prompts k*n..(k+1)*n-1 of the draw,
+    disjoint from every other block (two blocks measure how well the ranking carries over to other prompts:
+    pipeline.mixdq.sensitivity.probe_agreement)"""
     w_bit_options: str | None = None
     """weight bits to measure, e.g. 2,4,8 (default: the state's weight options below 32)"""
     a_bit_options: str | None = None
@@ -76,6 +81,7 @@ class SensitivityConfig(StageConfig):
     """classifier-free guidance scale (default: the state's)"""
     batch_size: int = 8
     """probe prompts per generation batch"""
+    flag_ranges: ClassVar = {"probe_set": NON_NEGATIVE}
 
 
 def sensitivity(cfg: SensitivityConfig, trainer: dict | None = None) -> Path:
@@ -102,7 +108,12 @@ def sensitivity(cfg: SensitivityConfig, trainer: dict | None = None) -> Path:
     if fitter.world_size > len(names):  # a process without a layer would never reach the loop's barrier
         raise ValueError(f"{len(names)} layers for {fitter.world_size} processes: every process needs at least one; "
                          f"measure more layers (--layers) or use fewer --trainer.devices")
-    draw = draw_prompts(cfg.prompts, "train", cfg.n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
+    first = cfg.probe_set * cfg.n
+    draw = draw_prompts(cfg.prompts, "train", first + cfg.n, parse_fractions(cfg.split_fractions), seed=cfg.seed)
+    if len(draw.prompts) < first + cfg.n:  # a short block would overlap no other, but would not have --n prompts
+        raise ValueError(f"--probe-set {cfg.probe_set} needs train prompts {first}..{first + cfg.n - 1} of "
+                         f"--prompts {cfg.prompts}, which has {len(draw.prompts)}; use a lower --probe-set or --n")
+    prompts = draw.prompts[first:]
     device = stage_device(trainer)
     pipe = load_quantized_pipeline(cfg.model, cfg.quant_state, **cfg.load_options()).to(device)
     check_candidates(pipe.unet, w_opts, a_opts)
@@ -112,7 +123,7 @@ def sensitivity(cfg: SensitivityConfig, trainer: dict | None = None) -> Path:
     if qc["n_steps"] > 1 and qc["n_steps"] != sampling.steps:
         raise ValueError(f"--steps {sampling.steps} differs from the {qc['n_steps']} steps the state was calibrated "
                          f"for; pass --steps {qc['n_steps']}")
-    probe = Probe(draw.prompts, prompt_seeds(cfg.seed, 0, len(draw.prompts)), sampling.steps, sampling.guidance)
+    probe = Probe(prompts, prompt_seeds(cfg.seed, first, cfg.n), sampling.steps, sampling.guidance)
     signature = {"format": SENSITIVITY_FORMAT, "model": meta["model"]["weights_sha256"],
                  "quant_state": meta["sha256"], "quant_config": qc, "prompts": probe.prompts, "seeds": probe.seeds,
                  "steps": probe.steps, "guidance": probe.guidance, "w_bits": w_opts, "a_bits": a_opts,
