@@ -450,3 +450,43 @@ def test_sensitivity_under_ddp_two_processes_give_the_file_of_one(tmp_path):
     assert len(layers) >= 3 and [list(s) for s in shares] == [layers[0::2], layers[1::2]]  # dealt, none twice
     one, two = ({k: v for k, v in r.items() if k != "seconds"} for r in (records[1], records[2]))
     assert json.dumps(two) == json.dumps(one)  # the same file: numbers and key order (layers in state order)
+
+
+def test_probe_sets_are_disjoint_and_their_agreement_is_spearman(measured, tmp_path):
+    """--probe-set 1 draws other prompts and other noise seeds than set 0 (set 0 is the default draw);
+    probe_agreement ranks the layers per metric at the lowest w and a candidate and refuses overlapping sets."""
+    from pipeline.fit import main
+    from pipeline.mixdq.sensitivity import probe_agreement, read_sensitivity
+
+    run, state, _ = measured
+    zero = read_sensitivity(run / "sensitivity")
+    main(["sensitivity", "--model", "tiny-random", "--run-dir", str(tmp_path), "--quant-state", str(state), "--n", "1",
+          "--probe-set", "1", "--layers", "^(conv_in|down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)$",
+          "--w-bit-options", "2,8", "--a-bit-options", "8"])
+    one = read_sensitivity(tmp_path / "sensitivity")
+    assert not set(one["signature"]["prompts"]) & set(zero["signature"]["prompts"])
+    assert not set(one["signature"]["seeds"]) & set(zero["signature"]["seeds"])
+    assert one["ssim"] != zero["ssim"]  # other prompts, other scores
+    agreement = probe_agreement(zero, one)
+    assert set(agreement) == {"layers", "w2", "a8"} and agreement["layers"] == 2  # the lowest of each kind only
+    assert abs(agreement["w2"]["sqnr"]) == pytest.approx(1.0)  # two layers: the ranks agree or swap
+
+    layers = [f"l{i}" for i in range(5)]
+
+    def record(prompt, w2, a8):
+        return {"layers": layers, "candidates": ["w2", "w8", "a8"], "signature": {"prompts": [prompt]},
+                "ssim": {n: {"w2": w2[i], "w8": 1.0, "a8": a8[i]} for i, n in enumerate(layers)},
+                "sqnr": {n: {"w2": -w2[i], "w8": 50.0, "a8": a8[i] * 3} for i, n in enumerate(layers)}}
+
+    base = record("p", [0.1, 0.5, 0.3, 0.9, 0.7], [1, 2, 3, 4, 5])
+    same_order = record("q", [0.2, 0.6, 0.4, 0.95, 0.8], [1, 1.5, 3, 7, 9])  # other values, same ranks
+    moved = record("q", [0.1, 0.3, 0.5, 0.9, 0.7], [5, 4, 3, 2, 1])  # two layers swapped; a8 reversed
+    assert probe_agreement(base, same_order)["w2"] == pytest.approx({"ssim": 1.0, "sqnr": 1.0})
+    got = probe_agreement(base, moved)
+    assert got["w2"]["ssim"] == pytest.approx(0.9) and got["a8"]["sqnr"] == pytest.approx(-1.0)
+    assert probe_agreement(base, record("q", [0.5] * 5, [1, 2, 3, 4, 5]))["w2"]["ssim"] is None  # all tied
+    with pytest.raises(ValueError, match="share prompts.*different --probe-set"):
+        probe_agreement(base, record("p", [0.1] * 5, [1] * 5))
+    with pytest.raises(ValueError, match="--probe-set 99 needs train prompts 99..99 of --prompts builtin"):
+        main(["sensitivity", "--model", "tiny-random", "--run-dir", str(tmp_path / "x"), "--quant-state", str(state),
+              "--n", "1", "--probe-set", "99", "--prompts", "builtin"])
