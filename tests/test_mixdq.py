@@ -490,3 +490,52 @@ def test_probe_sets_are_disjoint_and_their_agreement_is_spearman(measured, tmp_p
     with pytest.raises(ValueError, match="--probe-set 99 needs train prompts 99..99 of --prompts builtin"):
         main(["sensitivity", "--model", "tiny-random", "--run-dir", str(tmp_path / "x"), "--quant-state", str(state),
               "--n", "1", "--probe-set", "99", "--prompts", "builtin"])
+
+
+def test_val_pick_takes_the_frontier_point_within_the_budget_closest_to_fp():
+    from pipeline.mixdq.allocation import val_pick
+
+    def sweep():
+        return [{"budget": 3.0, "average": 2.9, "frontier": True}, {"budget": 4.0, "average": 3.8, "frontier": True},
+                {"budget": 5.0, "average": 3.8},  # dominated (a repeat): never scored
+                {"budget": 6.0, "average": 5.9, "frontier": True},
+                {"budget": 8.0, "average": 7.9, "frontier": True}]  # beyond the budget: never scored
+
+    val = {2.9: 0.7, 3.8: 0.9, 5.9: 0.8, 7.9: 0.99}  # the val optimum within 6 bits is not its largest point
+    points = sweep()
+    assert val_pick(points, 6.0, lambda p: val[p["average"]]) == 1
+    assert [p.get("val_ssim") for p in points] == [0.7, 0.9, None, 0.8, None]
+    tied = sweep()
+    assert val_pick(tied, 6.0, lambda p: 0.5) == 0  # a tie: the cheaper point
+    assert val_pick(sweep(), 2.0, lambda p: 1.0) is None  # nothing within the budget
+
+
+def test_mixdq_picks_a_sweep_point_on_val_and_writes_it(measured, tmp_path, monkeypatch):
+    """--w-budget 8 sweeps 2,4,6,8: the frontier within 8 bits is the 2.0 and 8.0 points. Val scores favouring
+    the cheaper point (made up: on tiny-random 8 bits always look closer to FP) must make it the written state,
+    not the allocation at --w-budget."""
+    from pipeline.fit import main
+    from pipeline.stages import mixdq as stage
+
+    run, state, _ = measured
+    made_up = iter([0.9, 0.5])  # scored in sweep order: the 2.0 point, then the 8.0 point
+    monkeypatch.setattr(stage, "ssim_to", lambda fp, images: next(made_up))
+    out = main(["mixdq", "--model", "tiny-random", "--run-dir", str(tmp_path), "--sensitivity",
+                str(run / "sensitivity"), "--w-budget", "8", "--a-budget", "8", "--protect-frac", "0", "--w-splits",
+                "1.0", "--pareto-budgets", "2:8:4", "--val-n", "1"])
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert [(p["budget"], p.get("frontier", False), p.get("val_ssim")) for p in pareto] == \
+        [(2.0, True, 0.9), (4.0, False, None), (6.0, False, None), (8.0, True, 0.5)]
+    assert [p.get("picked", False) for p in pareto] == [True, False, False, False]
+    chosen = next(c for c in json.loads((out / "candidates.json").read_text()) if c.get("chosen"))
+    assert chosen["w"]["average"] == 8.0  # what --w-budget alone would have written
+    policy = json.loads((out / "policy.json").read_text())
+    rec = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
+    sizes, layers = rec["weight_numel"], rec["layers"]
+    avg = sum(sizes[n] * policy["weights"][n] for n in layers) / sum(sizes[n] for n in layers)
+    assert policy["picked_budget"] == 2.0 and avg == pytest.approx(2.0)  # the picked point is the state written
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import get_weight_bits, load_quantized
+
+    unet, _, _ = load_quantized(tiny_pipeline(0).unet, out)
+    assert {n: b for n, b in get_weight_bits(unet).items() if n in layers} == {n: 2 for n in layers}
