@@ -6,6 +6,7 @@ run sensitivity -> mixdq -> evaluate."""
 import itertools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -539,3 +540,37 @@ def test_mixdq_picks_a_sweep_point_on_val_and_writes_it(measured, tmp_path, monk
 
     unet, _, _ = load_quantized(tiny_pipeline(0).unet, out)
     assert {n: b for n, b in get_weight_bits(unet).items() if n in layers} == {n: 2 for n in layers}
+
+
+def test_sensitivity_resumes_from_every_process_progress_file(measured, tmp_path):
+    """A rerun (here on one process) skips a layer that another process's file holds and merges its scores;
+    a file of other settings is refused by name, and discarded under --overwrite."""
+    from pipeline.errors import RunDirError
+    from pipeline.fit import main
+    from pipeline.mixdq.sensitivity import rank_progress_file
+
+    run, state, _ = measured
+    whole = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
+    args = ["sensitivity", "--model", "tiny-random", "--run-dir", str(tmp_path), "--quant-state", str(state), "--n",
+            "1", "--layers", "^(conv_in|down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)$",
+            "--w-bit-options", "2,8", "--a-bit-options", "8"]
+    kept = LAYERS[1]  # as if process 1 of a 2-process run had measured it before the kill, with marked scores
+    marked = {m: {c: v + 0.5 for c, v in whole[m][kept].items()} for m in ("ssim", "sqnr")}
+    other = rank_progress_file(tmp_path / "sensitivity_progress", 1)
+    other.parent.mkdir()
+    other.write_text(json.dumps({"signature": whole["signature"], "ssim": {kept: marked["ssim"]},
+                                 "sqnr": {kept: marked["sqnr"]}}))
+    main(args)
+    rec = json.loads((tmp_path / "sensitivity" / "sensitivity.json").read_text())
+    assert rec["ssim"][kept] == marked["ssim"] and rec["sqnr"][kept] == marked["sqnr"]  # taken, not measured
+    assert rec["ssim"][LAYERS[0]] == whole["ssim"][LAYERS[0]]  # the other one measured here, as before
+    own = json.loads(rank_progress_file(tmp_path / "sensitivity_progress", 0).read_text())
+    assert list(own["ssim"]) == [LAYERS[0]]
+
+    other.write_text(json.dumps({"signature": {**whole["signature"], "steps": 9}, "ssim": {}, "sqnr": {}}))
+    shutil.rmtree(tmp_path / "sensitivity")  # no finished results in the way: the progress is what is checked
+    with pytest.raises(RunDirError, match="sensitivity progress of other settings.*steps.*--overwrite true"):
+        main(args)
+    main(args + ["--overwrite", "true"])  # discarded: every layer measured again
+    rec = json.loads((tmp_path / "sensitivity" / "sensitivity.json").read_text())
+    assert rec["ssim"] == whole["ssim"] and not other.exists()
