@@ -303,7 +303,8 @@ def val_pick(points: Sequence[dict], budget: float, score: Callable[[dict], floa
     ("frontier": True, pareto_front) whose budget is within `budget`, the one `score(point)` rates highest
     (val SSIM to FP); on a tie, the lower average. Each point scored gets "val_ssim"; None when no point
     qualifies."""
-    contenders = [i for i, p in enumerate(points) if p.get("frontier") and p["budget"] <= budget]
+    # a sweep budget from linspace may sit a rounding error above the same budget typed as --w-budget
+    contenders = [i for i, p in enumerate(points) if p.get("frontier") and p["budget"] <= budget + 1e-9]
     for i in contenders:
         points[i]["val_ssim"] = float(score(points[i]))
     if not contenders:
