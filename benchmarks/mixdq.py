@@ -8,7 +8,15 @@ second one without), the sensitivity stage on every layer, then per point (W4.0 
 mixdq stage per allocator: uniform, random (median over seeds), sorting, sqnr-only, MixDQ (ilp), MixDQ without
 BOS-aware. One evaluate run per point scores them all: paired SSIM/PSNR to FP against uniform (mean difference,
 95% paired-bootstrap CI, Wilcoxon p), FID to FP, BitOPs, size, s/image. Also: the per-layer-type group table,
-the text encoder's BOS outlier ratio, and the sensitivity stage's time. Writes --out (JSON) as it goes."""
+the text encoder's BOS outlier ratio, and the sensitivity stage's time. Writes --out (JSON) as it goes.
+
+"reproducibility" (--repro-n > 0): the sensitivity measured again on two disjoint probe sets of --repro-n train
+prompts each (sensitivity --probe-set 0 and 1, other noise seeds too), at --repro-w-bits / --repro-a-bits only,
+and the Spearman correlation of the per-layer scores across the sets per metric (the issue's acceptance: >= 0.8
+at the lowest candidate bit). --repro-only measures just that:
+
+  python benchmarks/mixdq.py --steps 4 --cali-n 8 --repro-n 2 --repro-only --out benchmarks/results/mixdq_repro.json
+"""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +43,7 @@ from pipeline.api import (  # noqa: E402
     mixdq,
     sensitivity,
 )
+from pipeline.mixdq.sensitivity import probe_agreement  # noqa: E402
 from pipeline.models import load_pipeline  # noqa: E402
 
 LAYER_TYPES = (("cross-attention", r"\.attn2\."), ("FFN", r"\.ff\."), ("self-attention", r"\.attn1\."),
@@ -57,6 +66,14 @@ def parse_args(argv=None):
     p.add_argument("--a-budgets", default="8,6")
     p.add_argument("--no-bos-variant", action="store_true", help="skip the calibration without BOS-aware K/V")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a busy CPU)")
+    p.add_argument("--repro-n", type=int, default=4, help="prompts per disjoint probe set of the reproducibility "
+                   "measurement (0: skip it)")
+    p.add_argument("--repro-w-bits", default="2", help="weight candidates of the reproducibility measurement")
+    p.add_argument("--repro-a-bits", default="4", help="activation candidates of the reproducibility measurement")
+    p.add_argument("--repro-layers", default=None, help="regex: the layers of the reproducibility measurement "
+                   "(default: all)")
+    p.add_argument("--repro-only", action="store_true", help="measure only the reproducibility (one BOS-aware "
+                   "calibration, two sensitivity runs), not the allocators")
     return p.parse_args(argv)
 
 
@@ -93,6 +110,20 @@ def group_table(rec: dict) -> list[dict]:
     return rows
 
 
+def reproducibility(a, common: dict, state: Path, work: Path) -> dict:
+    """The sensitivity on probe sets 0 and 1 (disjoint prompts and seeds) and their per-metric Spearman."""
+    recs, seconds = [], []
+    for k in (0, 1):
+        out = sensitivity(SensitivityConfig(**common, run_dir=str(work / f"set{k}"), quant_state=str(state),
+                                            n=a.repro_n, probe_set=k, w_bit_options=a.repro_w_bits,
+                                            a_bit_options=a.repro_a_bits, layers=a.repro_layers, steps=a.steps))
+        recs.append(json.loads((out / "sensitivity.json").read_text()))
+        seconds.append(recs[-1]["seconds"])
+    return {"spearman": probe_agreement(*recs), "probe_n": a.repro_n, "candidates": recs[0]["candidates"],
+            "prompts": [r["signature"]["prompts"] for r in recs], "seeds": [r["signature"]["seeds"] for r in recs],
+            "steps": recs[0]["signature"]["steps"], "sensitivity_seconds": seconds, "threshold": 0.8}
+
+
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -105,13 +136,16 @@ def main(argv=None):
 
     common = dict(model=a.model, overwrite=True)
     states, records = {}, {}
-    for bos in ([True] if a.no_bos_variant else [True, False]):
+    for bos in ([True] if a.no_bos_variant or a.repro_only else [True, False]):
         run = work / ("bos" if bos else "nobos")
         t0 = time.time()
         states[bos] = calibrate(CalibrateConfig(**common, run_dir=str(run), method="naive", w_bits=8,
                                                 w_bit_options="2,4,8", a_bits=8, a_bit_options="4,8,16",
                                                 bos_aware=bos, cali_n=a.cali_n, steps=a.steps))
         t1 = time.time()
+        if a.repro_only:
+            result["calibrate_seconds"] = t1 - t0
+            break
         records[bos] = sensitivity(SensitivityConfig(**common, run_dir=str(run), quant_state=str(states[bos]),
                                                      n=a.probe_n, a_bit_options=a.a_candidates))
         rec = json.loads((records[bos] / "sensitivity.json").read_text())
@@ -119,6 +153,12 @@ def main(argv=None):
             "calibrate_seconds": t1 - t0, "sensitivity_seconds": rec["seconds"], "layers": len(rec["layers"]),
             "candidates": rec["candidates"], "group_table": group_table(rec)}
         save()
+    if a.repro_n:
+        result["reproducibility"] = reproducibility(a, common, states[True], work / "reproducibility")
+        save()
+        print(json.dumps(result["reproducibility"]["spearman"], indent=1))
+    if a.repro_only:
+        return
     test = draw_prompts("world", "train", 32, seed=1).prompts
     result["bos_outlier_ratio"] = bos_outlier_ratio(a.model, test)
     save()

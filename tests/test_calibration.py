@@ -474,3 +474,51 @@ def test_quantized_inputs_run_weights_then_activations_as_q_diffusion_does(cali_
     calibrate_qdiff(resumed, data, tmp_path / "cut", **kw)
     a, b = quantizer_state(a4), quantizer_state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learn_adaround_weights_returns_every_weight_option(monkeypatch):
+    """The shared weight phase hands over every weight option's learned quantizer, not only the default one's:
+    a second UNet wrapped alike, given the tensors, computes what the first does at every option; one wrapped
+    without the options is refused by name. The reconstruction itself (AdaRound per option: tests/test_mixdq.py
+    test_adaround_learns_every_weight_option) is replaced by a stand-in that moves every option's rounding, so
+    that what is checked here is what the function returns."""
+    from pipeline.calibration.qdiff import learn_adaround_weights
+    from pipeline.quant import set_weight_bits
+    from pipeline.quant.quantizer import WeightQuantizer
+    from pipeline.quant.state import assign_quantizer_tensors
+
+    def learned_rounding(unet, data, partial_dir, iters_w, iters_a, **kw):
+        for m in unet.modules():
+            if isinstance(m, WeightQuantizer):
+                m.round_up = ~m.round_up  # every option's rounding moves off the fresh one's
+        return {"unit": {"seconds": 0.0}}
+
+    monkeypatch.setattr(qdiff_mod, "calibrate_qdiff", learned_rounding)
+    cfg = qcfg(w_bit_options=[2, 4, 8], a_bits=32, a_bit_options=[32], weight_init="minmax")  # L_p: slow, not the point
+    learned = quantize_unet(tiny_pipeline(0).unet, cfg)
+    tensors, units = learn_adaround_weights(learned, None, "unused", iters_w=1)
+    assert units == {"unit": {"seconds": 0.0}} and all(".w_quant." in k or ".w_options." in k for k in tensors)
+    for bits in ("2", "8"):  # the default (4) is w_quant; the others are w_options.<bits>
+        assert any(f".w_options.{bits}.round_up" in k for k in tensors), bits
+    fresh = quantize_unet(tiny_pipeline(0).unet, cfg)
+    g = torch.Generator().manual_seed(0)
+    call = (torch.randn(2, 4, 16, 16, generator=g), 500, torch.randn(2, 77, 64, generator=g))
+
+    def outputs(unet):
+        set_quant_state(unet, weight=True, act=False)
+        out = {}
+        for b in (2, 4, 8):
+            set_weight_bits(unet, b)
+            with torch.no_grad():
+                out[b] = unet(*call).sample
+        return out
+
+    want = outputs(learned)
+    assert not torch.equal(outputs(fresh)[2], want[2])  # the fresh UNet rounds otherwise
+    assign_quantizer_tensors(fresh, tensors)
+    got = outputs(fresh)
+    for b in (2, 4, 8):
+        assert torch.equal(got[b], want[b]), b
+    with pytest.raises(ValueError, match="do not exist in this UNet.*--w-bit-options"):
+        assign_quantizer_tensors(quantize_unet(tiny_pipeline(0).unet, qcfg(a_bits=32, a_bit_options=[32],
+                                                                            weight_init="minmax")), tensors)

@@ -6,7 +6,9 @@ run sensitivity -> mixdq -> evaluate."""
 import itertools
 import json
 import math
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from pipeline.mixdq.allocation import (
 from pipeline.mixdq.groups import GroupError, layer_groups
 
 STEPS = 1
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -417,3 +420,157 @@ def test_sensitivity_callback_writes_table_and_heatmap(tmp_path):
     make_trainer({"callbacks": [cb]}, forced={"max_steps": 1}).fit(Nothing(), [torch.zeros(1)])
     assert cb.records and cb.records[0]["layers"] == ["conv_in"]
     assert (tmp_path / "sens" / "sensitivity_0.png").is_file() and (tmp_path / "sens" / "sensitivity_0.md").is_file()
+
+
+@pytest.mark.slow
+def test_sensitivity_under_ddp_two_processes_give_the_file_of_one(tmp_path):
+    """Layers dealt to 2 CPU processes, each with its own progress file: rank 0's merged sensitivity.json is the
+    1-process file (every score bit-identical; only the wall time differs)."""
+    import os
+    import subprocess
+    import sys
+
+    state = quick_state(tmp_path / "quant")
+    records = {}
+    for devices in (1, 2):
+        cmd = [sys.executable, "-m", "pipeline.fit", "sensitivity", "--model", "tiny-random", "--quant-state",
+               str(state), "--n", "1", "--layers", r"^(conv_in|conv_out|.*attn2\.to_k)$", "--w-bit-options", "2",
+               "--a-bit-options", "8", "--run-dir", str(tmp_path / f"d{devices}"), "--trainer.accelerator", "cpu",
+               "--trainer.devices", str(devices), "--trainer.strategy", "ddp", "--trainer.enable_progress_bar",
+               "false"]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records[devices] = json.loads((tmp_path / f"d{devices}" / "sensitivity" / "sensitivity.json").read_text())
+        progress = sorted(p.name for p in (tmp_path / f"d{devices}" / "sensitivity_progress").iterdir())
+        assert progress == [f"progress_rank{r}.json" for r in range(devices)]  # one file per process
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # both processes joined the process group
+    shares = [json.loads((tmp_path / "d2" / "sensitivity_progress" / f"progress_rank{r}.json").read_text())["ssim"]
+              for r in (0, 1)]
+    layers = records[1]["layers"]
+    assert len(layers) >= 3 and [list(s) for s in shares] == [layers[0::2], layers[1::2]]  # dealt, none twice
+    one, two = ({k: v for k, v in r.items() if k != "seconds"} for r in (records[1], records[2]))
+    assert json.dumps(two) == json.dumps(one)  # the same file: numbers and key order (layers in state order)
+
+
+def test_probe_sets_are_disjoint_and_their_agreement_is_spearman(measured, tmp_path):
+    """--probe-set 1 draws other prompts and other noise seeds than set 0 (set 0 is the default draw);
+    probe_agreement ranks the layers per metric at the lowest w and a candidate and refuses overlapping sets."""
+    from pipeline.fit import main
+    from pipeline.mixdq.sensitivity import probe_agreement, read_sensitivity
+
+    run, state, _ = measured
+    zero = read_sensitivity(run / "sensitivity")
+    main(["sensitivity", "--model", "tiny-random", "--run-dir", str(tmp_path), "--quant-state", str(state), "--n", "1",
+          "--probe-set", "1", "--layers", "^(conv_in|down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)$",
+          "--w-bit-options", "2,8", "--a-bit-options", "8"])
+    one = read_sensitivity(tmp_path / "sensitivity")
+    assert not set(one["signature"]["prompts"]) & set(zero["signature"]["prompts"])
+    assert not set(one["signature"]["seeds"]) & set(zero["signature"]["seeds"])
+    assert one["ssim"] != zero["ssim"]  # other prompts, other scores
+    agreement = probe_agreement(zero, one)
+    assert set(agreement) == {"layers", "w2", "a8"} and agreement["layers"] == 2  # the lowest of each kind only
+    assert abs(agreement["w2"]["sqnr"]) == pytest.approx(1.0)  # two layers: the ranks agree or swap
+
+    layers = [f"l{i}" for i in range(5)]
+
+    def record(prompt, w2, a8):
+        return {"layers": layers, "candidates": ["w2", "w8", "a8"], "signature": {"prompts": [prompt]},
+                "ssim": {n: {"w2": w2[i], "w8": 1.0, "a8": a8[i]} for i, n in enumerate(layers)},
+                "sqnr": {n: {"w2": -w2[i], "w8": 50.0, "a8": a8[i] * 3} for i, n in enumerate(layers)}}
+
+    base = record("p", [0.1, 0.5, 0.3, 0.9, 0.7], [1, 2, 3, 4, 5])
+    same_order = record("q", [0.2, 0.6, 0.4, 0.95, 0.8], [1, 1.5, 3, 7, 9])  # other values, same ranks
+    moved = record("q", [0.1, 0.3, 0.5, 0.9, 0.7], [5, 4, 3, 2, 1])  # two layers swapped; a8 reversed
+    assert probe_agreement(base, same_order)["w2"] == pytest.approx({"ssim": 1.0, "sqnr": 1.0})
+    got = probe_agreement(base, moved)
+    assert got["w2"]["ssim"] == pytest.approx(0.9) and got["a8"]["sqnr"] == pytest.approx(-1.0)
+    assert probe_agreement(base, record("q", [0.5] * 5, [1, 2, 3, 4, 5]))["w2"]["ssim"] is None  # all tied
+    with pytest.raises(ValueError, match="share prompts.*different --probe-set"):
+        probe_agreement(base, record("p", [0.1] * 5, [1] * 5))
+    with pytest.raises(ValueError, match="--probe-set 99 needs train prompts 99..99 of --prompts builtin"):
+        main(["sensitivity", "--model", "tiny-random", "--run-dir", str(tmp_path / "x"), "--quant-state", str(state),
+              "--n", "1", "--probe-set", "99", "--prompts", "builtin"])
+
+
+def test_val_pick_takes_the_frontier_point_within_the_budget_closest_to_fp():
+    from pipeline.mixdq.allocation import val_pick
+
+    def sweep():
+        return [{"budget": 3.0, "average": 2.9, "frontier": True}, {"budget": 4.0, "average": 3.8, "frontier": True},
+                {"budget": 5.0, "average": 3.8},  # dominated (a repeat): never scored
+                {"budget": 6.0, "average": 5.9, "frontier": True},
+                {"budget": 8.0, "average": 7.9, "frontier": True}]  # beyond the budget: never scored
+
+    val = {2.9: 0.7, 3.8: 0.9, 5.9: 0.8, 7.9: 0.99}  # the val optimum within 6 bits is not its largest point
+    points = sweep()
+    assert val_pick(points, 6.0, lambda p: val[p["average"]]) == 1
+    assert [p.get("val_ssim") for p in points] == [0.7, 0.9, None, 0.8, None]
+    tied = sweep()
+    assert val_pick(tied, 6.0, lambda p: 0.5) == 0  # a tie: the cheaper point
+    assert val_pick(sweep(), 2.0, lambda p: 1.0) is None  # nothing within the budget
+
+
+def test_mixdq_picks_a_sweep_point_on_val_and_writes_it(measured, tmp_path, monkeypatch):
+    """--w-budget 8 sweeps 2,4,6,8: the frontier within 8 bits is the 2.0 and 8.0 points. Val scores favouring
+    the cheaper point (made up: on tiny-random 8 bits always look closer to FP) must make it the written state,
+    not the allocation at --w-budget."""
+    from pipeline.fit import main
+    from pipeline.stages import mixdq as stage
+
+    run, state, _ = measured
+    made_up = iter([0.9, 0.5])  # scored in sweep order: the 2.0 point, then the 8.0 point
+    monkeypatch.setattr(stage, "ssim_to", lambda fp, images: next(made_up))
+    out = main(["mixdq", "--model", "tiny-random", "--run-dir", str(tmp_path), "--sensitivity",
+                str(run / "sensitivity"), "--w-budget", "8", "--a-budget", "8", "--protect-frac", "0", "--w-splits",
+                "1.0", "--pareto-budgets", "2:8:4", "--val-n", "1"])
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert [(p["budget"], p.get("frontier", False), p.get("val_ssim")) for p in pareto] == \
+        [(2.0, True, 0.9), (4.0, False, None), (6.0, False, None), (8.0, True, 0.5)]
+    assert [p.get("picked", False) for p in pareto] == [True, False, False, False]
+    chosen = next(c for c in json.loads((out / "candidates.json").read_text()) if c.get("chosen"))
+    assert chosen["w"]["average"] == 8.0  # what --w-budget alone would have written
+    policy = json.loads((out / "policy.json").read_text())
+    rec = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
+    sizes, layers = rec["weight_numel"], rec["layers"]
+    avg = sum(sizes[n] * policy["weights"][n] for n in layers) / sum(sizes[n] for n in layers)
+    assert policy["picked_budget"] == 2.0 and avg == pytest.approx(2.0)  # the picked point is the state written
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import get_weight_bits, load_quantized
+
+    unet, _, _ = load_quantized(tiny_pipeline(0).unet, out)
+    assert {n: b for n, b in get_weight_bits(unet).items() if n in layers} == {n: 2 for n in layers}
+
+
+def test_sensitivity_resumes_from_every_process_progress_file(measured, tmp_path):
+    """A rerun (here on one process) skips a layer that another process's file holds and merges its scores;
+    a file of other settings is refused by name, and discarded under --overwrite."""
+    from pipeline.errors import RunDirError
+    from pipeline.fit import main
+    from pipeline.mixdq.sensitivity import rank_progress_file
+
+    run, state, _ = measured
+    whole = json.loads((run / "sensitivity" / "sensitivity.json").read_text())
+    args = ["sensitivity", "--model", "tiny-random", "--run-dir", str(tmp_path), "--quant-state", str(state), "--n",
+            "1", "--layers", "^(conv_in|down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)$",
+            "--w-bit-options", "2,8", "--a-bit-options", "8"]
+    kept = LAYERS[1]  # as if process 1 of a 2-process run had measured it before the kill, with marked scores
+    marked = {m: {c: v + 0.5 for c, v in whole[m][kept].items()} for m in ("ssim", "sqnr")}
+    other = rank_progress_file(tmp_path / "sensitivity_progress", 1)
+    other.parent.mkdir()
+    other.write_text(json.dumps({"signature": whole["signature"], "ssim": {kept: marked["ssim"]},
+                                 "sqnr": {kept: marked["sqnr"]}}))
+    main(args)
+    rec = json.loads((tmp_path / "sensitivity" / "sensitivity.json").read_text())
+    assert rec["ssim"][kept] == marked["ssim"] and rec["sqnr"][kept] == marked["sqnr"]  # taken, not measured
+    assert rec["ssim"][LAYERS[0]] == whole["ssim"][LAYERS[0]]  # the other one measured here, as before
+    own = json.loads(rank_progress_file(tmp_path / "sensitivity_progress", 0).read_text())
+    assert list(own["ssim"]) == [LAYERS[0]]
+
+    other.write_text(json.dumps({"signature": {**whole["signature"], "steps": 9}, "ssim": {}, "sqnr": {}}))
+    shutil.rmtree(tmp_path / "sensitivity")  # no finished results in the way: the progress is what is checked
+    with pytest.raises(RunDirError, match="sensitivity progress of other settings.*steps.*--overwrite true"):
+        main(args)
+    main(args + ["--overwrite", "true"])  # discarded: every layer measured again
+    rec = json.loads((tmp_path / "sensitivity" / "sensitivity.json").read_text())
+    assert rec["ssim"] == whole["ssim"] and not other.exists()

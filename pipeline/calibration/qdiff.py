@@ -35,6 +35,7 @@ from pipeline.calibration.gptq import check_adaround_init
 from pipeline.calibration.naive import merge_observations, sync_banks_from_rank0
 from pipeline.calibration.reconstruction import Phase, fit_rounding, fit_unit, held_out_mse
 from pipeline.quant import set_quant_state, set_step
+from pipeline.quant.quantizer import WeightQuantizer
 from pipeline.quant.state import assign_quantizer_tensors, quantizer_state
 from pipeline.shards import (
     DEFAULT_RAM_CAP_GIB,
@@ -360,9 +361,9 @@ def learn_adaround_weights(unet, data, partial_dir: str | Path, iters_w: int, w_
 
     The weight pass sees inputs from the upstream units with weights quantized and every activation quantizer
     off (Q-Diffusion's first pass), so what it learns does not depend on the activation setting: one run (the
-    UNet wrapped at A32) serves every A-bits at these W-bits. Returns the learned weight-quantizer tensors
-    (`assign_quantizer_tensors` puts them into another UNet wrapped with the same W-bits) and `calibrate_qdiff`'s
-    per-unit metrics; resumable in `partial_dir`."""
+    UNet wrapped at A32) serves every A-bits at these W-bits. Returns the learned tensors of every weight option
+    (`assign_quantizer_tensors` puts them into another UNet wrapped with the same W-bits and weight options) and
+    `calibrate_qdiff`'s per-unit metrics; resumable in `partial_dir`."""
     units = calibrate_qdiff(unet, data, partial_dir, iters_w, 0, w_lr=w_lr, trainer_kwargs=trainer_kwargs)
-    tensors = {k: v for k, v in quantizer_state(unet).items() if ".w_quant." in k}
+    tensors = quantizer_state(unet, kinds=(WeightQuantizer,))
     return tensors, units

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -296,6 +296,20 @@ def pareto_front(points: Sequence[dict], x: str = "average", y: str = "objective
         if not (dominated or repeated):
             keep.append(i)
     return keep
+
+
+def val_pick(points: Sequence[dict], budget: float, score: Callable[[dict], float]) -> int | None:
+    """Index of the sweep point MixDQ keeps (its final pick on val prompts): among the frontier points
+    ("frontier": True, pareto_front) whose budget is within `budget`, the one `score(point)` rates highest
+    (val SSIM to FP); on a tie, the lower average. Each point scored gets "val_ssim"; None when no point
+    qualifies."""
+    # a sweep budget from linspace may sit a rounding error above the same budget typed as --w-budget
+    contenders = [i for i, p in enumerate(points) if p.get("frontier") and p["budget"] <= budget + 1e-9]
+    for i in contenders:
+        points[i]["val_ssim"] = float(score(points[i]))
+    if not contenders:
+        return None
+    return max(contenders, key=lambda i: (points[i]["val_ssim"], -points[i]["average"]))
 
 
 def parse_sweep(text: str | None) -> list[float]:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import lightning as L
 import torch
 
-from pipeline.artifacts import check_progress, write_json_atomic
+from pipeline.artifacts import check_progress, jsonable, write_json_atomic
 from pipeline.metrics.cost import layer_stats
 from pipeline.metrics.fidelity import as_nchw, ssim_kernel, to_unit
 from pipeline.quant import get_bit_policy, get_weight_bits, quant_layers, set_bit_policy, set_quant_state, set_step
@@ -116,11 +117,14 @@ class Measurement:
 def measure_sensitivity(pipe, probe: Probe, w_bits: Sequence[int], a_bits: Sequence[int],
                         progress_file: str | Path | None = None, signature: dict | None = None,
                         discard_stale: bool = False, layers: Sequence[str] | None = None,
-                        on_measured: Callable[[str, str, int], None] | None = None, batch_size: int = 8) -> dict:
+                        on_measured: Callable[[str, str, int], None] | None = None, batch_size: int = 8,
+                        reference: Measurement | None = None) -> dict:
     """{"layers", "candidates", "ssim": {layer: {"w2": ..}}, "sqnr": {...}} for `pipe.unet` (quantized, every
     candidate calibrated). `progress_file`: measured layers are kept there (under `signature`) and skipped by a
-    rerun. `on_measured(layer, kind, bits)` is called after each measurement (progress bars, tests). The UNet's
-    weight bits, policy and quantization switches are restored afterwards."""
+    rerun. `on_measured(layer, kind, bits)` is called after each measurement (progress bars, tests).
+    `reference`: the probe's FP reference when the caller already has it (a process measuring its layers one
+    call at a time builds it once). The UNet's weight bits, policy and quantization switches are restored
+    afterwards."""
     unet = pipe.unet
     check_candidates(unet, w_bits, a_bits)
     cands = candidates(w_bits, a_bits)
@@ -131,11 +135,11 @@ def measure_sensitivity(pipe, probe: Probe, w_bits: Sequence[int], a_bits: Seque
     saved_w, saved_a = dict(get_weight_bits(unet)), get_bit_policy(unet)
     high_a = max(unet.quant_config.a_bit_options)
     try:
-        measure = Measurement(pipe, probe, batch_size)
         all_layers = quant_layers(unet)
         for name in names:
             if name in record["ssim"]:
                 continue
+            measure = reference = reference or Measurement(pipe, probe, batch_size)  # only if a layer is left
             layer = all_layers[name]
             row_ssim, row_sqnr = {}, {}
             for kind, bits in cands:
@@ -160,6 +164,72 @@ def measure_sensitivity(pipe, probe: Probe, w_bits: Sequence[int], a_bits: Seque
         set_quant_state(unet, weight=True, act=True)
     return {"layers": names, "candidates": [f"{k}{b}" for k, b in cands],
             "ssim": {n: record["ssim"][n] for n in names}, "sqnr": {n: record["sqnr"][n] for n in names}}
+
+
+# A process's progress file in the progress folder: one per rank, so that processes never write the same file.
+# `progress.json` (a single-process run before sharding existed) matches the pattern too and is reused.
+PROGRESS_GLOB = "progress*.json"
+
+
+def rank_progress_file(folder: str | Path, rank: int) -> Path:
+    return Path(folder) / f"progress_rank{rank}.json"
+
+
+def check_progress_folder(folder: str | Path, signature: dict, discard_stale: bool = False) -> None:
+    """Rank 0, before any process measures: every progress file in `folder` was made under `signature`, or
+    (`discard_stale`, --overwrite) the folder is discarded; otherwise the run is refused, naming what differs."""
+    for f in sorted(Path(folder).glob(PROGRESS_GLOB)):
+        if check_progress(f, signature, "sensitivity progress", discard_stale) is None:
+            return  # discarded: the whole folder went
+
+
+def measured_so_far(folder: str | Path, signature: dict) -> dict:
+    """{"ssim": {layer: row}, "sqnr": {...}}: the union of every process's progress file in `folder` made under
+    `signature` (a layer's scores do not depend on which process, or how many, measured it)."""
+    done = {"ssim": {}, "sqnr": {}}
+    sig = jsonable(signature)
+    for f in sorted(Path(folder).glob(PROGRESS_GLOB)):
+        try:
+            rec = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # atomic writes cannot leave this; such a file's layers are measured again
+        if rec.get("signature") == sig:
+            for metric in done:
+                done[metric].update(rec.get(metric, {}))
+    return done
+
+
+class LayerShard(L.LightningModule):
+    """The sensitivity stage's predict loop: each batch is one layer name (dealt to the processes by
+    `data.prompts.dealt_loader`); the process measures it unless some process's progress in `progress_dir`
+    already holds it, and keeps it in its own file (`rank_progress_file`). The probe's FP reference is built
+    once per process, at its first layer left to measure."""
+
+    def __init__(self, pipe, probe: Probe, w_bits: Sequence[int], a_bits: Sequence[int], progress_dir: str | Path,
+                 signature: dict, batch_size: int = 8):
+        super().__init__()
+        self.pipe, self.probe, self.w_bits, self.a_bits = pipe, probe, list(w_bits), list(a_bits)
+        self.progress_dir, self.signature, self.batch_size = Path(progress_dir), signature, batch_size
+        self.reference: Measurement | None = None
+        self.measured: list[str] = []
+
+    def on_predict_start(self) -> None:
+        # rank 0 has refused or discarded another run's progress (check_progress_folder) before any process
+        # reads it: under torchrun every process reaches this point at once
+        self.trainer.strategy.barrier()
+        self.done = measured_so_far(self.progress_dir, self.signature)
+        self.file = rank_progress_file(self.progress_dir, self.trainer.global_rank)
+
+    def predict_step(self, name, batch_idx):
+        if name in self.done["ssim"]:
+            return None  # measured by an earlier run (by any process)
+        if self.reference is None:
+            self.reference = Measurement(self.pipe, self.probe, self.batch_size)
+        with torch.no_grad():
+            measure_sensitivity(self.pipe, self.probe, self.w_bits, self.a_bits, self.file, self.signature,
+                                layers=[name], reference=self.reference)
+        self.measured.append(name)
+        return None
 
 
 SENSITIVITY_FORMAT = "qlip-sensitivity/1"
@@ -200,6 +270,41 @@ def read_sensitivity(path: str | Path, flag: str = "--sensitivity") -> dict:
                                            f"measure again (--overwrite true) rather than allocate bits from it")
     rec["path"] = str(file)
     return rec
+
+
+def lowest_candidates(cands: Sequence[str]) -> list[str]:
+    """The lowest weight and the lowest activation candidate among `cands` (e.g. ["w2", "a4"])."""
+    return [min(mine, key=lambda c: int(c[1:])) for k in KINDS if (mine := [c for c in cands if c[0] == k])]
+
+
+def probe_agreement(first: dict, second: dict) -> dict:
+    """How well a sensitivity ranking carries over to other prompts: the Spearman rank correlation, across the
+    layers, of two records measured on disjoint probe sets (sensitivity --probe-set 0 and 1), per metric at
+    the lowest weight and the lowest activation candidate: {"w2": {"ssim": rho, "sqnr": rho}, "a4": {...},
+    "layers": n}. rho is None where one side ranks nothing (every layer scored the same). MixDQ's claim
+    (the issue's acceptance) is rho >= 0.8 at the lowest bit."""
+    from scipy.stats import spearmanr
+
+    if first["layers"] != second["layers"]:
+        raise ValueError(f"the two sensitivity records measured different layers ({len(first['layers'])} and "
+                         f"{len(second['layers'])}); measure both with the same --layers")
+    shared = [c for c in first["candidates"] if c in second["candidates"]]
+    if not shared:
+        raise ValueError(f"the two sensitivity records share no candidate ({first['candidates']} and "
+                         f"{second['candidates']}); measure both with the same --w/--a-bit-options")
+    overlap = sorted(set(first["signature"]["prompts"]) & set(second["signature"]["prompts"]))
+    if overlap:
+        raise ValueError(f"the two probe sets share prompts ({overlap[:2]}): their agreement would not measure "
+                         f"reproducibility across prompts; measure them with different --probe-set")
+    out: dict = {"layers": len(first["layers"])}
+    for cand in lowest_candidates(shared):
+        out[cand] = {}
+        for metric in ("ssim", "sqnr"):
+            x = [first[metric][n][cand] for n in first["layers"]]
+            y = [second[metric][n][cand] for n in first["layers"]]
+            ranked = min(len(set(x)), len(set(y))) > 1
+            out[cand][metric] = float(spearmanr(x, y).statistic) if ranked else None
+    return out
 
 
 def sensitivity_table(rec: dict) -> str:

@@ -42,12 +42,14 @@ def model_fingerprint(unet: nn.Module) -> dict:
     return {"unet_config": json.loads(json.dumps(cfg, default=list)), "weights_sha256": h.hexdigest()}
 
 
-def quantizer_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of every quantizer under `module`, keyed by their names in the UNet
+def quantizer_state(module: nn.Module, prefix: str = "",
+                    kinds: tuple[type, ...] = (WeightQuantizer, ActQuantBank)) -> dict[str, torch.Tensor]:
+    """Tensors of every quantizer under `module` (of `kinds`: `(WeightQuantizer,)` gives every weight option's,
+    the default one's `w_quant` and the others' `w_options.<bits>`), keyed by their names in the UNet
     (`prefix` = the module's own name when it is a submodule)."""
     state = {}
     for name, m in module.named_modules(prefix=prefix):
-        if isinstance(m, (WeightQuantizer, ActQuantBank)):
+        if isinstance(m, kinds):
             for k, v in m.state_dict().items():
                 state[f"{name}.{k}"] = v.detach().contiguous()
     return state
@@ -56,6 +58,11 @@ def quantizer_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tens
 def assign_quantizer_tensors(unet: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put saved quantizer tensors back in place (parameters keep their identity)."""
     modules = dict(unet.named_modules())
+    homeless = sorted({k.rpartition(".")[0] for k in tensors} - set(modules))
+    if homeless:  # e.g. a weight option the receiving UNet was not wrapped with
+        raise ValueError(f"{len(homeless)} quantizers of the saved tensors do not exist in this UNet "
+                         f"({', '.join(homeless[:3])}); wrap it with the same quantization settings (the same "
+                         f"--w-bits and --w-bit-options) as the UNet they were taken from")
     with torch.no_grad():
         for key, value in tensors.items():
             mod_name, _, attr = key.rpartition(".")

@@ -4,7 +4,11 @@ mixed-precision allocation from a sensitivity record (pipeline/mixdq/allocation.
 Writes <run-dir>/mixdq/: the quantized state with the chosen per-layer weight and activation bits
 (quant_state.safetensors + quant_config.json, loadable by generate/evaluate), policy.json (the bits, the
 protected layers, the averages), candidates.json (every group split tried, with its val score),
-pareto.json (the --pareto-budgets weight sweep and its non-dominated frontier), manifest.json."""
+pareto.json (the --pareto-budgets weight sweep and its non-dominated frontier), manifest.json.
+
+With --val-n > 0 and --pareto-budgets, the final pick is on val prompts (MixDQ's): of the frontier points whose
+budget is within --w-budget, the one whose val images have the highest SSIM to FP is marked "picked" in
+pareto.json, and its weight bits (with the chosen split's activation bits) are the state written."""
 from __future__ import annotations
 
 import itertools
@@ -29,6 +33,7 @@ from pipeline.mixdq.allocation import (
     pareto_front,
     parse_sweep,
     protected_layers,
+    val_pick,
 )
 from pipeline.mixdq.groups import layer_groups
 from pipeline.mixdq.sensitivity import check_same_measurement, pick_bits, read_sensitivity, ssim_to
@@ -72,9 +77,11 @@ class MixDQConfig(StageConfig):
     """regex naming the content layers (default: the record's grouping: attn2 and ff)"""
     pareto_budgets: str | None = None
     """weight budgets to sweep, LO:HI:N (e.g. 3:8:11) or a comma list; pareto.json keeps every point and the
-    frontier"""
+    frontier; with --val-n, the frontier point within --w-budget closest to FP on the val prompts is the
+    written state ("picked")"""
     val_n: int = 0
-    """val prompts that pick the best candidate split by SSIM to FP (0: the split closest to 1)"""
+    """val prompts that pick the best candidate split, then the best --pareto-budgets point, by SSIM to FP
+    (0: the split closest to 1, the allocation at --w-budget)"""
     prompts: str = "world"
     """prompt source of the val prompts"""
     split_fractions: str = "0.8,0.1,0.1"
@@ -171,30 +178,37 @@ def mixdq(cfg: MixDQConfig, trainer: dict | None = None) -> Path:
     unet = pipe.unet
     sampling = {"steps": rec["signature"]["steps"], "guidance": rec["signature"]["guidance"]}
 
-    def apply(cand):
-        set_weight_bits(unet, {**w_spec.fixed, **cand["w"]["bits"]})
-        set_bit_policy(unet, {**a_spec.fixed, **cand["a"]["bits"]})
+    def apply(w_bits, a_bits):
+        set_weight_bits(unet, {**w_spec.fixed, **w_bits})
+        set_bit_policy(unet, {**a_spec.fixed, **a_bits})
+
+    seeds = prompt_seeds(cfg.seed, 10**6, len(val))  # noise seeds apart from the sensitivity probe's
+    fp_val = []  # the FP val images, made once, at the first val score
+
+    def val_ssim(w_bits, a_bits) -> float:
+        """SSIM to FP of the val images at these bits (MixDQ's pick, of a split and of a sweep point)."""
+        if not fp_val:
+            set_quant_state(unet, weight=False, act=False)
+            fp_val.append(generate(pipe, val, seeds, progress=False, **sampling))
+            set_quant_state(unet, weight=True, act=True)
+        apply(w_bits, a_bits)
+        return ssim_to(fp_val[0], generate(pipe, val, seeds, progress=False, **sampling))
 
     if val and len(feasible) > 1:  # MixDQ's pick: the candidate whose val images are closest to FP
-        seeds = prompt_seeds(cfg.seed, 10**6, len(val))  # noise seeds apart from the sensitivity probe's
-        set_quant_state(unet, weight=False, act=False)
-        fp = generate(pipe, val, seeds, progress=False, **sampling)
-        set_quant_state(unet, weight=True, act=True)
         for cand in feasible:
-            apply(cand)
-            cand["val_ssim"] = ssim_to(fp, generate(pipe, val, seeds, progress=False, **sampling))
+            cand["val_ssim"] = val_ssim(cand["w"]["bits"], cand["a"]["bits"])
         best = max(feasible, key=lambda c: c["val_ssim"])
     else:
         best = min(feasible, key=lambda c: (abs(c["w_ratio"] - 1) + abs(c["a_ratio"] - 1), c["w_ratio"]))
     best["chosen"] = True
-    apply(best)
 
-    pareto = []
+    pareto, sweep_bits = [], {}
     for b in sweep:  # the weight sweep at the chosen split
         try:
             res = solve(w_spec, b, best["w_ratio"])
             pareto.append({"budget": b, "average": res["average"], "objective": res["mixdq_objective"],
                            "feasible": True})
+            sweep_bits[id(pareto[-1])] = res["bits"]
         except Infeasible as e:
             pareto.append({"budget": b, "feasible": False, "error": str(e)})
     points = [p for p in pareto if p["feasible"]]
@@ -202,19 +216,32 @@ def mixdq(cfg: MixDQConfig, trainer: dict | None = None) -> Path:
         raise Infeasible(f"every --pareto-budgets point is infeasible: {pareto[0]['error']}")
     for i in pareto_front(points, "average", "objective"):
         points[i]["frontier"] = True
+    # the final pick on val prompts: of the frontier within --w-budget, the point whose images are closest to FP
+    picked = val_pick(points, cfg.w_budget, lambda p: val_ssim(sweep_bits[id(p)], best["a"]["bits"])) \
+        if val else None
+    w_final = best["w"]["bits"]
+    if picked is not None:
+        points[picked]["picked"] = True
+        w_final = sweep_bits[id(points[picked])]
+    elif val and sweep:
+        print(f"note: no --pareto-budgets frontier point is within --w-budget {cfg.w_budget}; keeping the "
+              f"allocation at the budget itself")
+    apply(w_final, best["a"]["bits"])
 
     summary = quantized_summary(unet)
     averages = {"w": summary["avg_w_bits"], "a": summary["fab"]}
     policy = {"allocator": cfg.allocator, "w_budget": cfg.w_budget, "a_budget": cfg.a_budget,
               "w_ratio": best["w_ratio"], "a_ratio": best["a_ratio"], "averages": averages,
               "protected": protected, "protect_bits": cfg.protect_bits if protected else None,
-              "weights": {**w_spec.fixed, **best["w"]["bits"]}, "acts": {**a_spec.fixed, **best["a"]["bits"]},
+              "picked_budget": points[picked]["budget"] if picked is not None else None,
+              "weights": {**w_spec.fixed, **w_final}, "acts": {**a_spec.fixed, **best["a"]["bits"]},
               "groups": groups, "unmeasured": unmeasured}
     src_extra = meta.get("extra", {})
     save_quantized(unet, out, extra_tensors=extra_tensors,
                    extra={**src_extra, "method": f"mixdq-{cfg.allocator}", "base_method": src_extra.get("method"),
                           "averages": averages, "mixdq": {k: policy[k] for k in ("allocator", "w_budget", "a_budget",
-                                                                                  "w_ratio", "a_ratio")}})
+                                                                                  "picked_budget", "w_ratio",
+                                                                                  "a_ratio")}})
     write_json_atomic(out / "policy.json", policy)
     write_json_atomic(out / "candidates.json", candidates)
     write_json_atomic(out / "pareto.json", pareto)
