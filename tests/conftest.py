@@ -12,6 +12,17 @@ SHARED = ROOT.parent / "shared"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many tiny-model calls (`pytestmark = pytest.mark.usefixtures(
+    "one_thread")`): they gain nothing from a second thread, and on a shared 2-core CPU a second spinning thread
+    slows them several-fold (up to ~20x measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     path = SHARED / "data"

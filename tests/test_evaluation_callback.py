@@ -13,12 +13,7 @@ QUIET = ["--trainer.enable_progress_bar", "false"]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -32,13 +32,7 @@ STEPS = 1
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny UNet calls: on a shared 2-core machine two threads oversubscribe and run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def brute_force(p: Problem, budget: float) -> int:

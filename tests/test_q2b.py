@@ -15,12 +15,7 @@ OPTION_SETS = [[8, 16], [8, 16, 32], [6, 8, 16, 32], [4, 6, 8, 16, 32]]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_q2b(options, n_layers=6, steps=4, seed=0) -> Q2BModule:

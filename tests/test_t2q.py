@@ -21,12 +21,7 @@ needs_world = pytest.mark.skipif(not (EMBEDDED_DIR / "clip" / "config.json").is_
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; a second spinning thread only slows a shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
