@@ -345,7 +345,7 @@ def test_text_aware_artifact_matches_qlip_pipeline(q2b_run):
     psnr = 10 * np.log10(255**2 / np.maximum(((a.images.astype(float) - b.images.astype(float)) ** 2)
                                               .mean(axis=(1, 2, 3)), 1e-10))
     # rounding flips (docs/deploy.md, whole-UNet agreement) set the spread: measured 43-54 dB here, the exact
-    # reference backend 45-54 dB, and static A8 on these prompts 41-73 dB; a wrong table or kernel gives < 35 dB
+    # reference backend 45-54 dB, static A8 on these prompts 41-73 dB; 16-bit calls run at 8 bits: 39-42 dB
     assert psnr.min() >= 40 and np.median(psnr) >= 45, psnr
 
 
