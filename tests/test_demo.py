@@ -24,6 +24,13 @@ def test_demo_runs_the_qlip_chain_and_resumes(tmp_path):
     assert (run / "demo" / "bits_heatmap.png").is_file() and "Q-Diffusion+QLIP" in report
     for step in ("naive_w8a8", "naive_w4a16", "qdiff", "scored", "t2q", "qlip", "evaluate"):
         assert (run / step).is_dir(), step
+    # real low-bit inference: naive W8A8 and QLIP exported, generated on the int8 kernels beside fake-quant
+    deploy = json.loads((run / "demo" / "results.json").read_text())["deploy"]["rows"]
+    assert set(deploy) == {"naive-W8A8", "Q-Diffusion+QLIP"} and "Real low-bit inference (oneDNN" in report
+    for label, r in deploy.items():
+        assert r["n_images"] == 4 and r["fake_s_per_image"] > 0 and r["real_s_per_image"] > 0, label
+        assert r["psnr_median"] >= 35, (label, r)  # the same images up to rounding flips (docs/deploy.md)
+    assert "qlip" in json.loads((run / "qlip" / "deploy" / "deploy.json").read_text())  # Q2B + T2Q inside
 
     with pytest.raises(RunDirError, match="--overwrite true"):  # a finished demo is never overwritten silently
         stage(["demo", "--run-dir", str(run), *SMALL])
@@ -32,7 +39,7 @@ def test_demo_runs_the_qlip_chain_and_resumes(tmp_path):
     kept = {p: p.stat().st_mtime_ns for p in run.glob("*/*/manifest.json") if p.parts[-3] not in ("evaluate", "demo")}
     for gone in ("evaluate", "demo"):
         shutil.rmtree(run / gone)
-    assert len(kept) == 7  # naive x3, qdiff, scored, t2q, qlip
+    assert len(kept) == 9  # naive x3, qdiff, scored, t2q, qlip, the two exports
     stage(["demo", "--run-dir", str(run), *SMALL])
     assert (run / "demo" / "report.md").is_file()
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
