@@ -21,7 +21,7 @@ from pipeline.deploy import (
     to_real,
     unpack_nibbles,
 )
-from pipeline.deploy.backends import onednn_missing, onednn_prepack
+from pipeline.deploy.backends import GPUBackend, gpu_missing, onednn_missing, onednn_prepack
 from pipeline.deploy.layer import RealQuantLayer
 from pipeline.deploy.qlip import load_qlip
 from pipeline.fit import main
@@ -43,6 +43,7 @@ from pipeline.quant import (
 from pipeline.sampling import generate
 
 needs_onednn = pytest.mark.skipif(onednn_missing() is not None, reason=f"{onednn_missing()}")
+needs_gpu = pytest.mark.skipif(gpu_missing() is not None, reason=f"--backend gpu: {gpu_missing()}")
 STEPS = 2
 
 
@@ -204,6 +205,43 @@ def test_weight_zero_point_guard():
     outs = [torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(4), torch.full((4,), z), None, 1.0, 0,
                                                torch.float32, "none", [], "") for z in (0, 5)]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("x_zero", [0, 97, 255])
+def test_gpu_backend_linear_matches_reference(w_bits, x_zero):
+    """The GPU backend's int8 Linear (signed kernel input q_x - 128, the activation and 8-bit weight zero-point
+    corrections), run eagerly: torchao's int_matmul falls back to an int32 matmul off CUDA, so the arithmetic is
+    checked wherever torchao is installed; it equals the reference backend's exact result."""
+    pytest.importorskip("torchao", reason="the GPU backend's kernel is torchao's int_matmul (pip install torchao)")
+    torch.manual_seed(w_bits + x_zero)
+    layer = QuantLayer(nn.Linear(24, 16), QuantConfig(w_bits=w_bits, a_bits=8), QuantContext())
+    layer.act.scale.data.fill_(0.5)
+    layer.act.zero_point.fill_(x_zero)
+    real = RealQuantLayer(layer, pack_layer(layer))
+    codes = layer.act.codes(torch.randn(2, 5, 24) * 40, 0, 0)
+    outs = []
+    for backend in (make_backend("reference"), GPUBackend(compile=False)):
+        backend.prepare(real)
+        outs.append(backend.part_call(real, 0, codes.clone(), 0.5, x_zero, real.bias))
+    assert outs[1].shape == (2, 5, 16) and torch.allclose(outs[0], outs[1], rtol=0, atol=1e-4)
+
+
+@needs_gpu
+def test_gpu_backend_unet_on_cuda(calibrated, exported):
+    """On CUDA (torch.compile): Linear layers on the int8 kernel, convs weight-only; one UNet call per step
+    against the reference backend on the CPU."""
+    real = load_unet(exported, "gpu", device="cuda")
+    ref = load_unet(exported, "reference")
+    assert all(real_layer.backend.runs_integer(real_layer) == (real_layer.kind == "linear")
+               for real_layer in quant_layers(real).values())
+    with torch.no_grad():
+        for step in range(STEPS):
+            real.quant_context.step = ref.quant_context.step = step
+            x, t, c = _inputs(20 + step)
+            want = ref(x, t, c).sample
+            got = real(x.cuda(), t, c.cuda()).sample.cpu()
+            assert _rel(got, want) < 2e-2, step  # rounding flips only (docs/deploy.md)
 
 
 # -- the whole UNet -----------------------------------------------------------
@@ -386,8 +424,11 @@ def test_export_stage_and_unavailable_kernels(tmp_path, fp_unet):
     assert not (tmp_path / "r0" / "deploy").exists()  # refused before anything was written
     unet.quant_config.bos_aware = False
     save_quantized(unet, tmp_path / "q")
-    with pytest.raises(ValueError, match="--backend gpu .* (not on this machine|not written yet)"):
-        main(["export", "--quant-state", str(tmp_path / "q"), "--run-dir", str(tmp_path / "r1"), "--backend", "gpu"])
+    if gpu_missing():  # no CUDA or no torchao here: refused before anything loads, naming what is missing
+        with pytest.raises(ValueError, match="--backend gpu .* not on this machine: (no CUDA device|torchao is not)"):
+            main(["export", "--quant-state", str(tmp_path / "q"), "--run-dir", str(tmp_path / "r1"),
+                  "--backend", "gpu"])
+        assert not (tmp_path / "r1" / "deploy").exists()
     out = main(["export", "--quant-state", str(tmp_path / "q"), "--run-dir", str(tmp_path / "r1")])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "export" and 0.25 < manifest["metrics"]["size_ratio"] < 0.3  # 8 of 32 bits
