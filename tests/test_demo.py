@@ -30,7 +30,9 @@ def test_demo_runs_the_qlip_chain_and_resumes(tmp_path):
     assert set(deploy) == {"naive-W8A8", "Q-Diffusion+QLIP"} and "Real low-bit inference (oneDNN" in report
     for label, r in deploy.items():
         assert r["n_images"] == 2 and r["fake_s_per_image"] > 0 and r["real_s_per_image"] > 0, label
-        assert r["psnr_median"] >= 35, (label, r)  # the same images up to rounding flips (docs/deploy.md)
+        # the same images up to rounding flips (docs/deploy.md): every layer agrees to ~3e-7 on this run's inputs,
+        # the images 28-41 dB at 4 steps; two unrelated images are ~10 dB apart
+        assert r["psnr_min"] >= 25, (label, r)
     assert "qlip" in json.loads((run / "qlip" / "deploy" / "deploy.json").read_text())  # Q2B + T2Q inside
 
     with pytest.raises(RunDirError, match="--overwrite true"):  # a finished demo is never overwritten silently
