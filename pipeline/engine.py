@@ -96,6 +96,7 @@ FLAG_RANGES = {
     # prompts, images and batches
     "n": COUNT, "cali_n": COUNT, "score_n": COUNT, "q2b_n": COUNT, "limit": COUNT, "n_reference": COUNT,
     "val_n": NON_NEGATIVE,  # 0: no validation
+    "deploy_n": NON_NEGATIVE,  # demo: images timed on the int8 kernels; 0: no export, no timing
     "images_per_prompt": COUNT, "grid_n": COUNT, "richness_scenes": COUNT, "shard_size": COUNT,
     "batch_size": COUNT, "eval_batch": COUNT, "inception_batch": COUNT, "text_aware_batch_size": COUNT,
     # quantization and calibration

@@ -315,6 +315,8 @@ def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_
     from pipeline.fit import main
 
     w4a8 = calibrated_state(tmp_path / "w4a8", w_bits=4, a_bits=8)
+    exported = main(["export", "--model", "tiny-random", "--quant-state", str(w4a8), "--run-dir", str(tmp_path),
+                     "--backend", "reference"])  # beside the state: the size column reads this artifact
     main(["evaluate", "--model", "tiny-random", "--quant-states", f"[{w8a8_state},{w8a8_state},{w4a8}]",
           "--labels", "[naive,again,w4a8]", "--n", "2", "--steps", "2",
           "--batch-size", "2", "--fid", "false", "--sfid", "false", "--clip", str(tiny_clip_dir), "--generalization",
@@ -329,6 +331,15 @@ def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_
     assert fp["fab"] == 32.0 and q["fab"] == 8.0 and q["bit_options"] == "W8A8"
     assert q["bitops_T"] == pytest.approx(fp["bitops_T"] / 16, rel=1e-9)  # every Conv/Linear at W8A8
     assert q["size_bytes"] < fp["size_bytes"] / 3
+    # sizes are artifact bytes on disk: W4A8 its export's file; naive (no export beside it) a temporary export,
+    # whose bytes an export of the same state reproduces; the arithmetic estimate stays a column of its own
+    w4 = rows[("in_domain", "w4a8")]
+    assert (w4["size_bytes"], w4["size_source"]) == ((exported / "unet.safetensors").stat().st_size, str(exported))
+    again = main(["export", "--model", "tiny-random", "--quant-state", str(w8a8_state), "--run-dir",
+                  str(tmp_path / "w8a8_export"), "--backend", "reference"])
+    assert q["size_bytes"] == (again / "unet.safetensors").stat().st_size and q["size_source"].startswith("exported")
+    assert q["size_estimate_bytes"] != q["size_bytes"] and "Size, arithmetic estimate (MiB)" in \
+        (out / "results.md").read_text()
     assert 20 < q["psnr"] < 100 and 0 < q["ssim"] <= 1 and q["n_images"] == 2 and q["n_prompts"] == 2
     assert 0 <= q["clip_score"] <= 100 and 0 <= fp["clip_score"] <= 100
     per = res["per_image"]["in_domain"]

@@ -26,6 +26,7 @@ from pipeline.quant.wrap import _set_module, quantize_unet
 DEPLOY = ArtifactFormat("qlip-deploy", 1, "unet.safetensors", "deploy.json", "deployable quantized UNet",
                         "run the export stage: `python -m pipeline.fit export --quant-state <calibrate folder>`",
                         required=("unet_config", "quant_config", "layers", "policy"))
+QLIP_PREFIX = "qlip."  # the text-aware policy's tensors (Q2B tables, T2Q head): deploy/qlip.py
 
 
 def _unet_config(unet: nn.Module) -> dict:
@@ -50,9 +51,15 @@ def to_real(unet: nn.Module) -> dict[str, list]:
     return layout
 
 
+def take_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove the tensors named `prefix...` from `tensors`; returned without the prefix."""
+    return {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+
+
 def export_unet(unet: nn.Module, folder: str | Path, extra_tensors: dict | None = None,
-                extra: dict | None = None) -> Path:
-    """Write the deployable artifact of fake-quantized `unet` into `folder` (the UNet becomes the deployed one)."""
+                extra: dict | None = None, qlip: tuple[dict, dict] | None = None) -> Path:
+    """Write the deployable artifact of fake-quantized `unet` into `folder` (the UNet becomes the deployed one).
+    `qlip`: (tensors, record) of `deploy.qlip.qlip_payload`, stored as `qlip.*` tensors and deploy.json's "qlip"."""
     fingerprint = model_fingerprint(unet)
     policy = {n: list(m.policy) for n, m in quant_layers(unet).items()}
     config = unet.quant_config
@@ -62,6 +69,9 @@ def export_unet(unet: nn.Module, folder: str | Path, extra_tensors: dict | None 
         tensors[f"extra.{k}"] = v
     meta = {"unet_config": _unet_config(unet), "quant_config": config.to_dict(), "layers": layout,
             "policy": policy, "model": fingerprint, "extra": extra or {}}
+    if qlip is not None:
+        tensors.update({f"{QLIP_PREFIX}{k}": v for k, v in qlip[0].items()})
+        meta["qlip"] = qlip[1]
     return save_artifact(folder, DEPLOY, tensors, meta)
 
 
@@ -85,7 +95,8 @@ def load_unet(folder: str | Path, backend: str = "onednn", device="cpu") -> UNet
             raise ValueError(f"{folder / DEPLOY.meta}: layer {name} records weight bits outside {PACKED_BITS}")
         _set_module(unet, name, RealQuantLayer(layer, parts))
     tensors = load_artifact_tensors(folder, DEPLOY, device=device)
-    extra = {k[len("extra."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("extra.")]}
+    extra = take_prefixed(tensors, "extra.")
+    qlip = take_prefixed(tensors, QLIP_PREFIX)
     try:
         unet.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -97,6 +108,7 @@ def load_unet(folder: str | Path, backend: str = "onednn", device="cpu") -> UNet
     unet.quant_context.step = 0
     set_backend(unet, backend)
     unet.deploy_extra = extra
+    unet.deploy_qlip = qlip  # Q2B's tables and the T2Q head, when exported with them (deploy.qlip.load_qlip)
     return unet.eval()
 
 

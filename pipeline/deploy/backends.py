@@ -7,7 +7,8 @@ float output of weight part i, with `bias` added when given).
   once). The kernels take per-tensor uint8 activations with our own scale and zero point per call, so one
   prepacked weight serves every step slot and every activation option of <= 8 bits. They ignore a weight zero
   point, so they take q - z codes (<= 7 bits) and 8-bit weights get the exact zero-point correction.
-- `gpu`: torchao, CUDA only (not written yet; a clear error).
+- `gpu`: CUDA int8 matmul for Linear (torchao's `int_matmul`: cuBLASLt `_int_mm`, compiled with torch.compile) from
+  our own integer weights and per-call activation qparams; convs weight-only. torchao is imported only here.
 Calls at 16 or 32 bits run the layer's weight-only path on every backend (layer.py)."""
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ class Backend:
 
     def prepare(self, layer) -> None:
         layer.kernels = []
+
+    def runs_integer(self, layer) -> bool:
+        """Whether `layer`'s <= 8-bit calls run on this backend's integer kernel (else weight-only)."""
+        return self.integer
 
     def part_call(self, layer, i: int, codes: torch.Tensor, x_scale: float, x_zero: int, bias):
         raise NotImplementedError
@@ -120,6 +125,74 @@ class OneDNNBackend(Backend):
         return y
 
 
+def _int8_linear(codes, x_zero, x_scale, w_t, w_scale, w_sum, w_zero, bias):
+    """A Linear on int8 from the activation codes c = q_x - z_x (floats, [..., K]). The GPU kernel takes signed
+    int8, so it gets a = q_x - 128 and the result is corrected exactly: sum c w = sum a w - (z_x - 128) sum w.
+    8-bit weights arrive as w = q_w - 128 with zero point `w_zero` = z_w - 128: sum c (w - w_zero) = sum c w -
+    w_zero sum c. Integer accumulators are int32 (exact); `x_zero` / `x_scale` are 0-d tensors, so one compiled
+    graph serves every call of a shape."""
+    from torchao.kernel.intmm import int_matmul  # lazy: torchao is an optional, GPU-only dependency
+
+    shape = codes.shape
+    c = codes.reshape(-1, shape[-1])
+    acc = int_matmul((c + (x_zero - 128)).to(torch.int8), w_t).float()
+    acc = acc - (x_zero - 128).float() * w_sum
+    if w_zero is not None:
+        acc = acc - c.sum(-1, keepdim=True) * w_zero
+    y = acc * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], -1)
+
+
+class GPUBackend(Backend):
+    """Static int8 Linear on CUDA (torchao `int_matmul` under torch.compile); convs run weight-only."""
+
+    name = "gpu"
+    integer = True
+
+    def __init__(self, compile: bool = True):
+        self.compile = compile  # False: eager (a check of the arithmetic where inductor cannot run)
+        self._fn = None
+
+    def runs_integer(self, layer) -> bool:
+        return layer.kind == "linear"
+
+    def prepare(self, layer) -> None:
+        layer.kernels = []
+        if layer.kind != "linear":
+            return
+        for i in range(len(layer.parts)):
+            part = layer.part(i)
+            if part.bits <= 7:  # q - z fits int8: no weight zero point left
+                w, w_zero = part.codes().to(torch.int8), None
+            else:  # 8 bits: stored q - 128, zero point z - 128 (corrected in _int8_linear)
+                w, w_zero = part.stored.reshape(part.shape), part.zero.float()
+            layer.kernels.append((w.t().contiguous(), part.scale.float(), w.sum(1, dtype=torch.int32).float(),
+                                  w_zero))
+
+    def part_call(self, layer, i, codes, x_scale, x_zero, bias):
+        if self._fn is None:
+            self._fn = torch.compile(_int8_linear, dynamic=True) if self.compile else _int8_linear
+        if layer.kernels[i][0].device != codes.device:  # the UNet moved after prepare (attach(..).to(cuda))
+            layer.kernels[i] = tuple(t if t is None else t.to(codes.device) for t in layer.kernels[i])
+        w_t, w_scale, w_sum, w_zero = layer.kernels[i]
+        as_tensor = lambda v, dtype: torch.tensor(v, dtype=dtype, device=codes.device)  # noqa: E731
+        return self._fn(codes, as_tensor(x_zero, torch.float32), as_tensor(x_scale, torch.float32), w_t, w_scale,
+                        w_sum, w_zero, bias)
+
+
+def gpu_missing() -> str | None:
+    """Why the GPU backend cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import torchao.kernel.intmm  # noqa: F401  lazy: an optional dependency, checked only when asked for
+    except ImportError as e:
+        return f"torchao is not installed ({e}; pip install torchao)"
+    return None
+
+
 def onednn_missing() -> str | None:
     """Why the oneDNN int8 kernels cannot run here, or None."""
     if not torch.backends.mkldnn.is_available():
@@ -138,10 +211,9 @@ def check_backend(name: str, config: QuantConfig | None = None) -> None:
         raise ValueError(f"--backend {name!r} is not known: choose one of {', '.join(BACKENDS)}")
     if name == "onednn" and onednn_missing():
         raise ValueError(f"--backend onednn needs oneDNN's int8 kernels: {onednn_missing()}; use --backend reference")
-    if name == "gpu":
-        where = "not on this machine (no CUDA device)" if not torch.cuda.is_available() else "not written yet"
-        raise ValueError(f"--backend gpu (torchao static int8 Linear under torch.compile) is {where}; "
-                         f"use --backend onednn (CPU int8) or reference")
+    if name == "gpu" and gpu_missing():
+        raise ValueError(f"--backend gpu (torchao static int8 Linear under torch.compile) is not on this machine: "
+                         f"{gpu_missing()}; use --backend onednn (CPU int8) or reference")
     if config is None:
         return
     if 8 < config.w_bits < 32:
@@ -154,7 +226,7 @@ def check_backend(name: str, config: QuantConfig | None = None) -> None:
 
 def make_backend(name: str) -> Backend:
     check_backend(name)
-    return {"reference": ReferenceBackend, "onednn": OneDNNBackend}[name]()
+    return {"reference": ReferenceBackend, "onednn": OneDNNBackend, "gpu": GPUBackend}[name]()
 
 
 def set_backend(unet, name: str) -> None:

@@ -3,8 +3,9 @@
 It is a QuantLayer (same policy, step slots, activation banks, `set_bit_policy`, `set_schedule`, the attention
 processor's q/k/v routing), so a QLIP policy routes each (layer, step) call at run time:
 
-- activation option <= 8 bits and an integer backend: the input's codes from the bank's own `codes`, the
-  kernel on integers (one call per weight part: a split shortcut runs as two convs over its two halves);
+- activation option <= 8 bits and a backend with an integer kernel for this layer (`runs_integer`): the
+  input's codes from the bank's own `codes`, the kernel on integers (one call per weight part: a split shortcut
+  runs as two convs over its two halves);
 - 16 or 32 bits (or the float-only path): weight-only, the fake-quantized input times the dequantized weight,
   cached once, which is the fake-quant layer's own arithmetic."""
 from __future__ import annotations
@@ -82,7 +83,7 @@ class RealQuantLayer(QuantLayer):
         if not self.quant_act:
             return self.float_call(x)
         k, slot = self.bit_index(), self.slot()
-        if self.parts and self.bit_options[k] <= 8 and self.backend is not None and self.backend.integer:
+        if self.parts and self.bit_options[k] <= 8 and self.backend is not None and self.backend.runs_integer(self):
             return self.integer_call(x, k, slot)
         return self.float_call(self._quantize(x, k, slot))
 

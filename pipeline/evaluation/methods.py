@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from pipeline.deploy.size import artifact_bytes
 from pipeline.models import load_pipeline, load_quantized_pipeline
 from pipeline.qlip.pipeline import QLIPPipeline, check_deployed_sampler
 from pipeline.qlip.q2b import Q2B_FORMAT, follow_link, load_q2b
@@ -85,6 +86,10 @@ class EvalMethod:
     def weight_bits(self, pipe) -> dict[str, int]:
         return {}
 
+    def artifact_bytes(self, pipe, model: str) -> tuple[int | None, str]:
+        """(bytes on disk of what deploys this method, where they were measured); FP: its fp32 parameters."""
+        return sum(p.numel() * 4 for p in pipe.unet.parameters()), "fp32 parameters"
+
     def bit_options(self) -> str:
         return "W32A32"
 
@@ -133,6 +138,9 @@ class StaticQuantState(EvalMethod):
 
     def weight_bits(self, pipe) -> dict[str, int]:
         return {n: m.w_bits for n, m in quant_layers(pipe.unet).items()}
+
+    def artifact_bytes(self, pipe, model: str) -> tuple[int | None, str]:
+        return artifact_bytes(pipe.unet, self.path)
 
     def bit_options(self) -> str:
         if type(self).before_batch is EvalMethod.before_batch:  # static: the stored policy is what runs
@@ -183,6 +191,9 @@ class QLIPMethod(StaticQuantState):
 
     def bit_options(self) -> str:
         return format_bits(self.w_bits, self.q2b.bit_options)
+
+    def artifact_bytes(self, pipe, model: str) -> tuple[int | None, str]:
+        return artifact_bytes(pipe.unet, self.path, self.q2b_path, model)  # with the Q2B tables and T2Q head
 
     def describe(self) -> dict:
         m = self.q2b.meta

@@ -82,7 +82,7 @@ class MethodEvaluation(L.LightningModule):
         self.per_image: dict[str, dict | None] = {}  # split -> per-image scores to FP (None for the FP model)
         self.grid_images: dict[str, np.ndarray] = {}
         self._grid: dict[tuple[str, int], np.ndarray] = {}
-        self.size_bytes = None
+        self.size = None  # (artifact bytes, where measured, arithmetic estimate): once per method
 
     # -- data: whole global batches dealt to processes, never padded -----------
     def predict_dataloader(self):
@@ -111,7 +111,9 @@ class MethodEvaluation(L.LightningModule):
         latent = side // self.pipe.vae_scale_factor
         stats = layer_stats(unet, batch=2, resolution=latent * 8, tokens=self.pipe.tokenizer.model_max_length)
         layers, w_bits = self.method.policy_layers(self.pipe), self.method.weight_bits(self.pipe)
-        self.size_bytes = model_size_bytes(unet)
+        if self.size is None:
+            with torch.inference_mode(False):  # the export copies and packs the UNet's tensors
+                self.size = (*self.method.artifact_bytes(self.pipe, self.model_name), model_size_bytes(unet))
         if s.real_images and self.shared.real_features is None:
             self._load_real_features(side)
         self.split_metrics = nn.ModuleDict()
@@ -219,7 +221,8 @@ class MethodEvaluation(L.LightningModule):
         out = {"n_images": int(timing.pop("n_images")), "n_prompts": len(split.prompts)}
         out.update({k: _float(v) for k, v in m["fab"].compute().items()})
         out["bitops_T"] = _float(m["bitops"].compute()) / 1e12
-        out["size_bytes"] = int(self.size_bytes)
+        # the deployable artifact's bytes on disk (None: not exportable), and the arithmetic estimate beside it
+        out["size_bytes"], out["size_source"], out["size_estimate_bytes"] = self.size
         timing = {k: _float(v) for k, v in timing.items()}
         if self.method.is_reference:
             out.update({"fid_to_fp": 0.0 if self.settings.fid else None,

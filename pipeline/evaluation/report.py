@@ -17,7 +17,8 @@ MAIN_COLUMNS = [("Method", "method"), ("Bit options", "bit_options"), ("FAB", "f
                 ("Images (prompts)", "images_prompts")]
 EXTRA_COLUMNS = [("Method", "method"), ("FAB (unweighted)", "fab_unweighted"), ("FID to real", "fid_to_real"),
                  ("PSNR to FP (dB)", "psnr"), ("SSIM to FP", "ssim"), ("LPIPS to FP", "lpips"),
-                 ("Size (bytes)", "size_bytes"), ("Size (MiB)", "size_mib"),
+                 ("Size, artifact (bytes)", "size_bytes"), ("Size, artifact (MiB)", "size_mib"),
+                 ("Size, arithmetic estimate (MiB)", "size_estimate_mib"),
                  ("s / image (generate)", "seconds_per_image"), ("s / image (metrics)", "metric_seconds_per_image"),
                  ("Images (prompts)", "images_prompts")]
 PAIRED_COLUMNS = [("Method", "method"), ("Metric", "metric"), ("Mean difference", "mean_diff"),
@@ -68,7 +69,8 @@ def table(rows: list[dict], columns: list[tuple[str, str]], headers: dict | None
     headers = headers or {}
     lines = ["| " + " | ".join(headers.get(k, h) for h, k in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        r = {**r, "size_mib": r["size_bytes"] / 2**20 if r.get("size_bytes") is not None else None}
+        r = {**r, **{f"{k}_mib": r[f"{k}_bytes"] / 2**20 if r.get(f"{k}_bytes") is not None else None
+                     for k in ("size", "size_estimate")}}
         lines.append("| " + " | ".join(_cell(k, r) for _, k in columns) + " |")
     return lines
 

@@ -204,16 +204,38 @@ def to_stored_precision(module: Q2BModule) -> Q2BModule:
     return module
 
 
-def save_q2b(module: Q2BModule, path: str | Path, extra: dict | None = None) -> Path:
-    """Write q2b.safetensors (fp16 tables) + q2b.json into folder `path`. The
-    module's parameters are rounded to fp16 in place first, so the module in
-    memory decides exactly as the stored one will."""
+def q2b_state(module: Q2BModule) -> tuple[dict[str, torch.Tensor], dict]:
+    """The stored form of a Q2B module: its tensors (fp16 tables, float buffers) and the JSON fields that
+    `q2b_from_state` rebuilds it from. The parameters are rounded to fp16 in place first, so the module in
+    memory decides exactly as the stored one will. Shared by the q2b folder and the deployable artifact."""
     to_stored_precision(module)
-    tensors = {k: v.detach() for k, v in module.state_dict().items()}
-    tensors = {k: v.half() if k in dict(module.named_parameters()) else v for k, v in tensors.items()}
+    params = dict(module.named_parameters())
+    tensors = {k: v.detach().half() if k in params else v.detach() for k, v in module.state_dict().items()}
     meta = {"bit_options": module.bit_options, "n_steps": module.n_steps, "layers": module.layers,
-            "memory_bytes": module.memory_bytes(), **(extra or {})}
-    return save_artifact(path, Q2B_FORMAT, tensors, meta)
+            "memory_bytes": module.memory_bytes()}
+    return tensors, meta
+
+
+def q2b_from_state(meta: dict, tensors: dict[str, torch.Tensor], where: str | Path, device="cpu") -> Q2BModule:
+    """The Q2B module of stored tensors and their JSON fields (`q2b_state`); `where` names them in errors."""
+    for key in ("q_mean", "q_std"):
+        if key not in tensors:
+            raise ValueError(f"{where} holds no Q2B {key!r} tensor (written by another version, or edited)")
+    module = Q2BModule(meta["layers"], meta["n_steps"], meta["bit_options"], float(tensors["q_mean"]),
+                       float(tensors["q_std"])).to(device)
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != have:
+        raise ValueError(f"{where}: the Q2B tensors do not match their JSON (tensors {have} vs {want})")
+    module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return module
+
+
+def save_q2b(module: Q2BModule, path: str | Path, extra: dict | None = None) -> Path:
+    """Write q2b.safetensors (fp16 tables) + q2b.json into folder `path` (the module is rounded to its stored
+    precision in place: `q2b_state`)."""
+    tensors, meta = q2b_state(module)
+    return save_artifact(path, Q2B_FORMAT, tensors, {**meta, **(extra or {})})
 
 
 def read_q2b_meta(path: str | Path, flag: str | None = None, deployed: bool = False) -> dict:
@@ -230,14 +252,7 @@ def load_q2b(path: str | Path, bit_options: Sequence[int] | None = None, device=
     must be those it was trained for; `deployed`: see read_q2b_meta."""
     meta = read_q2b_meta(path, deployed=deployed)
     tensors = load_artifact_tensors(path, Q2B_FORMAT, device)
-    module = Q2BModule(meta["layers"], meta["n_steps"], meta["bit_options"], float(tensors["q_mean"]),
-                       float(tensors["q_std"])).to(device)
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in tensors.items()}
-    if want != have:
-        raise ValueError(f"{Path(path) / Q2B_FORMAT.tensors} does not match its {Q2B_FORMAT.meta} "
-                         f"(tensors {have} vs {want})")
-    module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    module = q2b_from_state(meta, tensors, Path(path) / Q2B_FORMAT.tensors, device)
     module.meta = meta
     if bit_options is not None:
         module.check_options(bit_options)

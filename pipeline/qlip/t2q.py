@@ -232,38 +232,49 @@ class T2QModule(L.LightningModule):
 # ---------------------------------------------------------------------------
 # safetensors + JSON (no pickle)
 # ---------------------------------------------------------------------------
-def save_t2q(module: T2QModule, out_dir: str | Path, extra: dict | None = None) -> Path:
+def t2q_state(module: T2QModule) -> tuple[dict[str, torch.Tensor], dict]:
+    """What a T2Q stores: the projection and the head's tensors, and the JSON that names its frozen text tower
+    (`t2q_from_state` loads that tower again). Shared by the T2Q folder and the deployable artifact."""
     state = {f"projection.{k}": v for k, v in module.projection.state_dict().items()}
     state.update({f"head.{k}": v for k, v in module.head.state_dict().items()})
     config = {"text_tower": module.source, "embed_dim": module.projection.in_features,
               "proj_dim": module.projection.out_features, "hidden": module.hparams.hidden,
-              "memory_bytes": module.memory_bytes(), **(extra or {})}
-    return save_artifact(out_dir, T2Q_FORMAT, state, config)
+              "memory_bytes": module.memory_bytes()}
+    return state, config
+
+
+def save_t2q(module: T2QModule, out_dir: str | Path, extra: dict | None = None) -> Path:
+    state, config = t2q_state(module)
+    return save_artifact(out_dir, T2Q_FORMAT, state, {**config, **(extra or {})})
+
+
+def t2q_from_state(config: dict, state: dict[str, torch.Tensor], where: str | Path, model: str | None = None,
+                   clip: str | None = None) -> T2QModule:
+    """A T2Q (eval mode) from its stored tensors and JSON (`t2q_state`), with the frozen text tower it needs.
+
+    `model` / `clip` default to what it was trained with. A tower whose CLIP projection differs from the
+    saved one (another or a retrained model) is refused: the head's inputs would mean something else."""
+    src = config["text_tower"]
+    tower = load_text_tower(model or src["model"], clip if clip is not None else src.get("clip"))
+    saved = state.get("projection.weight")
+    if saved is None or saved.shape != tower.projection.weight.shape or \
+            not torch.allclose(saved, tower.projection.weight.float(), atol=1e-5):
+        raise T2QCheckpointError(
+            f"the T2Q in {where} was trained on another text encoder than {tower.source} (its CLIP projection "
+            f"differs, e.g. the model was retrained); retrain it with `python -m pipeline.fit t2q`")
+    module = T2QModule(tower, hidden=config["hidden"])
+    module.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+    return module.eval()
 
 
 def load_t2q(path: str | Path, model: str | None = None, clip: str | None = None) -> T2QModule:
-    """A trained T2Q (eval mode) with the frozen text tower it needs.
-
-    `model` / `clip` default to what it was trained with. A tower whose CLIP
-    projection differs from the saved one (another or a retrained model) is
-    refused: the head's inputs would mean something else."""
+    """A trained T2Q folder (eval mode) with the frozen text tower it needs (`t2q_from_state`)."""
     d = Path(path)
     try:
         config = read_artifact_meta(d, T2Q_FORMAT)
     except ValueError as e:
         raise T2QCheckpointError(str(e)) from e
-    src = config["text_tower"]
-    tower = load_text_tower(model or src["model"], clip if clip is not None else src.get("clip"))
-    state = load_artifact_tensors(d, T2Q_FORMAT)
-    saved = state["projection.weight"]
-    if saved.shape != tower.projection.weight.shape or not torch.allclose(saved, tower.projection.weight.float(),
-                                                                           atol=1e-5):
-        raise T2QCheckpointError(
-            f"the T2Q in {d} was trained on another text encoder than {tower.source} (its CLIP projection "
-            f"differs, e.g. the model was retrained); retrain it with `python -m pipeline.fit t2q`")
-    module = T2QModule(tower, hidden=config["hidden"])
-    module.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-    return module.eval()
+    return t2q_from_state(config, load_artifact_tensors(d, T2Q_FORMAT), d, model, clip)
 
 
 def t2q_metrics(module: T2QModule, prompts: Sequence[str], targets) -> dict:
