@@ -284,7 +284,7 @@ def test_the_quality_weighting_is_what_makes_bits_follow_q(tiny_state):
 # text-aware generation and evaluation end to end (quality = prompt length)
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_stage_generate_and_evaluate_end_to_end(tmp_path, capsys):
+def test_stage_generate_and_evaluate_end_to_end(tmp_path, capsys, monkeypatch):
     from data.tokenizer import clip_tokenizer
     from pipeline.fit import main
     from pipeline.qlip.sources import PromptLength
@@ -332,6 +332,18 @@ def test_stage_generate_and_evaluate_end_to_end(tmp_path, capsys):
     qlip = rows["naive+QLIP"]
     assert qlip["bit_options"] == "W4A{8,16,32}" and qlip["kind"] == "qlip"
     assert qlip["fab"] == pytest.approx(sum(b["fab"] for b in bits["batches"]) / 2, rel=1e-6)
+    assert qlip["size_bytes"] > 0 and qlip["size_source"] == "exported to a temporary folder"
+    # a Q2B whose criterion cannot deploy (the complexity oracle) still evaluates, with no artifact size
+    import pipeline.deploy.size as size
+    from pipeline.models import load_quantized_pipeline
+
+    def refused(*args, **kwargs):
+        raise ValueError("its quality criterion 'complexity' needs an FP image per prompt")
+
+    monkeypatch.setattr(size, "qlip_payload", refused)
+    unet = load_quantized_pipeline("tiny-random", tmp_path / "quant").unet
+    assert size.artifact_bytes(unet, tmp_path / "quant", out, "tiny-random") == \
+        (None, "not exportable: its quality criterion 'complexity' needs an FP image per prompt")
 
 
 @pytest.mark.slow

@@ -40,10 +40,12 @@ def artifact_bytes(unet: nn.Module, quant_state: str | Path, q2b: str | Path | N
         return (found / DEPLOY.tensors).stat().st_size, str(found)
     try:
         check_backend("reference", unet.quant_config)  # the file's size does not depend on the backend
+        # a Q2B whose criterion cannot deploy (the complexity oracle needs an FP image per prompt) is still an
+        # evaluable ablation: it gets no size, not an error
+        qlip = qlip_payload(q2b, unet, model) if q2b else None
     except ValueError as e:
         return None, f"not exportable: {e}"
     extra = take_prefixed(load_artifact_tensors(quant_state, QUANT_STATE), "extra.")  # PTQD's statistics
-    qlip = qlip_payload(q2b, unet, model) if q2b else None
     with tempfile.TemporaryDirectory(prefix="qlip-size-") as tmp:
         export_unet(copy.deepcopy(unet).cpu(), tmp, extra_tensors=extra, qlip=qlip)
         return (Path(tmp) / DEPLOY.tensors).stat().st_size, "exported to a temporary folder"
