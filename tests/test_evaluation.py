@@ -334,7 +334,8 @@ def test_evaluate_stage_writes_tables_grids_and_json(tmp_path, w8a8_state, tiny_
     # sizes are artifact bytes on disk: W4A8 its export's file; naive (no export beside it) a temporary export,
     # whose bytes an export of the same state reproduces; the arithmetic estimate stays a column of its own
     w4 = rows[("in_domain", "w4a8")]
-    assert (w4["size_bytes"], w4["size_source"]) == ((exported / "unet.safetensors").stat().st_size, str(exported))
+    assert (w4["size_bytes"], w4["size_source"]) == ((exported / "unet.safetensors").stat().st_size,
+                                                     "the export beside the state")
     again = main(["export", "--model", "tiny-random", "--quant-state", str(w8a8_state), "--run-dir",
                   str(tmp_path / "w8a8_export"), "--backend", "reference"])
     assert q["size_bytes"] == (again / "unet.safetensors").stat().st_size and q["size_source"].startswith("exported")

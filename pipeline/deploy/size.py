@@ -37,7 +37,9 @@ def artifact_bytes(unet: nn.Module, quant_state: str | Path, q2b: str | Path | N
     cannot be exported (options no integer kernel serves)."""
     found = existing_export(quant_state, q2b)
     if found is not None:
-        return (found / DEPLOY.tensors).stat().st_size, str(found)
+        # named by kind, not by path: results must not depend on where the run directory lies (a resumed run
+        # in another folder reproduces them; tests/test_faults.py)
+        return (found / DEPLOY.tensors).stat().st_size, "the export beside the state"
     try:
         check_backend("reference", unet.quant_config)  # the file's size does not depend on the backend
         # a Q2B whose criterion cannot deploy (the complexity oracle needs an FP image per prompt) is still an
