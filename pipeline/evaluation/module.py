@@ -153,13 +153,13 @@ class MethodEvaluation(L.LightningModule):
         t0 = time.perf_counter()
         # A text-aware method may run its batch in smaller calls (each with its prompts' own bits); the global
         # batch, and so which process holds which FP reference, stays the same.
-        size = s.text_aware_batch if self.method.text_aware and s.text_aware_batch else n
+        call = s.text_aware_batch if self.method.text_aware and s.text_aware_batch else n  # prompts per call
         parts = []
-        for i in range(0, n, size):
-            embeds = self.method.before_batch(self.pipe, prompts[i:i + size])
+        for i in range(0, n, call):
+            embeds = self.method.before_batch(self.pipe, prompts[i:i + call])
             policy = self.method.policy(self.pipe)
-            parts.append(generate(self.pipe, prompts[i:i + size], seeds[i:i + size], steps=s.steps,
-                                  guidance=s.guidance, batch_size=size, resolution=s.resolution, progress=False,
+            parts.append(generate(self.pipe, prompts[i:i + call], seeds[i:i + call], steps=s.steps,
+                                  guidance=s.guidance, batch_size=call, resolution=s.resolution, progress=False,
                                   text=embeds))
             m["fab"].update(policy, len(parts[-1]))
             m["bitops"].update(policy, len(parts[-1]))
