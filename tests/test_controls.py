@@ -103,6 +103,9 @@ def test_text_blind_q2b_learns_one_static_table(tiny_state):
     tables = [qlip.prepare_batch([p])[0]["policy"] for p in prompts]
     assert torch.equal(tables[0], tables[1])
     assert tables[0].unique().numel() >= 1
+    # one table for every prompt: evaluate runs it in whole batches, not split per prompt like QLIP
+    from pipeline.evaluation.methods import method_from_state
+    assert method_from_state(run / "q2b").text_aware is False
 
 
 def test_a_planted_regression_fails_the_paired_check(tmp_path):

@@ -395,6 +395,7 @@ def test_end_to_end_through_t2q(tmp_path):
     from pipeline.evaluation.methods import method_from_state  # evaluation shares the pass the same way
 
     method = method_from_state(tmp_path / "q2b")
+    assert method.text_aware  # a T2Q criterion: evaluate may split batches so each prompt gets its own bits
     eval_pipe = method.load("embedded")
     embeds = method.before_batch(eval_pipe, prompts)
     assert embeds is not None and torch.equal(embeds.cond, ref_cond) and torch.equal(embeds.uncond, ref_uncond)

@@ -173,6 +173,8 @@ class QLIPMethod(StaticQuantState):
             self.label = f"{self.meta.get('extra', {}).get('method', 'quant')}+QLIP"
         qcfg = self.meta["quant_config"]
         self.q2b.check_layout(self.meta["layers"], qcfg["n_steps"], qcfg["a_bit_options"], f"quantized state {state}")
+        # q is constant under the text-blind control: every prompt gets the same table, so batches need no splitting
+        self.text_aware = self.q2b.meta.get("criterion") != "text-blind"
         self.qlip = None
 
     def load(self, model: str, load: dict | None = None):
