@@ -31,6 +31,7 @@ from pipeline.qlip.pipeline import QLIPPipeline
 from pipeline.qlip.q2b import Q2BModule, relative_link, save_q2b
 from pipeline.qlip.t2q import T2QModule, load_text_tower, save_t2q
 from pipeline.quant import (
+    QuantAttnProcessor,
     QuantConfig,
     QuantContext,
     QuantLayer,
@@ -298,6 +299,13 @@ def test_sampled_images_real_vs_fake(calibrated, exported):
     real = generate(attach(pipe, exported, "onednn"), prompts, steps=STEPS, progress=False)
     psnr = psnr_per_image(fake, real)
     assert psnr.min() >= 45, psnr
+    # attention="fused" drops the 16-bit softmax grid for SDPA: every processor takes the fused path, and the
+    # images move away from the fake-quant ones (flipped 8-bit codes) but stay close (docs/deploy.md)
+    fused_pipe = attach(pipe, exported, "onednn", attention="fused")
+    procs = [p for p in fused_pipe.unet.attn_processors.values() if isinstance(p, QuantAttnProcessor)]
+    assert procs and not any(p.softmax_quantized() for p in procs)
+    fused = psnr_per_image(fake, generate(fused_pipe, prompts, steps=STEPS, progress=False))
+    assert 25 <= fused.min() and fused.max() < 45, fused
 
 
 # -- text-aware generation from the artifact -----------------------------------

@@ -204,6 +204,24 @@ def test_fused_and_explicit_attention_agree(fp_reference):
     assert errs[32] < 1e-6 and 0 < errs[16] < 1e-3, errs
 
 
+def test_chunked_gridded_attention_matches_the_whole_matrix(fp_reference, monkeypatch):
+    """At inference the 16-bit-softmax attention is built a block of query rows at a time: a W8A8 UNet's output
+    matches building the whole matrix (to BLAS's last-bit rounding, which 8-bit grids can amplify into a rare
+    flipped code)."""
+    from pipeline.models import tiny_pipeline
+    from pipeline.quant import attention
+
+    ins, _ = fp_reference
+    unet = _calibrated(tiny_pipeline(0), 8, 8, softmax_bits=16)
+    outs = {}
+    for elements in (1 << 30, 300):  # whole; 4 query rows per block (tiny-random: 64 tokens)
+        monkeypatch.setattr(attention, "CHUNK_ELEMENTS", elements)
+        with torch.no_grad():
+            outs[elements] = unet(*ins).sample
+    rel = float((outs[300] - outs[1 << 30]).norm() / outs[1 << 30].norm())
+    assert rel < 1e-4, rel
+
+
 def test_bad_policies_and_options_are_refused(tiny_pipe):
     unet = tiny_pipe.unet
     with pytest.raises(ValueError, match="a_bits=7 is not one of"):

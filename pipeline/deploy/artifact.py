@@ -18,6 +18,7 @@ from pipeline.calibration.ptqd import apply_ptqd
 from pipeline.deploy.backends import check_backend, set_backend
 from pipeline.deploy.layer import RealQuantLayer
 from pipeline.deploy.pack import PACKED_BITS, empty_part, pack_layer
+from pipeline.quant.attention import QuantAttnProcessor
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.policy import quant_layers
 from pipeline.quant.state import model_fingerprint
@@ -79,9 +80,21 @@ def read_deploy_meta(folder: str | Path, flag: str | None = None) -> dict:
     return read_artifact_meta(folder, DEPLOY, flag)
 
 
-def load_unet(folder: str | Path, backend: str = "onednn", device="cpu") -> UNet2DConditionModel:
+ATTENTION = ("fused", "exact")
+
+
+def load_unet(folder: str | Path, backend: str = "onednn", device="cpu", attention: str = "exact"
+              ) -> UNet2DConditionModel:
     """The deployed UNet of an export folder, without the FP weights:
-    `unet = pipeline.deploy.load_unet("runs/x/deploy")`; then `pipe.unet = unet` (or `attach`)."""
+    `unet = pipeline.deploy.load_unet("runs/x/deploy")`; then `pipe.unet = unet` (or `attach`).
+
+    attention "exact" (default): the fake-quant UNet's own attention arithmetic, a softmax grid included;
+    "fused": a softmax grid of >= 16 bits (Q-Diffusion's default) is dropped and attention runs as the fused
+    float kernel (SDPA). That is faster on CPU, but the change flips 8-bit codes downstream, so sampled images
+    drift from the fake-quant ones (33-38 dB PSNR on the embedded world, docs/deploy.md). Softmax grids below
+    16 bits are kept either way."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}: choose one of {ATTENTION}")
     folder = Path(folder)
     meta = read_deploy_meta(folder)
     config = QuantConfig.from_dict(meta["quant_config"])
@@ -106,13 +119,16 @@ def load_unet(folder: str | Path, backend: str = "onednn", device="cpu") -> UNet
     for name, layer in quant_layers(unet).items():
         layer.policy = list(meta["policy"][name])
     unet.quant_context.step = 0
+    for proc in unet.attn_processors.values():
+        if isinstance(proc, QuantAttnProcessor):
+            proc.fuse_fine_softmax = attention == "fused"
     set_backend(unet, backend)
     unet.deploy_extra = extra
     unet.deploy_qlip = qlip  # Q2B's tables and the T2Q head, when exported with them (deploy.qlip.load_qlip)
     return unet.eval()
 
 
-def attach(pipe, folder: str | Path, backend: str = "onednn"):
+def attach(pipe, folder: str | Path, backend: str = "onednn", attention: str = "exact"):
     """Put the deployed UNet of `folder` into `pipe` (its text encoders, VAE and scheduler), in place, after
     checking that the artifact was exported from this pipeline's UNet architecture; PTQD's correction too."""
     meta = read_deploy_meta(folder)
@@ -123,7 +139,7 @@ def attach(pipe, folder: str | Path, backend: str = "onednn"):
         raise ValueError(f"deployable artifact {folder} belongs to another UNet architecture ({detail}); "
                          f"export it from this model's quantized state")
     device = pipe.unet.device
-    pipe.unet = load_unet(folder, backend, device="cpu").to(device)
+    pipe.unet = load_unet(folder, backend, device="cpu", attention=attention).to(device)
     if "ptqd_k" in pipe.unet.deploy_extra:
         apply_ptqd(pipe.unet, pipe.unet.deploy_extra, pipe)
     return pipe

@@ -121,7 +121,7 @@ class OneDNNBackend(Backend):
         if fix is not None:  # sum x (q_w' - z_w') = sum x q_w' - z_w' sum x, with q_w' = q_w - 128
             if y.dim() == 4:  # the kernel's channels-last layout: a mixed-layout broadcast is several times slower
                 fix = fix.contiguous(memory_format=torch.channels_last)
-            y = y.sub_(fix * _channel_shape(layer, correction * x_scale))
+            y = y.addcmul_(fix, _channel_shape(layer, correction * x_scale), value=-1)  # one pass, no temporary
         return y
 
 

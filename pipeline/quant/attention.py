@@ -16,6 +16,8 @@ from torch import nn
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer, fp32_math, mix_options
 
+CHUNK_ELEMENTS = 1 << 16  # attention-matrix elements per head and sample in an inference block (256 KiB in fp32)
+
 
 class QuantAttnProcessor(nn.Module):
     def __init__(self, config: QuantConfig, ctx: QuantContext):
@@ -29,11 +31,17 @@ class QuantAttnProcessor(nn.Module):
         self.time_aware = config.time_aware
         self.ctx = ctx
         self.enabled = True
+        # a deployed UNet (pipeline/deploy) sets this: a softmax grid of >= 16 bits is then left to the fused
+        # float kernel, as a real runtime would (the 16-bit grid moves a probability by <= 2^-17)
+        self.fuse_fine_softmax = False
 
     def softmax_quantized(self) -> bool:
         """Whether the softmax output is fake-quantized (or observed): only then is the attention
         matrix materialized; otherwise the fused kernel computes the same attention."""
-        return self.enabled and (self.softmax.observing or self.softmax.bit_options[0] < 32)
+        bits = self.softmax.bit_options[0]
+        if self.fuse_fine_softmax and bits >= 16 and not self.softmax.observing:
+            return False
+        return self.enabled and (self.softmax.observing or bits < 32)
 
     def banks(self) -> list[ActQuantBank]:
         return [self.q, self.k, self.v, self.softmax]
@@ -53,6 +61,25 @@ class QuantAttnProcessor(nn.Module):
         bos = proj.fp_forward(enc[:, :1])  # full precision, prompt-independent
         rest = self._quant(bank, proj(enc[:, 1:]), proj)
         return torch.cat([bos, rest], dim=1)
+
+    def _gridded_attention(self, attn, query, key, value, attention_mask) -> torch.Tensor:
+        """softmax(q k^T) on the softmax bank's grid, times v. At inference the matrix is built a block of
+        query rows at a time (CHUNK_ELEMENTS per head and sample), so the block stays in cache and SD's 512 px
+        self-attention never holds its 1 GB matrix. The block's rows depend on the key length only, not on the
+        batch. BLAS may round a block's last bit differently from the whole matrix; the fake-quant and the
+        deployed UNet share this code, so they agree with each other. Calibration (observing), training
+        (autograd) and masked attention build it whole."""
+        slot = min(self.ctx.step, self.softmax.n_slots - 1) if self.time_aware else 0
+        rows = query.shape[1]
+        step = max(1, CHUNK_ELEMENTS // key.shape[1])
+        if self.softmax.observing or torch.is_grad_enabled() or step >= rows or attention_mask is not None:
+            probs = self.softmax(attn.get_attention_scores(query, key, attention_mask), 0, slot, inplace=True)
+            return torch.bmm(probs, value)
+        out = query.new_empty(query.shape[0], rows, value.shape[-1])
+        for a in range(0, rows, step):
+            probs = attn.get_attention_scores(query[:, a:a + step], key, None)
+            torch.bmm(self.softmax(probs, 0, slot, inplace=True), value, out=out[:, a:a + step])
+        return out
 
     @fp32_math
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -79,10 +106,7 @@ class QuantAttnProcessor(nn.Module):
 
         if self.softmax_quantized():
             query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
-            probs = attn.get_attention_scores(query, key, attention_mask)
-            slot = min(self.ctx.step, self.softmax.n_slots - 1) if self.time_aware else 0
-            probs = self.softmax(probs, 0, slot, inplace=True)
-            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+            hidden_states = attn.batch_to_head_dim(self._gridded_attention(attn, query, key, value, attention_mask))
         else:  # nothing touches the probabilities: the fused kernel, as diffusers' AttnProcessor2_0
             query, key, value = (attn.head_to_batch_dim(t, out_dim=4) for t in (query, key, value))
             if attention_mask is not None:
