@@ -2,7 +2,9 @@
 peak memory, batch 2 (CFG), --threads threads, per model and row:
 
   fp32, bf16 (FP weights), fake W8A8 (pipeline/quant), real W8A8, real W4A8, real W4A16 (weight-only, the
-  QLIP comparison), real QLIP (a per-(layer, step) table over 8/16 bits, with its share of MACs at <= 8 bits)
+  QLIP comparison), real QLIP (a per-(layer, step) table over 8/16 bits, with its share of MACs at <= 8 bits);
+  each real row again as `..._drop16`: loaded with fine_grids="drop" (16-bit grids left out: SDPA attention,
+  float inputs on the weight-only path), faster, but no longer the fake-quant arithmetic (docs/deploy.md)
 
 Models: the embedded world (also the end-to-end `generate` time per image, FP against real W8A8), and the
 BK-SDM-Tiny and SD v1.4 UNet architectures with seeded random weights (published configs in pipeline/models.py).
@@ -142,14 +144,16 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
         real[w_bits] = folder
     same = lambda a: a  # noqa: E731
     bf16 = lambda a: tuple(t.bfloat16() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)  # noqa: E731
-    rows = {"fp32": (fp, same), "bf16": (copy.deepcopy(fp).bfloat16(), bf16), "fake_w8a8": (fake8, same),
-            "real_w8a8": (load_unet(real[8], "onednn"), same), "real_w4a8": (load_unet(real[4], "onednn"), same)}
-    w4a16 = load_unet(real[4], "onednn")
-    set_bit_policy(w4a16, 16)
-    qlip = load_unet(real[4], "onednn")
-    table = qlip_table(qlip, share8)
-    set_bit_policy(qlip, table)
-    rows.update({"real_w4a16": (w4a16, same), "real_qlip_w4": (qlip, same)})
+    rows = {"fp32": (fp, same), "bf16": (copy.deepcopy(fp).bfloat16(), bf16), "fake_w8a8": (fake8, same)}
+    for suffix, grids in (("", "keep"), ("_drop16", "drop")):  # _drop16: load_unet(fine_grids="drop")
+        w4a16 = load_unet(real[4], "onednn", fine_grids=grids)
+        set_bit_policy(w4a16, 16)
+        qlip = load_unet(real[4], "onednn", fine_grids=grids)
+        table = qlip_table(qlip, share8)
+        set_bit_policy(qlip, table)
+        rows.update({f"real_w8a8{suffix}": (load_unet(real[8], "onednn", fine_grids=grids), same),
+                     f"real_w4a8{suffix}": (load_unet(real[4], "onednn", fine_grids=grids), same),
+                     f"real_w4a16{suffix}": (w4a16, same), f"real_qlip_w4{suffix}": (qlip, same)})
     macs = layer_macs(qlip, args, kwargs)
     bits = dict(zip(quant_layers(qlip), table[:, 0].tolist()))
     share = sum(v for k, v in macs.items() if bits[k] <= 8) / sum(macs.values())

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.deploy import (
@@ -289,6 +290,26 @@ def test_whole_unet_every_layer_every_step(calibrated, exported, policy):
     assert routes["integer"] > 0 and (routes["float"] > 0) == (policy == "qlip")
 
 
+def test_dropped_fine_grids_run_the_float_kernel_on_the_raw_input(exported):
+    """fine_grids="drop": a call routed to 16 bits runs the dequantized weight on the input as is (no 16-bit
+    grid), while "keep" grids it like the fake-quant layer; 8-bit calls are untouched; a bad value is refused."""
+    units = {mode: load_unet(exported, "reference", fine_grids=mode) for mode in ("keep", "drop")}
+    for unet in units.values():
+        set_bit_policy(unet, 16)
+    name, keep = next((n, m) for n, m in quant_layers(units["keep"]).items() if m.kind == "linear" and m.quant_act)
+    drop = quant_layers(units["drop"])[name]
+    x = torch.randn(2, 5, keep.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = F.linear(x, drop.dequantized_weight(), drop.bias)
+        assert torch.equal(drop(x.clone()), raw)
+        assert not torch.equal(keep(x.clone()), raw)
+        set_bit_policy(units["keep"], 8)
+        set_bit_policy(units["drop"], 8)
+        assert torch.equal(keep(x.clone()), drop(x.clone()))
+    with pytest.raises(ValueError, match="fine_grids='fast'"):
+        load_unet(exported, "reference", fine_grids="fast")
+
+
 @needs_onednn
 def test_sampled_images_real_vs_fake(calibrated, exported):
     """Sampling end to end: the deployed UNet's images against the fake-quant ones, per image."""
@@ -299,9 +320,9 @@ def test_sampled_images_real_vs_fake(calibrated, exported):
     real = generate(attach(pipe, exported, "onednn"), prompts, steps=STEPS, progress=False)
     psnr = psnr_per_image(fake, real)
     assert psnr.min() >= 45, psnr
-    # attention="fused" drops the 16-bit softmax grid for SDPA: every processor takes the fused path, and the
-    # images move away from the fake-quant ones (flipped 8-bit codes) but stay close (docs/deploy.md)
-    fused_pipe = attach(pipe, exported, "onednn", attention="fused")
+    # fine_grids="drop" leaves out the 16-bit softmax grid: every processor takes SDPA, and the images move
+    # away from the fake-quant ones (flipped 8-bit codes) but stay close (docs/deploy.md)
+    fused_pipe = attach(pipe, exported, "onednn", fine_grids="drop")
     procs = [p for p in fused_pipe.unet.attn_processors.values() if isinstance(p, QuantAttnProcessor)]
     assert procs and not any(p.softmax_quantized() for p in procs)
     fused = psnr_per_image(fake, generate(fused_pipe, prompts, steps=STEPS, progress=False))

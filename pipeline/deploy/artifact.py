@@ -80,21 +80,21 @@ def read_deploy_meta(folder: str | Path, flag: str | None = None) -> dict:
     return read_artifact_meta(folder, DEPLOY, flag)
 
 
-ATTENTION = ("fused", "exact")
+FINE_GRIDS = ("keep", "drop")
 
 
-def load_unet(folder: str | Path, backend: str = "onednn", device="cpu", attention: str = "exact"
+def load_unet(folder: str | Path, backend: str = "onednn", device="cpu", fine_grids: str = "keep"
               ) -> UNet2DConditionModel:
     """The deployed UNet of an export folder, without the FP weights:
     `unet = pipeline.deploy.load_unet("runs/x/deploy")`; then `pipe.unet = unet` (or `attach`).
 
-    attention "exact" (default): the fake-quant UNet's own attention arithmetic, a softmax grid included;
-    "fused": a softmax grid of >= 16 bits (Q-Diffusion's default) is dropped and attention runs as the fused
-    float kernel (SDPA). That is faster on CPU, but the change flips 8-bit codes downstream, so sampled images
-    drift from the fake-quant ones (33-38 dB PSNR on the embedded world, docs/deploy.md). Softmax grids below
-    16 bits are kept either way."""
-    if attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r}: choose one of {ATTENTION}")
+    fine_grids "keep" (default): the fake-quant UNet's own arithmetic, 16-bit grids included. "drop": every
+    activation grid of >= 16 bits (16-bit layer inputs of a QLIP table, q/k/v at 16 bits, Q-Diffusion's 16-bit
+    softmax) is left out, so those calls run the float kernels directly and attention runs as SDPA. Faster on
+    CPU, but a 2^-17 change flips 8-bit codes downstream, so sampled images drift from the fake-quant ones
+    (33-38 dB PSNR on the embedded world, docs/deploy.md)."""
+    if fine_grids not in FINE_GRIDS:
+        raise ValueError(f"fine_grids={fine_grids!r}: choose one of {FINE_GRIDS}")
     folder = Path(folder)
     meta = read_deploy_meta(folder)
     config = QuantConfig.from_dict(meta["quant_config"])
@@ -119,16 +119,16 @@ def load_unet(folder: str | Path, backend: str = "onednn", device="cpu", attenti
     for name, layer in quant_layers(unet).items():
         layer.policy = list(meta["policy"][name])
     unet.quant_context.step = 0
-    for proc in unet.attn_processors.values():
-        if isinstance(proc, QuantAttnProcessor):
-            proc.fuse_fine_softmax = attention == "fused"
+    for m in list(unet.modules()) + list(unet.attn_processors.values()):
+        if isinstance(m, (QuantAttnProcessor, RealQuantLayer)):
+            m.drop_fine_grids = fine_grids == "drop"
     set_backend(unet, backend)
     unet.deploy_extra = extra
     unet.deploy_qlip = qlip  # Q2B's tables and the T2Q head, when exported with them (deploy.qlip.load_qlip)
     return unet.eval()
 
 
-def attach(pipe, folder: str | Path, backend: str = "onednn", attention: str = "exact"):
+def attach(pipe, folder: str | Path, backend: str = "onednn", fine_grids: str = "keep"):
     """Put the deployed UNet of `folder` into `pipe` (its text encoders, VAE and scheduler), in place, after
     checking that the artifact was exported from this pipeline's UNet architecture; PTQD's correction too."""
     meta = read_deploy_meta(folder)
@@ -139,7 +139,7 @@ def attach(pipe, folder: str | Path, backend: str = "onednn", attention: str = "
         raise ValueError(f"deployable artifact {folder} belongs to another UNet architecture ({detail}); "
                          f"export it from this model's quantized state")
     device = pipe.unet.device
-    pipe.unet = load_unet(folder, backend, device="cpu", attention=attention).to(device)
+    pipe.unet = load_unet(folder, backend, device="cpu", fine_grids=fine_grids).to(device)
     if "ptqd_k" in pipe.unet.deploy_extra:
         apply_ptqd(pipe.unet, pipe.unet.deploy_extra, pipe)
     return pipe

@@ -7,7 +7,7 @@ processor's q/k/v routing), so a QLIP policy routes each (layer, step) call at r
   input's codes from the bank's own `codes`, the kernel on integers (one call per weight part: a split shortcut
   runs as two convs over its two halves);
 - 16 or 32 bits (or the float-only path): weight-only, the fake-quantized input times the dequantized weight,
-  cached once, which is the fake-quant layer's own arithmetic."""
+  cached once, which is the fake-quant layer's own arithmetic; with fine_grids="drop", the float input as is."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.deploy.pack import Part
+from pipeline.quant.attention import FINE_BITS
 from pipeline.quant.layers import QuantLayer, fp32_math
 
 
@@ -46,6 +47,7 @@ class RealQuantLayer(QuantLayer):
             self.register_buffer(f"w_zero{i}", p.zero)
             self.register_buffer(f"w_scale{i}", p.scale)
         self.backend = None
+        self.drop_fine_grids = False  # load_unet(fine_grids="drop")
         self.kernels: list = []  # the backend's prepared weights, one per part
         self._dequantized: torch.Tensor | None = None
 
@@ -83,6 +85,8 @@ class RealQuantLayer(QuantLayer):
         if not self.quant_act:
             return self.float_call(x)
         k, slot = self.bit_index(), self.slot()
+        if self.drop_fine_grids and self.bit_options[k] >= FINE_BITS:  # fine_grids="drop": float input as is
+            return self.float_call(x)
         if self.parts and self.bit_options[k] <= 8 and self.backend is not None and self.backend.runs_integer(self):
             return self.integer_call(x, k, slot)
         return self.float_call(self._quantize(x, k, slot))

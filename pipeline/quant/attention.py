@@ -16,6 +16,7 @@ from torch import nn
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.layers import ActQuantBank, QuantContext, QuantLayer, fp32_math, mix_options
 
+FINE_BITS = 16  # grids this fine or finer are what a deployed UNet may leave out (fine_grids="drop")
 CHUNK_ELEMENTS = 1 << 16  # attention-matrix elements per head and sample in an inference block (256 KiB in fp32)
 
 
@@ -31,15 +32,15 @@ class QuantAttnProcessor(nn.Module):
         self.time_aware = config.time_aware
         self.ctx = ctx
         self.enabled = True
-        # a deployed UNet (pipeline/deploy) sets this: a softmax grid of >= 16 bits is then left to the fused
-        # float kernel, as a real runtime would (the 16-bit grid moves a probability by <= 2^-17)
-        self.fuse_fine_softmax = False
+        # a deployed UNet loaded with fine_grids="drop" (pipeline/deploy) sets this: grids of >= FINE_BITS on
+        # q, k, v and the softmax are left out, so attention runs as the fused float kernel (SDPA)
+        self.drop_fine_grids = False
 
     def softmax_quantized(self) -> bool:
         """Whether the softmax output is fake-quantized (or observed): only then is the attention
         matrix materialized; otherwise the fused kernel computes the same attention."""
         bits = self.softmax.bit_options[0]
-        if self.fuse_fine_softmax and bits >= 16 and not self.softmax.observing:
+        if self.drop_fine_grids and bits >= FINE_BITS and not self.softmax.observing:
             return False
         return self.enabled and (self.softmax.observing or bits < 32)
 
@@ -53,6 +54,8 @@ class QuantAttnProcessor(nn.Module):
         if getattr(proj, "mixture", None) is not None:  # Q2B training: follow the projection's relaxed choice
             return mix_options(lambda k: bank(x, k, slot), *proj.mixture, like=x)
         k = proj.bit_index() if isinstance(proj, QuantLayer) else bank.bit_options.index(max(bank.bit_options))
+        if self.drop_fine_grids and bank.bit_options[k] >= FINE_BITS and not bank.observing:
+            return x
         return bank(x, k, slot)
 
     def _project_kv(self, attn, proj: nn.Module, bank: ActQuantBank, enc: torch.Tensor, cross: bool) -> torch.Tensor:
