@@ -124,6 +124,13 @@ def reproducibility(a, common: dict, state: Path, work: Path) -> dict:
             "steps": recs[0]["signature"]["steps"], "sensitivity_seconds": seconds, "threshold": 0.8}
 
 
+def stage(fn, config, name: str) -> Path:
+    """Run a stage into config.run_dir unless its `name` folder already finished (then reuse it): an interrupted
+    benchmark resumes where it stopped (the stages resume their own partial work)."""
+    folder = Path(config.run_dir) / name
+    return folder if (folder / "manifest.json").is_file() else Path(fn(config))
+
+
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -134,20 +141,20 @@ def main(argv=None):
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1))
 
-    common = dict(model=a.model, overwrite=True)
+    common = dict(model=a.model, overwrite=False)  # a rerun resumes: finished stages are reused (`stage`)
     states, records = {}, {}
     for bos in ([True] if a.no_bos_variant or a.repro_only else [True, False]):
         run = work / ("bos" if bos else "nobos")
         t0 = time.time()
-        states[bos] = calibrate(CalibrateConfig(**common, run_dir=str(run), method="naive", w_bits=8,
-                                                w_bit_options="2,4,8", a_bits=8, a_bit_options="4,8,16",
-                                                bos_aware=bos, cali_n=a.cali_n, steps=a.steps))
+        states[bos] = stage(calibrate, CalibrateConfig(**common, run_dir=str(run), method="naive", w_bits=8,
+                                                       w_bit_options="2,4,8", a_bits=8, a_bit_options="4,8,16",
+                                                       bos_aware=bos, cali_n=a.cali_n, steps=a.steps), "quant")
         t1 = time.time()
         if a.repro_only:
             result["calibrate_seconds"] = t1 - t0
             break
-        records[bos] = sensitivity(SensitivityConfig(**common, run_dir=str(run), quant_state=str(states[bos]),
-                                                     n=a.probe_n, a_bit_options=a.a_candidates))
+        records[bos] = stage(sensitivity, SensitivityConfig(**common, run_dir=str(run), quant_state=str(states[bos]),
+                                                            n=a.probe_n, a_bit_options=a.a_candidates), "sensitivity")
         rec = json.loads((records[bos] / "sensitivity.json").read_text())
         result[f"sensitivity_{'bos' if bos else 'nobos'}"] = {
             "calibrate_seconds": t1 - t0, "sensitivity_seconds": rec["seconds"], "layers": len(rec["layers"]),
@@ -169,9 +176,9 @@ def main(argv=None):
 
         def alloc(label, allocator, bos=True, seed=0, val_n=0):
             run = work / point / label
-            out = mixdq(MixDQConfig(**common, run_dir=str(run), sensitivity=str(records[bos]),
-                                    quant_state=str(states[bos]), w_budget=a.w_budget, a_budget=a_budget,
-                                    allocator=allocator, seed=seed, val_n=val_n))
+            out = stage(mixdq, MixDQConfig(**common, run_dir=str(run), sensitivity=str(records[bos]),
+                                           quant_state=str(states[bos]), w_budget=a.w_budget, a_budget=a_budget,
+                                           allocator=allocator, seed=seed, val_n=val_n), "mixdq")
             folders.append(str(out))
             labels.append(label)
 
@@ -184,8 +191,8 @@ def main(argv=None):
             alloc("mixdq-no-bos", "ilp", bos=False, val_n=a.val_n)
         alloc("mixdq", "ilp", val_n=a.val_n)
         t0 = time.time()
-        ev = evaluate(EvaluateConfig(**common, run_dir=str(work / point), quant_states=folders, labels=labels,
-                                     n=a.eval_n, baseline="uniform", steps=a.steps, sfid=False))
+        ev = stage(evaluate, EvaluateConfig(**common, run_dir=str(work / point), quant_states=folders, labels=labels,
+                                            n=a.eval_n, baseline="uniform", steps=a.steps, sfid=False), "evaluate")
         res = json.loads((ev / "results.json").read_text())
         rows = {r["method"]: r for r in res["rows"]}
         paired = {(p["method"], p["metric"]): p for p in res["paired"]}

@@ -124,6 +124,25 @@ def test_export_is_bit_exact(fp_unet, w_bits, rounding):
     assert len(split.parts) == 2 and split.parts[0][:2] == (0, 128)  # each half its own grid
 
 
+def test_export_of_per_layer_weight_bits_is_bit_exact(fp_unet, tmp_path):
+    """A MixDQ state (weight options 2/4/8, one per layer): each layer exports the option in force, bit for bit,
+    and the deployed UNet reports the same per-layer weight bits."""
+    from pipeline.quant.policy import set_weight_bits
+
+    unet = copy.deepcopy(fp_unet)
+    quantize_unet(unet, QuantConfig(w_bits=4, w_bit_options=[2, 4, 8], a_bits=8))
+    names = list(quant_layers(unet))
+    policy = {n: (2, 4, 8)[i % 3] for i, n in enumerate(names)}
+    set_weight_bits(unet, policy)
+    fake = {n: m.quantized_weight().clone() for n, m in quant_layers(unet).items()}
+    folder = tmp_path / "deploy"
+    export_unet(unet, folder)
+    real = quant_layers(load_unet(folder, "reference"))
+    assert {n: m.w_bits for n, m in real.items()} == policy
+    for name, w in fake.items():
+        assert torch.equal(real[name].dequantized_weight(), w), name
+
+
 def test_w4_artifact_loads_without_fp_weights(fp_unet, calibrated, exported):
     fp_bytes = sum(p.numel() * 4 for p in fp_unet.parameters())
     size = (exported / "unet.safetensors").stat().st_size

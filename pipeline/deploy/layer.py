@@ -40,6 +40,7 @@ class RealQuantLayer(QuantLayer):
         self.mixture = None
         self.quant_weight = bool(parts)
         self.w_quant = WeightBits(parts[0].bits if parts else 32, source.split)
+        self.w_bits, self.w_options = self.w_quant.n_bits, None  # the one weight option the artifact holds
         self.weight = None if parts else source.weight  # a 32-bit weight stays in float
         self.parts = [(p.start, p.stop, p.bits, p.shape) for p in parts]
         for i, p in enumerate(parts):

@@ -98,8 +98,9 @@ def empty_part(start: int, stop: int, bits: int, shape) -> Part:
 
 @torch.no_grad()
 def pack_layer(layer) -> list[Part]:
-    """The parts of a QuantLayer's weight, from its quantizer's own codes (`WeightQuantizer.codes`)."""
-    wq, w = layer.w_quant, layer.weight.detach()
+    """The parts of a QuantLayer's weight, from the quantizer in force's own codes (`WeightQuantizer.codes`;
+    `layer.wq`: a MixDQ state sets each layer's weight option)."""
+    wq, w = layer.wq, layer.weight.detach()
     codes = wq.codes(w)
     halves = [(0, w.shape[1], wq.scale, wq.zero_point)]
     if wq.split:
