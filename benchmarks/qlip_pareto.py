@@ -8,7 +8,8 @@ activation bits visibly matter), for every target FAB:
 - with --criteria, Q2B on other quality sources: prompt length, the measured image complexity (an oracle: an FP
   generation per prompt) and T2C (a T2Q head trained on that complexity, `t2q --target complexity`);
 - MixDQ: its static per-layer allocation at that FAB (sensitivity once, then the mixdq stage; --mixdq-probe-n 0
-  leaves it out);
+  leaves it out), once per --mixdq-sqnr-scales entry: "db" sums SQNR in dB as MixDQ publishes, "power" sums
+  the noise power (the "MixDQ (power)" curve);
 and, at the options themselves, uniform A_b (the policy stage, --control uniform).
 Every method scores the same test prompts under the same noise seeds (one evaluate run per seed, FP reference
 included), so each comparison is paired per image. Per FAB it records QLIP - text-blind (and - random) on
@@ -93,7 +94,10 @@ def main(argv=None) -> dict:
                          "(oracle), t2c")
     ap.add_argument("--mixdq-probe-n", type=int, default=1,
                     help="probe prompts of MixDQ's sensitivity pass (0: no MixDQ control)")
-    ap.add_argument("--n", type=int, default=200, help="test prompts")
+    ap.add_argument("--mixdq-sqnr-scales", default="db,power",
+                    help="the mixdq stage's --sqnr-scale per MixDQ curve: db (as published), power")
+    ap.add_argument("--n", type=int, default=210, help="test prompts asked for (210 draws 201 distinct world "
+                                                       "test prompts: duplicates are dropped)")
     ap.add_argument("--seeds", type=int, default=3, help="noise seeds (one evaluate run each)")
     ap.add_argument("--batch-size", type=int, default=8, help="evaluation batch of the static methods")
     ap.add_argument("--text-aware-batch-size", type=int, default=1,
@@ -140,11 +144,13 @@ def main(argv=None) -> dict:
         sens = stage(sensitivity, SensitivityConfig(**common, quant_state=str(base), n=a.mixdq_probe_n,
                                                     prompts="world", steps=a.steps), work / "sensitivity" /
                      "sensitivity")
-        for f in fabs:
-            folder = stage(mixdq, MixDQConfig(**common, sensitivity=str(sens), quant_state=str(base),
-                                              w_budget=float(a.w_bits), a_budget=f, steps=a.steps),
-                           work / f"mixdq_fab{f:g}" / "mixdq")
-            methods[f"MixDQ @{f:g}"] = {"path": folder, "family": "MixDQ", "target": f}
+        for scale in a.mixdq_sqnr_scales.split(","):
+            name, family = ("mixdq", "MixDQ") if scale == "db" else (f"mixdq-{scale}", f"MixDQ ({scale})")
+            for f in fabs:
+                folder = stage(mixdq, MixDQConfig(**common, sensitivity=str(sens), quant_state=str(base),
+                                                  w_budget=float(a.w_bits), a_budget=f, steps=a.steps,
+                                                  sqnr_scale=scale), work / f"{name}_fab{f:g}" / "mixdq")
+                methods[f"{family} @{f:g}"] = {"path": folder, "family": family, "target": f}
     for b in options:
         if b < 32 and min(fabs) - 2 <= b <= max(fabs) + 4:
             folder = stage(policy, PolicyConfig(**common, quant_state=str(base), control="uniform", bits=b),
@@ -223,7 +229,7 @@ def summarize(runs: list[dict], methods: dict, fabs: list[float], a) -> dict:
     return {"model": a.model, "base": {"method": a.method, "w_bits": a.w_bits, "bit_options": a.bit_options},
             "t2q": a.t2q, "real_images": a.real_images, "steps": a.steps, "seeds": a.seeds,
             "n_prompts": split["n_prompts"], "prompt_source": split["source"],
-            "mixdq_probe_n": a.mixdq_probe_n, "eval_batch": a.batch_size,
+            "mixdq_probe_n": a.mixdq_probe_n, "mixdq_sqnr_scales": a.mixdq_sqnr_scales, "eval_batch": a.batch_size,
             "text_aware_batch": a.text_aware_batch_size, "q2b": {"n": a.q2b_n, "epochs": a.q2b_epochs},
             "criterion": "QLIP beats the text-blind control at a FAB when its per-image PSNR to FP is higher, "
                          "Wilcoxon p < 0.05 (per-prompt means, prompts pooled over seeds), at achieved FABs within "

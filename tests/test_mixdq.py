@@ -25,6 +25,7 @@ from pipeline.mixdq.allocation import (
     pareto_front,
     raisable,
     solve_ilp,
+    sqnr_scores,
 )
 from pipeline.mixdq.groups import GroupError, layer_groups
 
@@ -56,6 +57,26 @@ def test_solver_equals_brute_force_and_spends_the_budget():
         assert raisable(p, res["choice"], budget) == []  # ... and no layer could take more bits
         best = max(p.average(c) for c in itertools.product(range(k), repeat=n) if p.average(c) <= budget)
         assert p.average(res["choice"]) <= best  # the largest achievable average is <= B (by construction)
+
+
+def test_power_scale_protects_a_ruinous_layer_that_the_db_sum_sacrifices():
+    """Three equal-size layers, bits {4, 8, 16}, budget 8: layer 0 is ruined at 4 bits (10 dB), layers 1-2 are
+    fine at 8 (60 dB) and gain 70 dB more at 16. Summing dB (MixDQ as published) buys 16 bits for one of them by
+    putting layer 0 at 4 bits; summing the noise power keeps layer 0 at 8, where the total noise is lowest."""
+    sqnr = np.array([[10.0, 40.0, 70.0], [35.0, 60.0, 130.0], [35.0, 60.0, 130.0]])
+    assert np.allclose(sqnr_scores(sqnr, "power"), -(10.0 ** (-sqnr / 10)))
+    assert np.array_equal(sqnr_scores(sqnr, "db"), sqnr)
+    picks, noise = {}, {}
+    for scale in ("db", "power"):
+        p = Problem(["l0", "l1", "l2"], [4, 8, 16], sqnr_scores(sqnr, scale), [1, 1, 1])
+        choice = solve_ilp(p, 8.0)["choice"]
+        picks[scale] = [p.bits[k] for k in choice]
+        noise[scale] = float(sum(10.0 ** (-sqnr[i, k] / 10) for i, k in enumerate(choice)))
+    assert picks["db"][0] == 4 and 16 in picks["db"]
+    assert picks["power"] == [8, 8, 8]
+    assert noise["power"] < noise["db"] / 100
+    with pytest.raises(ValueError, match="--sqnr-scale 'linear'"):
+        sqnr_scores(sqnr, "linear")
 
 
 def test_sdxl_sized_problem_solves_in_seconds():
@@ -356,6 +377,7 @@ def with_record(run, tmp_path, edit):
     ("steps", "SensitivityMismatch", "measured with 1 sampling steps"),
     ("regex", "GroupError", "leaves the content group empty"),
     ("nan", "NonFiniteSensitivity", "not finite"),
+    ("scale", "ValueError", "--sqnr-scale 'dbm'"),
 ])
 def test_bad_input_fails_early_by_name(measured, tmp_path, case, error, match):
     from pipeline.fit import main
@@ -378,6 +400,8 @@ def test_bad_input_fails_early_by_name(measured, tmp_path, case, error, match):
         args += ["--steps", "3"]
     elif case == "regex":
         args += ["--content-regex", "no-such-layer"]
+    elif case == "scale":
+        args += ["--sqnr-scale", "dbm"]
     elif case == "nan":
         sens = with_record(run, tmp_path, lambda r: r["sqnr"]["conv_in"].update(w2=float("nan")))
     kinds = {**vars(allocation), **vars(groups), **vars(sensitivity), "ValueError": ValueError}

@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 ALLOCATORS = ("ilp", "sorting", "sqnr-only", "random", "uniform")
+SQNR_SCALES = ("db", "power")  # what the programs sum of each layer's SQNR (sqnr_scores)
 SCALE = 10**6  # integer resolution of the normalized scores
 
 
@@ -329,17 +330,30 @@ def parse_sweep(text: str | None) -> list[float]:
                          ) from None
 
 
+def sqnr_scores(sqnr_db: np.ndarray, scale: str) -> np.ndarray:
+    """Each layer's SQNR as the programs sum it. "db": the dB values, as MixDQ publishes (a layer raised from 8 to
+    16 bits gains as much as one raised from 4 to 8, however bad the 4-bit one is). "power": minus the noise to
+    signal power ratio 10^(-SQNR/10), which is what adds up across layers when their noises are independent, so
+    one 15 dB layer outweighs many 60 dB ones."""
+    if scale not in SQNR_SCALES:
+        raise ValueError(f"--sqnr-scale {scale!r}: use one of {', '.join(SQNR_SCALES)}")
+    sqnr_db = np.asarray(sqnr_db, dtype=np.float64)
+    return sqnr_db if scale == "db" else -np.power(10.0, -sqnr_db / 10.0)
+
+
 def kind_spec(rec: Mapping, kind: str, bits: Sequence[int], groups: Mapping[str, str],
-              fixed: Mapping[str, int], kept: Mapping[str, int] | None = None) -> KindSpec:
+              fixed: Mapping[str, int], kept: Mapping[str, int] | None = None, sqnr_scale: str = "db") -> KindSpec:
     """The allocation of `kind` ("w" weights, "a" activations) over the record's measured layers at `bits`.
     `fixed` {layer: bits} (the protected layers) are measured layers held at their bits: their cost counts
-    against the budget. `kept` (layers the record did not measure) keep the state's bits outside the budget."""
+    against the budget. `kept` (layers the record did not measure) keep the state's bits outside the budget.
+    `sqnr_scale`: how the SQNR scores enter the programs (sqnr_scores)."""
     sizes = rec["weight_numel"] if kind == "w" else rec["act_numel"]
     names = [n for n in rec["layers"] if n not in fixed]
     cols = [f"{kind}{b}" for b in bits]
     return KindSpec(names=names, bits=list(bits),
                     ssim=np.array([[rec["ssim"][n][c] for c in cols] for n in names]).reshape(len(names), len(cols)),
-                    sqnr=np.array([[rec["sqnr"][n][c] for c in cols] for n in names]).reshape(len(names), len(cols)),
+                    sqnr=sqnr_scores(np.array([[rec["sqnr"][n][c] for c in cols] for n in names]
+                                              ).reshape(len(names), len(cols)), sqnr_scale),
                     sizes=np.array([sizes[n] for n in names], dtype=np.int64), groups=groups,
                     fixed_cost=int(sum(sizes[n] * b for n, b in fixed.items())),
                     fixed_size=int(sum(sizes[n] for n in fixed)), fixed={**(kept or {}), **fixed})

@@ -25,6 +25,7 @@ from pipeline.metrics.cost import quantized_summary
 from pipeline.mixdq.allocation import (
     ALLOCATORS,
     SOLVERS,
+    SQNR_SCALES,
     Infeasible,
     allocate,
     check_budget,
@@ -64,6 +65,10 @@ class MixDQConfig(StageConfig):
     """weight bits to allocate among (default: every measured weight candidate)"""
     a_bit_options: str | None = None
     """activation bits to allocate among (default: every measured activation candidate)"""
+    sqnr_scale: str = "db"
+    """how the quality layers' SQNR enters the programs: db (MixDQ as published: the dB values summed) | power
+    (minus the noise-to-signal power 10^(-SQNR/10) summed: noises add, so no layer is left at a ruinous SQNR to
+    buy many harmless dB elsewhere; docs/mixdq.md)"""
     w_splits: str = "0.75,1.0,1.25"
     """content-group budget / the free average, weights (MixDQ scans 0.45..1.36); each is a candidate"""
     a_splits: str = "1.0"
@@ -111,6 +116,8 @@ def mixdq(cfg: MixDQConfig, trainer: dict | None = None) -> Path:
     check_flags(cfg)
     if cfg.allocator not in ALLOCATORS:
         raise ValueError(f"--allocator {cfg.allocator!r}: use one of {', '.join(ALLOCATORS)}")
+    if cfg.sqnr_scale not in SQNR_SCALES:
+        raise ValueError(f"--sqnr-scale {cfg.sqnr_scale!r}: use one of {', '.join(SQNR_SCALES)}")
     if cfg.solver not in SOLVERS:
         raise ValueError(f"--solver {cfg.solver!r}: use one of {', '.join(SOLVERS)}")
     if not cfg.sensitivity:
@@ -148,9 +155,10 @@ def mixdq(cfg: MixDQConfig, trainer: dict | None = None) -> Path:
     unmeasured = [n for n in meta["layers"] if n not in rec["ssim"]]
     lowest = f"a{a_bits[0]}"
     protected = protected_layers(rec["layers"], [rec["sqnr"][n][lowest] for n in rec["layers"]], protect)
-    w_spec = kind_spec(rec, "w", w_bits, groups, {}, kept={n: w_state[n] for n in unmeasured})
+    w_spec = kind_spec(rec, "w", w_bits, groups, {}, kept={n: w_state[n] for n in unmeasured},
+                       sqnr_scale=cfg.sqnr_scale)
     a_spec = kind_spec(rec, "a", a_bits, groups, {n: cfg.protect_bits for n in protected},
-                       kept={n: a_state[n] for n in unmeasured})
+                       kept={n: a_state[n] for n in unmeasured}, sqnr_scale=cfg.sqnr_scale)
 
     def solve(spec, budget, ratio):
         res = allocate(spec, cfg.allocator, budget, ratio, seed=cfg.seed, time_limit=cfg.time_limit,
@@ -230,8 +238,8 @@ def mixdq(cfg: MixDQConfig, trainer: dict | None = None) -> Path:
 
     summary = quantized_summary(unet)
     averages = {"w": summary["avg_w_bits"], "a": summary["fab"]}
-    policy = {"allocator": cfg.allocator, "w_budget": cfg.w_budget, "a_budget": cfg.a_budget,
-              "w_ratio": best["w_ratio"], "a_ratio": best["a_ratio"], "averages": averages,
+    policy = {"allocator": cfg.allocator, "sqnr_scale": cfg.sqnr_scale, "w_budget": cfg.w_budget,
+              "a_budget": cfg.a_budget, "w_ratio": best["w_ratio"], "a_ratio": best["a_ratio"], "averages": averages,
               "protected": protected, "protect_bits": cfg.protect_bits if protected else None,
               "picked_budget": points[picked]["budget"] if picked is not None else None,
               "weights": {**w_spec.fixed, **w_final}, "acts": {**a_spec.fixed, **best["a"]["bits"]},
