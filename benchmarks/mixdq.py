@@ -6,9 +6,10 @@
 One naive calibration with weight options 2,4,8 and activation options 4,8,16 (BOS-aware K/V, and optionally a
 second one without), the sensitivity stage on every layer, then per point (W4.0 with A8.0, and with A6.0) the
 mixdq stage per allocator: uniform, random (median over seeds), sorting, sqnr-only, MixDQ (ilp), MixDQ without
-BOS-aware. One evaluate run per point scores them all: paired SSIM/PSNR to FP against uniform (mean difference,
-95% paired-bootstrap CI, Wilcoxon p), FID to FP, BitOPs, size, s/image. Also: the per-layer-type group table,
-the text encoder's BOS outlier ratio, and the sensitivity stage's time. Writes --out (JSON) as it goes.
+BOS-aware, and MixDQ with --sqnr-scale power ("mixdq-power"). One evaluate run per point scores them all:
+paired SSIM/PSNR to FP against uniform (mean difference, 95% paired-bootstrap CI, Wilcoxon p), FID to FP,
+BitOPs, size, s/image. Also: the per-layer-type group table, the text encoder's BOS outlier ratio, and the
+sensitivity stage's time. Writes --out (JSON) as it goes; a rerun resumes its finished stages.
 
 "reproducibility" (--repro-n > 0): the sensitivity measured again on two disjoint probe sets of --repro-n train
 prompts each (sensitivity --probe-set 0 and 1, other noise seeds too), at --repro-w-bits / --repro-a-bits only,
@@ -43,6 +44,7 @@ from pipeline.api import (  # noqa: E402
     mixdq,
     sensitivity,
 )
+from pipeline.evaluation.statistics import paired_difference  # noqa: E402
 from pipeline.mixdq.sensitivity import probe_agreement  # noqa: E402
 from pipeline.models import load_pipeline  # noqa: E402
 
@@ -124,6 +126,26 @@ def reproducibility(a, common: dict, state: Path, work: Path) -> dict:
             "steps": recs[0]["signature"]["steps"], "sensitivity_seconds": seconds, "threshold": 0.8}
 
 
+PAIRS = [("mixdq-power", "mixdq"), ("mixdq-power", "sorting"), ("mixdq", "mixdq-no-bos")]  # beyond "vs uniform"
+
+
+def between(res: dict, pairs) -> list[dict]:
+    """Paired PSNR / SSIM differences a - b on the same images (per-prompt bootstrap CI, Wilcoxon p), from an
+    evaluate run's per-image scores; pairs with a method the run lacks are skipped."""
+    split = res["splits"][0]
+    per = res["per_image"][split["name"]]
+    out = []
+    for a, b in pairs:
+        if a not in per or b not in per:
+            continue
+        groups = [i // split["images_per_prompt"] for i in per[a]["index"]]
+        for metric in ("psnr", "ssim"):
+            d = paired_difference(per[a][metric], per[b][metric], groups)
+            out.append({"method": a, "control": b, "metric": metric,
+                        **{k: d[k] for k in ("mean_diff", "ci_low", "ci_high", "p_wilcoxon")}})
+    return out
+
+
 def stage(fn, config, name: str) -> Path:
     """Run a stage into config.run_dir unless its `name` folder already finished (then reuse it): an interrupted
     benchmark resumes where it stopped (the stages resume their own partial work)."""
@@ -174,11 +196,12 @@ def main(argv=None):
         point = f"W{a.w_budget:g}A{a_budget:g}"
         folders, labels = [], []
 
-        def alloc(label, allocator, bos=True, seed=0, val_n=0):
+        def alloc(label, allocator, bos=True, seed=0, val_n=0, sqnr_scale="db"):
             run = work / point / label
             out = stage(mixdq, MixDQConfig(**common, run_dir=str(run), sensitivity=str(records[bos]),
                                            quant_state=str(states[bos]), w_budget=a.w_budget, a_budget=a_budget,
-                                           allocator=allocator, seed=seed, val_n=val_n), "mixdq")
+                                           allocator=allocator, seed=seed, val_n=val_n, sqnr_scale=sqnr_scale),
+                        "mixdq")
             folders.append(str(out))
             labels.append(label)
 
@@ -190,6 +213,7 @@ def main(argv=None):
         if not a.no_bos_variant:
             alloc("mixdq-no-bos", "ilp", bos=False, val_n=a.val_n)
         alloc("mixdq", "ilp", val_n=a.val_n)
+        alloc("mixdq-power", "ilp", val_n=a.val_n, sqnr_scale="power")  # the noise-power objective (docs/mixdq.md)
         t0 = time.time()
         ev = stage(evaluate, EvaluateConfig(**common, run_dir=str(work / point), quant_states=folders, labels=labels,
                                             n=a.eval_n, baseline="uniform", steps=a.steps, sfid=False), "evaluate")
@@ -211,7 +235,7 @@ def main(argv=None):
         table["random (median)"] = {m: statistics.median(r[m] for r in randoms) for m in ("psnr", "ssim", "fid_to_fp")
                                     if all(r.get(m) is not None for r in randoms)}
         result["points"][point] = {"table": table, "evaluate_seconds": time.time() - t0,
-                                   "evaluate": str(ev)}
+                                   "evaluate": str(ev), "paired": between(res, PAIRS)}
         save()
     print(json.dumps({p: {k: (v.get("psnr"), v.get("ssim")) for k, v in d["table"].items()}
                       for p, d in result["points"].items()}, indent=1))
