@@ -179,8 +179,8 @@ def main(argv=None):
                                                             n=a.probe_n, a_bit_options=a.a_candidates), "sensitivity")
         rec = json.loads((records[bos] / "sensitivity.json").read_text())
         result[f"sensitivity_{'bos' if bos else 'nobos'}"] = {
-            "calibrate_seconds": None if reused else t1 - t0, "sensitivity_seconds": rec["seconds"], "layers": len(rec["layers"]),
-            "candidates": rec["candidates"], "group_table": group_table(rec)}
+            "calibrate_seconds": None if reused else t1 - t0, "sensitivity_seconds": rec["seconds"],
+            "layers": len(rec["layers"]), "candidates": rec["candidates"], "group_table": group_table(rec)}
         save()
     if a.repro_n:
         result["reproducibility"] = reproducibility(a, common, states[True], work / "reproducibility")
