@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -36,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.artifacts import write_json_atomic  # noqa: E402
 from pipeline.deploy import export_unet, load_unet  # noqa: E402
 from pipeline.models import REFERENCE_UNET_CONFIGS, load_pipeline, unet_example_inputs  # noqa: E402
 from pipeline.quant import QuantConfig, act_banks, observing, quant_layers, quantize_unet, set_bit_policy  # noqa: E402
@@ -122,7 +122,7 @@ def time_rows(rows: dict, args, kwargs, repeats: int) -> dict:
                 "model_mib": module_bytes(rows[k][0]) / 2**20} for k, v in times.items()}
 
 
-def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp: Path) -> dict:
+def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp: Path, drop16: bool = True) -> dict:
     if model == "embedded":
         pipe = load_pipeline("embedded")
         fp = pipe.unet.eval()
@@ -142,10 +142,12 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
         export_unet(copy.deepcopy(source), folder)
         sizes[f"W{w_bits}"] = (folder / "unet.safetensors").stat().st_size / fp_bytes
         real[w_bits] = folder
+    del source  # the fake W4 model: only its artifact is timed (SD v1.4's rows must fit in memory together)
     same = lambda a: a  # noqa: E731
     bf16 = lambda a: tuple(t.bfloat16() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)  # noqa: E731
     rows = {"fp32": (fp, same), "bf16": (copy.deepcopy(fp).bfloat16(), bf16), "fake_w8a8": (fake8, same)}
-    for suffix, grids in (("", "keep"), ("_drop16", "drop")):  # _drop16: load_unet(fine_grids="drop")
+    variants = (("", "keep"), ("_drop16", "drop")) if drop16 else (("", "keep"),)
+    for suffix, grids in variants:  # _drop16: load_unet(fine_grids="drop")
         w4a16 = load_unet(real[4], "onednn", fine_grids=grids)
         set_bit_policy(w4a16, 16)
         qlip = load_unet(real[4], "onednn", fine_grids=grids)
@@ -185,6 +187,9 @@ def main(argv=None):
     parser.add_argument("--qlip-share", type=float, default=0.5, help="fraction of layers the QLIP table puts at 8")
     parser.add_argument("--machine-shared", default="unknown",
                         help="whether other jobs shared the cores during the run (yes / no): timings are noisy if so")
+    parser.add_argument("--drop16", default="yes", choices=("yes", "no"),
+                        help="also time the real rows loaded with fine_grids='drop' (no: fewer models in memory, "
+                             "for SD v1.4 on 24 GiB)")
     parser.add_argument("--out", default=str(OUT))
     a = parser.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -194,16 +199,16 @@ def main(argv=None):
                "repeats": a.repeats, "batch": 2, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.models.split(","):
-            results["models"][model] = measure(model, a.resolution, a.repeats, a.qlip_share, Path(tmp))
+            results["models"][model] = measure(model, a.resolution, a.repeats, a.qlip_share, Path(tmp),
+                                               a.drop16 == "yes")
             rows = results["models"][model]["rows"]
             print(model, " ".join(f"{k} {v['median_s'] * 1e3:.1f}ms ({v['speedup_vs_fp32']:.2f}x)"
                                   for k, v in rows.items()), flush=True)
-    bk = results["models"].get("bk-sdm-tiny")
-    if bk:
-        results["bk_sdm_tiny_real_w8a8"] = {k: bk["rows"]["real_w8a8"][k] for k in ("speedup_vs_fp32",
-                                                                                     "speedup_vs_bf16")}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1))
+            bk = results["models"].get("bk-sdm-tiny")
+            if bk:
+                results["bk_sdm_tiny_real_w8a8"] = {k: bk["rows"]["real_w8a8"][k] for k in ("speedup_vs_fp32",
+                                                                                             "speedup_vs_bf16")}
+            write_json_atomic(Path(a.out), results)  # after every model: a later model's crash keeps these
     print(f"-> {a.out}")
 
 
