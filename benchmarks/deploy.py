@@ -103,6 +103,14 @@ def qlip_table(unet: nn.Module, share8: float, seed: int = 0) -> torch.Tensor:
     return torch.where(torch.rand(n, 1, generator=g) < share8, 8, 16).to(torch.int64)
 
 
+def with_policy(unet: nn.Module, policy):
+    """A row's `cast` that first sets `unet`'s bit policy (rows that share one model)."""
+    def cast(a):
+        set_bit_policy(unet, policy)
+        return a
+    return cast
+
+
 def time_rows(rows: dict, args, kwargs, repeats: int) -> dict:
     """Median and all times of each row's UNet call, the rows interleaved call by call."""
     times = {k: [] for k in rows}
@@ -134,28 +142,29 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(args[0].shape, generator=g), args[1], torch.randn(args[2].shape, generator=g))
     fp_bytes = sum(p.numel() * 4 for p in fp.parameters())
-    fake8 = quantized(fp, 8, args, kwargs)
     real, sizes = {}, {}
-    for w_bits in (8, 4):
-        source = fake8 if w_bits == 8 else quantized(fp, 4, args, kwargs)
+    for w_bits in (4, 8):  # a fake model is about twice the fp32 UNet: W4 is exported and freed before W8 is built
+        source = quantized(fp, w_bits, args, kwargs)
         folder = tmp / f"{model}_w{w_bits}"
-        export_unet(copy.deepcopy(source), folder)
+        export_unet(copy.deepcopy(source) if w_bits == 8 else source, folder)  # fake W8 is also a timed row
         sizes[f"W{w_bits}"] = (folder / "unet.safetensors").stat().st_size / fp_bytes
         real[w_bits] = folder
-    del source  # the fake W4 model: only its artifact is timed (SD v1.4's rows must fit in memory together)
+    fake8 = source
+    del source
     same = lambda a: a  # noqa: E731
     bf16 = lambda a: tuple(t.bfloat16() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)  # noqa: E731
     rows = {"fp32": (fp, same), "bf16": (copy.deepcopy(fp).bfloat16(), bf16), "fake_w8a8": (fake8, same)}
     variants = (("", "keep"), ("_drop16", "drop")) if drop16 else (("", "keep"),)
     for suffix, grids in variants:  # _drop16: load_unet(fine_grids="drop")
-        w4a16 = load_unet(real[4], "onednn", fine_grids=grids)
-        set_bit_policy(w4a16, 16)
+        # W4A16 and the QLIP table share one model (its dequantized-weight cache is the size of the fp32 UNet);
+        # each row sets its policy before its call, outside the timed region
         qlip = load_unet(real[4], "onednn", fine_grids=grids)
         table = qlip_table(qlip, share8)
-        set_bit_policy(qlip, table)
         rows.update({f"real_w8a8{suffix}": (load_unet(real[8], "onednn", fine_grids=grids), same),
                      f"real_w4a8{suffix}": (load_unet(real[4], "onednn", fine_grids=grids), same),
-                     f"real_w4a16{suffix}": (w4a16, same), f"real_qlip_w4{suffix}": (qlip, same)})
+                     f"real_w4a16{suffix}": (qlip, with_policy(qlip, 16)),
+                     f"real_qlip_w4{suffix}": (qlip, with_policy(qlip, table))})
+    set_bit_policy(qlip, table)
     macs = layer_macs(qlip, args, kwargs)
     bits = dict(zip(quant_layers(qlip), table[:, 0].tolist()))
     share = sum(v for k, v in macs.items() if bits[k] <= 8) / sum(macs.values())
