@@ -395,3 +395,18 @@ def test_t2q_under_ddp_matches_one_process(tmp_path):
         mse[devices] = m["val"]["mse"]
     print(f"val MSE: 1 process {mse[1]:.4f}, 2 DDP processes {mse[2]:.4f}")
     assert abs(mse[2] - mse[1]) < 0.25 * mse[1] + 0.002  # same global batch; only the shuffling differs
+
+
+def test_one_cycle_warmup_never_lands_on_a_single_step():
+    """OneCycleLR divides by pct_start * total - 1: the stage's 5% warm-up of 20 steps (e.g. 4 epochs of 5
+    batches) crashed training with ZeroDivisionError. Every schedule length now steps through."""
+    from pipeline.qlip.t2q import warmup_fraction
+
+    for total in range(1, 200):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total,
+                                                    pct_start=warmup_fraction(0.05, total))
+        for _ in range(total - 1):
+            opt.step()
+            sched.step()
+    assert warmup_fraction(0.05, 420) == 0.05  # long runs keep the configured warm-up

@@ -32,6 +32,7 @@ from pipeline.quant import get_bit_policy, set_bit_policy
 from pipeline.sampling import generate
 
 MONITORED = ("psnr", "ssim", "fab")  # what a measurement reports and a best checkpoint may be chosen by
+EVAL_MONITORS = ("psnr", "ssim")  # what --eval-monitor may choose the best checkpoint by (higher is better)
 
 
 class PairedValidation:

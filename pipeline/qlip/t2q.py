@@ -91,6 +91,12 @@ def load_text_tower(model: str = "embedded", clip: str | None = None) -> TextTow
 # ---------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------
+def warmup_fraction(frac: float, total: int) -> float:
+    """OneCycleLR's pct_start for `total` steps: at least 2 warm-up steps (0.75 of 1 or 2 steps). OneCycleLR
+    divides by pct_start * total - 1, so a warm-up of exactly one step (e.g. 0.05 of 20) crashes it."""
+    return min(max(frac, 2.0 / total), 0.75)
+
+
 class T2QModule(L.LightningModule):
     def __init__(self, tower: TextTower, hidden: int = HIDDEN, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_frac: float = 0.05, patience: int = 0):
@@ -225,7 +231,8 @@ class T2QModule(L.LightningModule):
         opt = torch.optim.AdamW(self.head.parameters(), lr=h.lr, weight_decay=h.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=h.lr, total_steps=total,
-                                                    pct_start=h.warmup_frac, anneal_strategy="cos")
+                                                    pct_start=warmup_fraction(h.warmup_frac, total),
+                                                    anneal_strategy="cos")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -26,7 +26,7 @@ from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, 
 from pipeline.engine import StageConfig, check_flags, stage_device
 from pipeline.errors import UserError
 from pipeline.models import load_pipeline, sampling_defaults
-from pipeline.qlip.monitor import PairedValidation
+from pipeline.qlip.monitor import EVAL_MONITORS, PairedValidation
 from pipeline.qlip.q2b import relative_link, save_q2b
 from pipeline.qlip.recipe import measure_q2b, q2b_options, train_q2b_on_state
 from pipeline.qlip.scoring import check_same_sampler, t2q_sampler
@@ -34,8 +34,6 @@ from pipeline.qlip.sources import quality_source
 from pipeline.qlip.t2q import T2Q_FORMAT
 from pipeline.quant.state import check_same_model, read_meta
 from pipeline.shards import DEFAULT_RAM_CAP_GIB, process_share
-
-EVAL_MONITORS = ("psnr", "ssim")  # paired quality to FP, higher is better
 
 
 @dataclass

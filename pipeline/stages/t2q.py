@@ -9,7 +9,14 @@ prints validation MSE / Pearson / Spearman next to the two baselines T2Q must
 beat (a constant, and a linear regression on prompt length), the same on the
 train and (when the scored set has one) test split, plus the richness table on
 the embedded world. Early stopping on the val MSE (--patience) keeps the best
-val epoch's head, so the val figures are selected on: the test split's are not."""
+val epoch's head, so the val figures are selected on: the test split's are not.
+
+With --eval-every N --eval-q2b FOLDER, callbacks/evaluation.py measures, every N
+epochs, what the T2Q being trained is for: the first --eval-n val prompts
+generated through that Q2B on its quantized state with the current T2Q as the
+quality source, paired PSNR/SSIM to their FP images and FAB. It logs them,
+writes <run-dir>/t2q/evaluation/evaluation.json and keeps the best T2Q by
+--eval-monitor in evaluation/best (early stopping still selects on val MSE)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,11 +25,15 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
+from callbacks.evaluation import PairedEvaluationCallback
 from data.prompts import draw_prompts, is_source
 from data.scored import ScoredDataModule
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig, check_flags, is_global_zero, make_trainer, stage_device
-from pipeline.models import EMBEDDED
+from pipeline.errors import UserError
+from pipeline.models import EMBEDDED, load_pipeline, quantize_pipeline
+from pipeline.qlip.monitor import EVAL_MONITORS, PairedValidation
+from pipeline.qlip.q2b import follow_link, load_q2b
 from pipeline.qlip.scoring import scored_sampler
 from pipeline.qlip.t2q import T2QModule, baselines, baselines_by_split, load_t2q, load_text_tower, save_t2q, t2q_metrics
 from pipeline.world.richness import format_richness_table, richness_series, richness_table
@@ -60,6 +71,18 @@ class T2QConfig(StageConfig):
     """print the richness table (embedded world)"""
     richness_scenes: int = 100
     """scenes of the richness table"""
+    eval_every: int = 0
+    """epochs between paired evaluations while training (0: off; needs --eval-q2b): the first --eval-n val
+    prompts generated through --eval-q2b's Q2B with the current T2Q, PSNR/SSIM to FP with 95% intervals and FAB,
+    logged and written to <run-dir>/t2q/evaluation/evaluation.json; the best T2Q by --eval-monitor goes to
+    evaluation/best"""
+    eval_q2b: str | None = None
+    """a q2b-stage folder (its quantized state, Q2B, steps and guidance) that the evaluation feeds with the T2Q
+    being trained"""
+    eval_n: int = 8
+    """val prompts of the paired evaluation (--eval-every)"""
+    eval_monitor: str = "psnr"
+    """what the evaluation's best T2Q is chosen by: psnr | ssim (higher is better)"""
 
 
 def predict(cfg: T2QConfig) -> list[tuple[str, float]]:
@@ -73,10 +96,45 @@ def predict(cfg: T2QConfig) -> list[tuple[str, float]]:
     return list(zip(prompts, q))
 
 
+def check_eval_flags(cfg: T2QConfig) -> dict | None:
+    """The --eval-* flags, before anything loads: the Q2B folder's meta when the evaluation is on."""
+    if cfg.eval_every < 0:
+        raise ValueError(f"--eval-every {cfg.eval_every} must be >= 0 (0 turns the evaluation off)")
+    if cfg.eval_monitor not in EVAL_MONITORS:
+        raise ValueError(f"--eval-monitor {cfg.eval_monitor!r}: choose one of {EVAL_MONITORS}")
+    if not cfg.eval_every:
+        return None
+    if not cfg.eval_q2b:
+        raise UserError(f"--eval-every {cfg.eval_every} generates through a Q2B fed by the T2Q being trained: pass "
+                        f"--eval-q2b, a q2b-stage folder such as runs/x/q2b, or --eval-every 0")
+    if cfg.eval_n < 1:
+        raise ValueError(f"--eval-n {cfg.eval_n} must be >= 1")
+    meta = load_q2b(cfg.eval_q2b, deployed=True).meta
+    if meta["model"] != cfg.model:
+        raise UserError(f"--eval-q2b {cfg.eval_q2b} was trained on model {meta['model']!r}, not --model "
+                        f"{cfg.model!r}: the T2Q would feed a Q2B of another UNet")
+    return meta
+
+
+def paired_evaluation(cfg: T2QConfig, meta: dict, prompts: list[str], out: Path, extra) -> tuple:
+    """The callback that measures the T2Q being trained through --eval-q2b's Q2B (FP images made first, on the
+    unquantized pipeline), and the validation split it measures on."""
+    q2b = load_q2b(cfg.eval_q2b, deployed=True)
+    validation = PairedValidation(prompts[:cfg.eval_n], meta["steps"], meta["guidance"], cfg.seed)
+    pipe = load_pipeline(cfg.model)
+    validation.record_fp(pipe)
+    pipe = quantize_pipeline(pipe, follow_link(cfg.eval_q2b, meta["quant_state"]))
+    evaluation = PairedEvaluationCallback(
+        lambda m: validation.measure_qlip(pipe, q2b, m), out / "evaluation", cfg.eval_every, cfg.eval_monitor,
+        "max", save=lambda m, folder, record: save_t2q(m, folder, extra={**extra(), "evaluation": record}))
+    return evaluation, validation
+
+
 def t2q(cfg: T2QConfig, trainer: dict | None = None):
     check_flags(cfg)  # before anything loads or is written
     if cfg.predict:
         return predict(cfg)
+    eval_meta = check_eval_flags(cfg)
     scored = Path(cfg.scored or Path(cfg.run_dir) / ARTIFACTS["score"])
     dm = ScoredDataModule(scored, cfg.batch_size, quantile=cfg.norm_quantile, seed=cfg.seed, target=cfg.target)
     dm.setup()  # a missing image, split or column fails here, before any model is loaded
@@ -86,8 +144,14 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
     tower = load_text_tower(cfg.model, cfg.clip)
     L.seed_everything(cfg.seed, verbose=False)  # after the tower: the head's init is what the seed fixes
     module = T2QModule(tower, lr=cfg.lr, weight_decay=cfg.weight_decay, patience=cfg.patience)
+    # what t2q.json records beside the head, so that a folder (this one, or evaluation/best) deploys on its own
+    deployed = lambda: {"normalization": dm.describe()["normalization"], "target": cfg.target,  # noqa: E731
+                        "scored": str(scored), "sampler": scored_sampler(scored)}
+    evaluation, validation = (None, None) if eval_meta is None else \
+        paired_evaluation(cfg, eval_meta, dm.val_set.prompts, out, deployed)
     fitter = make_trainer(trainer, progress=True, forced={"max_epochs": cfg.epochs},
-                          defaults={"log_every_n_steps": 1, "logger": CSVLogger(str(out), name="logs", version="")})
+                          defaults={"log_every_n_steps": 1, "logger": CSVLogger(str(out), name="logs", version=""),
+                                    "callbacks": [evaluation] if evaluation else None})
     fitter.fit(module, datamodule=dm)
     if not fitter.is_global_zero:
         return out
@@ -103,14 +167,14 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
                                               module.tokenizer),
         early_stopping=selected, history=module.history, memory_bytes=module.memory_bytes(),
         world_size=fitter.world_size)
+    if evaluation is not None:
+        metrics["evaluation"] = {**evaluation.summary(), "split": validation.describe(), "q2b": cfg.eval_q2b}
     table = None
     if cfg.richness and cfg.model == EMBEDDED:
         table = richness_table(module.predict, richness_series(cfg.richness_scenes, cfg.seed))
         print(format_richness_table(table))
     # the sampler of the targets: q2b and evaluate refuse to deploy this T2Q under another one
-    save_t2q(module, out, extra={"normalization": dm.describe()["normalization"], "target": cfg.target,
-                                 "scored": str(scored),
-                                 "sampler": scored_sampler(scored), "metrics": metrics})
+    save_t2q(module, out, extra={**deployed(), "metrics": metrics})
     write_manifest(out, "t2q", cfg, metrics, data=dm.describe(), richness=table)
     v, b = metrics["val"], metrics["baselines"]
     stop = f"; best val epoch {selected['best_epoch']} of {selected['epochs_run']}" if selected else ""
