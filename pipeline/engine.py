@@ -107,7 +107,7 @@ FLAG_RANGES = {
     # training (T2Q, Q2B)
     "epochs": COUNT, "q2b_epochs": COUNT, "plot_every": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
     "patience": NON_NEGATIVE,  # 0: no early stopping
-    "eval_every": NON_NEGATIVE, "eval_n": COUNT,  # q2b's paired evaluation while training; 0: off
+    "eval_every": NON_NEGATIVE, "eval_n": COUNT,  # q2b's and t2q's paired evaluation while training; 0: off
     "dual_lr": NON_NEGATIVE, "rho": NON_NEGATIVE,  # 0 turns the integral / proportional term off
     "kappa": ANY,  # the sign says which prompts get the bits (tests/test_q2b.py trains kappa -1)
     "tau_start": POSITIVE, "tau_end": POSITIVE,

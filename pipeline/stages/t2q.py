@@ -33,7 +33,7 @@ from pipeline.engine import StageConfig, check_flags, is_global_zero, make_train
 from pipeline.errors import UserError
 from pipeline.models import EMBEDDED, load_pipeline, quantize_pipeline
 from pipeline.qlip.monitor import EVAL_MONITORS, PairedValidation
-from pipeline.qlip.q2b import follow_link, load_q2b
+from pipeline.qlip.q2b import follow_link, load_q2b, read_q2b_meta
 from pipeline.qlip.scoring import scored_sampler
 from pipeline.qlip.t2q import T2QModule, baselines, baselines_by_split, load_t2q, load_text_tower, save_t2q, t2q_metrics
 from pipeline.world.richness import format_richness_table, richness_series, richness_table
@@ -97,9 +97,8 @@ def predict(cfg: T2QConfig) -> list[tuple[str, float]]:
 
 
 def check_eval_flags(cfg: T2QConfig) -> dict | None:
-    """The --eval-* flags, before anything loads: the Q2B folder's meta when the evaluation is on."""
-    if cfg.eval_every < 0:
-        raise ValueError(f"--eval-every {cfg.eval_every} must be >= 0 (0 turns the evaluation off)")
+    """The --eval-* flags beyond their ranges (check_flags), before anything loads: the Q2B folder's meta when
+    the evaluation is on."""
     if cfg.eval_monitor not in EVAL_MONITORS:
         raise ValueError(f"--eval-monitor {cfg.eval_monitor!r}: choose one of {EVAL_MONITORS}")
     if not cfg.eval_every:
@@ -107,9 +106,7 @@ def check_eval_flags(cfg: T2QConfig) -> dict | None:
     if not cfg.eval_q2b:
         raise UserError(f"--eval-every {cfg.eval_every} generates through a Q2B fed by the T2Q being trained: pass "
                         f"--eval-q2b, a q2b-stage folder such as runs/x/q2b, or --eval-every 0")
-    if cfg.eval_n < 1:
-        raise ValueError(f"--eval-n {cfg.eval_n} must be >= 1")
-    meta = load_q2b(cfg.eval_q2b, deployed=True).meta
+    meta = read_q2b_meta(cfg.eval_q2b, "--eval-q2b", deployed=True)  # the JSON only: the tables load once, later
     if meta["model"] != cfg.model:
         raise UserError(f"--eval-q2b {cfg.eval_q2b} was trained on model {meta['model']!r}, not --model "
                         f"{cfg.model!r}: the T2Q would feed a Q2B of another UNet")
