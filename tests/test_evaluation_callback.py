@@ -138,6 +138,11 @@ def test_t2q_eval_every_measures_the_t2q_being_trained_through_a_q2b(tmp_path):
     assert psnr(result.images, fp).mean() == pytest.approx(best["psnr"], rel=1e-4)
     assert result.fab == pytest.approx(best["fab"], rel=1e-9)
 
+    # the T2Q predicts the quality of the Q2B's sampler: generating under another scheduler is refused
+    with pytest.raises(ValueError, match="scheduler ddim but t2q \\(--scheduler\\) samples with .*scheduler euler"):
+        main(t2q + ["--run-dir", str(tmp_path / "other"), "--scored", str(tmp_path / "t" / "scored"), "--eval-every",
+                    "2", "--eval-q2b", str(tmp_path / "steep"), "--scheduler", "euler"])
+
     # observational: the same training without the callback ends with the same head
     main(t2q + ["--run-dir", str(tmp_path / "plain"), "--scored", str(tmp_path / "t" / "scored")])
     with_eval, plain = load_t2q(out).state_dict(), load_t2q(tmp_path / "plain" / "t2q").state_dict()

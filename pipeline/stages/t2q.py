@@ -31,10 +31,10 @@ from data.scored import ScoredDataModule
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, write_manifest
 from pipeline.engine import StageConfig, check_flags, is_global_zero, make_trainer, stage_device
 from pipeline.errors import UserError
-from pipeline.models import EMBEDDED, load_pipeline, quantize_pipeline
+from pipeline.models import EMBEDDED, load_pipeline, quantize_pipeline, sampling_defaults
 from pipeline.qlip.monitor import EVAL_MONITORS, PairedValidation
 from pipeline.qlip.q2b import follow_link, load_q2b, read_q2b_meta
-from pipeline.qlip.scoring import scored_sampler
+from pipeline.qlip.scoring import check_same_sampler, scored_sampler
 from pipeline.qlip.t2q import T2QModule, baselines, baselines_by_split, load_t2q, load_text_tower, save_t2q, t2q_metrics
 from pipeline.world.richness import format_richness_table, richness_series, richness_table
 
@@ -96,9 +96,10 @@ def predict(cfg: T2QConfig) -> list[tuple[str, float]]:
     return list(zip(prompts, q))
 
 
-def check_eval_flags(cfg: T2QConfig) -> dict | None:
+def check_eval_flags(cfg: T2QConfig, scored: Path) -> dict | None:
     """The --eval-* flags beyond their ranges (check_flags), before anything loads: the Q2B folder's meta when
-    the evaluation is on."""
+    the evaluation is on. The T2Q being trained learns the quality of `scored`'s sampler, so a Q2B deployed
+    under another sampler is refused, as q2b refuses such a T2Q."""
     if cfg.eval_monitor not in EVAL_MONITORS:
         raise ValueError(f"--eval-monitor {cfg.eval_monitor!r}: choose one of {EVAL_MONITORS}")
     if not cfg.eval_every:
@@ -110,6 +111,8 @@ def check_eval_flags(cfg: T2QConfig) -> dict | None:
     if meta["model"] != cfg.model:
         raise UserError(f"--eval-q2b {cfg.eval_q2b} was trained on model {meta['model']!r}, not --model "
                         f"{cfg.model!r}: the T2Q would feed a Q2B of another UNet")
+    check_same_sampler(scored_sampler(scored) or {}, meta.get("sampler") or {}, f"the scored set {scored}",
+                       f"--eval-q2b {cfg.eval_q2b}")
     return meta
 
 
@@ -118,7 +121,11 @@ def paired_evaluation(cfg: T2QConfig, meta: dict, prompts: list[str], out: Path,
     unquantized pipeline), and the validation split it measures on."""
     q2b = load_q2b(cfg.eval_q2b, deployed=True)
     validation = PairedValidation(prompts[:cfg.eval_n], meta["steps"], meta["guidance"], cfg.seed)
-    pipe = load_pipeline(cfg.model)
+    pipe = load_pipeline(cfg.model, **cfg.load_options())
+    # the sampler the Q2B was trained under, which check_eval_flags matched with the scored set's: the T2Q being
+    # trained predicts that sampler's quality, whatever criterion the Q2B was trained on
+    sampler = sampling_defaults(pipe, meta["steps"], meta["guidance"]).sampler()
+    check_same_sampler(meta.get("sampler") or {}, sampler, f"--eval-q2b {cfg.eval_q2b}", "t2q (--scheduler)")
     validation.record_fp(pipe)
     pipe = quantize_pipeline(pipe, follow_link(cfg.eval_q2b, meta["quant_state"]))
     evaluation = PairedEvaluationCallback(
@@ -131,8 +138,8 @@ def t2q(cfg: T2QConfig, trainer: dict | None = None):
     check_flags(cfg)  # before anything loads or is written
     if cfg.predict:
         return predict(cfg)
-    eval_meta = check_eval_flags(cfg)
     scored = Path(cfg.scored or Path(cfg.run_dir) / ARTIFACTS["score"])
+    eval_meta = check_eval_flags(cfg, scored)
     dm = ScoredDataModule(scored, cfg.batch_size, quantile=cfg.norm_quantile, seed=cfg.seed, target=cfg.target)
     dm.setup()  # a missing image, split or column fails here, before any model is loaded
     out = Path(cfg.run_dir) / ARTIFACTS["t2q"]
