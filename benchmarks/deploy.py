@@ -1,10 +1,12 @@
 """Real low-bit inference against FP and fake-quant (issue 20): whole-UNet latency (median of --repeats calls) and
 peak memory, batch 2 (CFG), --threads threads, per model and row:
 
-  fp32, bf16 (FP weights), fake W8A8 (pipeline/quant), real W8A8, real W4A8, real W4A16 (weight-only, the
+  fp32, bf16 (FP weights), fake W8A8 (pipeline/quant), real W8A8, real W8sA8 (symmetric 8-bit weights: no
+  zero-point correction, docs/deploy.md#w8), real W4A8, real W4A16 (weight-only, the
   QLIP comparison), real QLIP (a per-(layer, step) table over 8/16 bits, with its share of MACs at <= 8 bits);
   each real row again as `..._drop16`: loaded with fine_grids="drop" (16-bit grids left out: SDPA attention,
-  float inputs on the weight-only path), faster, but no longer the fake-quant arithmetic (docs/deploy.md)
+  float inputs on the weight-only path), faster, but no longer the fake-quant arithmetic (docs/deploy.md), and as
+  `..._bf16`: the bf16 runtime (load_unet(dtype="bf16"): int8 kernels writing bf16, everything else in bf16)
 
 Models: the embedded world (also the end-to-end `generate` time per image, FP against real W8A8), and the
 BK-SDM-Tiny and SD v1.4 UNet architectures with seeded random weights (published configs in pipeline/models.py).
@@ -88,8 +90,9 @@ def layer_macs(unet: nn.Module, args, kwargs) -> dict[str, int]:
     return macs
 
 
-def quantized(fp: nn.Module, w_bits: int, args, kwargs) -> nn.Module:
-    unet = quantize_unet(copy.deepcopy(fp), QuantConfig(w_bits=w_bits, a_bits=8, a_bit_options=[8, 16]))
+def quantized(fp: nn.Module, w_bits: int, args, kwargs, symmetric: bool = False) -> nn.Module:
+    unet = quantize_unet(copy.deepcopy(fp), QuantConfig(w_bits=w_bits, a_bits=8, a_bit_options=[8, 16],
+                                                        weight_symmetric=symmetric))
     with observing(unet), torch.no_grad():
         unet(*args, **kwargs)
     for bank in act_banks(unet).values():
@@ -130,7 +133,23 @@ def time_rows(rows: dict, args, kwargs, repeats: int) -> dict:
                 "model_mib": module_bytes(rows[k][0]) / 2**20} for k, v in times.items()}
 
 
-def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp: Path, drop16: bool = True) -> dict:
+# the W8A8 rows whose speed-ups the deploy issue sets bars for, also timed against each baseline alone
+HEAD_TO_HEAD = ("real_w8a8", "real_w8a8_drop16", "real_w8sa8_drop16", "real_w8sa8_bf16")
+
+
+def head_to_head(base: tuple, row: tuple, args, kwargs, repeats: int) -> dict:
+    """`row` against `base` alone, alternating call by call: in the full table each row follows another (after
+    the 1.3 s fp32 call, bf16's call measured 10% slower in a side test), which moves the ratios by that much."""
+    timed = time_rows({"base": base, "row": row}, args, kwargs, repeats)
+    b, r = timed["base"]["median_s"], timed["row"]["median_s"]
+    return {"base_median_s": b, "row_median_s": r, "speedup": b / r}
+
+
+VARIANTS = {"keep": ("", "keep", "fp32"), "drop16": ("_drop16", "drop", "fp32"), "bf16": ("_bf16", "drop", "bf16")}
+
+
+def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp: Path,
+            variants=tuple(VARIANTS)) -> dict:
     if model == "embedded":
         pipe = load_pipeline("embedded")
         fp = pipe.unet.eval()
@@ -143,25 +162,28 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
     args = (torch.randn(args[0].shape, generator=g), args[1], torch.randn(args[2].shape, generator=g))
     fp_bytes = sum(p.numel() * 4 for p in fp.parameters())
     real, sizes = {}, {}
-    for w_bits in (4, 8):  # a fake model is about twice the fp32 UNet: W4 is exported and freed before W8 is built
-        source = quantized(fp, w_bits, args, kwargs)
-        folder = tmp / f"{model}_w{w_bits}"
-        export_unet(copy.deepcopy(source) if w_bits == 8 else source, folder)  # fake W8 is also a timed row
-        sizes[f"W{w_bits}"] = (folder / "unet.safetensors").stat().st_size / fp_bytes
-        real[w_bits] = folder
+    # a fake model is about twice the fp32 UNet: each is exported and freed before the next is built; the last,
+    # fake (asymmetric) W8, is also a timed row
+    for key, w_bits, symmetric in (("4", 4, False), ("8s", 8, True), ("8", 8, False)):
+        source = quantized(fp, w_bits, args, kwargs, symmetric)
+        folder = tmp / f"{model}_w{key}"
+        export_unet(copy.deepcopy(source) if key == "8" else source, folder)
+        sizes[f"W{key}"] = (folder / "unet.safetensors").stat().st_size / fp_bytes
+        real[key] = folder
     fake8 = source
     del source
     same = lambda a: a  # noqa: E731
     bf16 = lambda a: tuple(t.bfloat16() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)  # noqa: E731
     rows = {"fp32": (fp, same), "bf16": (copy.deepcopy(fp).bfloat16(), bf16), "fake_w8a8": (fake8, same)}
-    variants = (("", "keep"), ("_drop16", "drop")) if drop16 else (("", "keep"),)
-    for suffix, grids in variants:  # _drop16: load_unet(fine_grids="drop")
+    for suffix, grids, dtype in (VARIANTS[v] for v in variants):  # how each real model is loaded
         # W4A16 and the QLIP table share one model (its dequantized-weight cache is the size of the fp32 UNet);
         # each row sets its policy before its call, outside the timed region
-        qlip = load_unet(real[4], "onednn", fine_grids=grids)
+        load = dict(fine_grids=grids, dtype=dtype)
+        qlip = load_unet(real["4"], "onednn", **load)
         table = qlip_table(qlip, share8)
-        rows.update({f"real_w8a8{suffix}": (load_unet(real[8], "onednn", fine_grids=grids), same),
-                     f"real_w4a8{suffix}": (load_unet(real[4], "onednn", fine_grids=grids), same),
+        rows.update({f"real_w8a8{suffix}": (load_unet(real["8"], "onednn", **load), same),
+                     f"real_w8sa8{suffix}": (load_unet(real["8s"], "onednn", **load), same),
+                     f"real_w4a8{suffix}": (load_unet(real["4"], "onednn", **load), same),
                      f"real_w4a16{suffix}": (qlip, with_policy(qlip, 16)),
                      f"real_qlip_w4{suffix}": (qlip, with_policy(qlip, table))})
     set_bit_policy(qlip, table)
@@ -175,6 +197,9 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
     for row in list(r):
         r[row]["speedup_vs_fp32"] = r["fp32"]["median_s"] / r[row]["median_s"]
         r[row]["speedup_vs_bf16"] = r["bf16"]["median_s"] / r[row]["median_s"]
+    result["head_to_head"] = {
+        f"{row}_vs_{base}": head_to_head(rows[base], rows[row], args, kwargs, repeats)
+        for row in HEAD_TO_HEAD if row in rows for base in ("fp32", "bf16")}
     if pipe is not None:  # end to end: text encoder, 20 steps, VAE
         prompts = ["a red circle", "a blue star"]
         per_image = {}
@@ -196,11 +221,16 @@ def main(argv=None):
     parser.add_argument("--qlip-share", type=float, default=0.5, help="fraction of layers the QLIP table puts at 8")
     parser.add_argument("--machine-shared", default="unknown",
                         help="whether other jobs shared the cores during the run (yes / no): timings are noisy if so")
-    parser.add_argument("--drop16", default="yes", choices=("yes", "no"),
-                        help="also time the real rows loaded with fine_grids='drop' (no: fewer models in memory, "
-                             "for SD v1.4 on 24 GiB)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="how the real rows are loaded, comma-separated: keep (the fake-quant arithmetic), "
+                             "drop16 (fine_grids='drop'), bf16 (the bf16 runtime); fewer: fewer models in memory "
+                             "(SD v1.4 on 24 GiB)")
     parser.add_argument("--out", default=str(OUT))
     a = parser.parse_args(argv)
+    variants = a.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "keep" not in variants:
+        parser.error(f"--variants {a.variants!r}: choose among {', '.join(VARIANTS)}, keep included")
     torch.set_num_threads(a.threads)
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                            "threads": a.threads, "cores": os.cpu_count(), "machine_shared": a.machine_shared,
@@ -208,15 +238,18 @@ def main(argv=None):
                "repeats": a.repeats, "batch": 2, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.models.split(","):
-            results["models"][model] = measure(model, a.resolution, a.repeats, a.qlip_share, Path(tmp),
-                                               a.drop16 == "yes")
+            results["models"][model] = measure(model, a.resolution, a.repeats, a.qlip_share, Path(tmp), variants)
             rows = results["models"][model]["rows"]
             print(model, " ".join(f"{k} {v['median_s'] * 1e3:.1f}ms ({v['speedup_vs_fp32']:.2f}x)"
                                   for k, v in rows.items()), flush=True)
+            print(model, "head to head:", " ".join(f"{k} {v['speedup']:.2f}x" for k, v in
+                                                   results["models"][model]["head_to_head"].items()), flush=True)
             bk = results["models"].get("bk-sdm-tiny")
             if bk:
-                results["bk_sdm_tiny_real_w8a8"] = {k: bk["rows"]["real_w8a8"][k] for k in ("speedup_vs_fp32",
-                                                                                             "speedup_vs_bf16")}
+                results["bk_sdm_tiny_real_w8a8"] = {  # head to head (the table's own ratios are in "rows")
+                    row: {f"speedup_vs_{base}": bk["head_to_head"][f"{row}_vs_{base}"]["speedup"]
+                          for base in ("fp32", "bf16")}
+                    for row in HEAD_TO_HEAD if f"{row}_vs_fp32" in bk["head_to_head"]}
             write_json_atomic(Path(a.out), results)  # after every model: a later model's crash keeps these
     print(f"-> {a.out}")
 

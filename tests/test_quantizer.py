@@ -102,6 +102,32 @@ def test_bad_bits_are_refused():
         WeightQuantizer(20, torch.randn(2, 2))
 
 
+@pytest.mark.parametrize("method", ["minmax", "lp"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_weight_grid(method, bits):
+    """symmetric=True: per output channel, max |w| sits on code 2^(b-1) - 1 (minmax) or inside it (lp), the zero
+    point is 2^(b-1), and the codes q - z are signed: 8-bit weights fit int8 without a zero point. Against the
+    definition, computed here in float64."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, 3, 3, generator=g) * torch.linspace(0.1, 2, 6).reshape(-1, 1, 1, 1) + 0.3  # off-centre
+    wq = WeightQuantizer(bits, w, method=method, symmetric=True)
+    half = 2 ** (bits - 1)
+    assert torch.equal(wq.zero_point.reshape(-1), torch.full((6,), float(half)))
+    absmax = w.abs().double().reshape(6, -1).amax(1)
+    scale = wq.scale.reshape(-1).double()
+    if method == "minmax":
+        torch.testing.assert_close(scale, absmax / (half - 1), rtol=1e-6, atol=0)
+    else:
+        assert (scale <= absmax / (half - 1) * (1 + 1e-6)).all()
+    codes = wq.codes(w)
+    assert codes.min() >= -half and codes.max() <= half - 1 and codes.min() < 0 < codes.max()
+    q = np.clip(np.round(w.double().numpy() / scale.numpy().reshape(-1, 1, 1, 1)), -half, half - 1)
+    np.testing.assert_array_equal(codes.numpy(), q)
+    assert torch.equal(wq(w), codes * wq.scale)
+    asym = WeightQuantizer(bits, w, method=method)
+    assert not torch.equal(asym.zero_point, wq.zero_point)  # the default grid is the asymmetric one
+
+
 def test_lp_search_beats_minmax_on_heavy_tails():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(20000, generator=g), torch.tensor([40.0, -35.0])])

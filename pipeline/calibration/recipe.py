@@ -30,7 +30,7 @@ LEARNED = ("qdiff", "ptqd")
 def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: list[int] | None, steps: int,
                      time_aware: bool, bos_aware: bool, softmax_bits: int, act_init: str, weight_init: str,
                      relax_tau: float = 0.0, relax_bits: int = 10, relax_end: str | None = None,
-                     w_bit_options: list[int] | None = None) -> QuantConfig:
+                     w_bit_options: list[int] | None = None, weight_symmetric: bool = False) -> QuantConfig:
     """The QuantConfig a method calibrates (validates every bit option first)."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not available; choose one of {METHODS}")
@@ -52,7 +52,7 @@ def quant_config_for(method: str, *, w_bits: int, a_bits: int, a_bit_options: li
         bos_aware=bos_aware, softmax_bits=softmax_bits,
         act_init="lp" if learned and act_init == "minmax" else act_init,
         weight_init="lp" if learned and weight_init == "minmax" else weight_init,
-        weight_rounding="adaround" if learned else "nearest",
+        weight_rounding="adaround" if learned else "nearest", weight_symmetric=weight_symmetric,
     )
 
 

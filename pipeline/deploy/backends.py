@@ -1,12 +1,14 @@
-"""Runtime backends behind one interface: `prepare(layer)` once after loading, `part_call(layer, i, codes,
-x_scale, x_zero, bias)` for each integer call (codes = the input's q - zero_point, floats; the result is the
-float output of weight part i, with `bias` added when given).
+"""Runtime backends behind one interface: `prepare(layer)` once after loading, `part_call(layer, i, xq,
+x_scale, x_zero, bias, out_dtype)` for each integer call (xq = the input's uint8 codes q, per-tensor zero point
+x_zero: codes.py; the result is weight part i's output in `out_dtype`, the runtime's fp32 or bf16, with `bias`
+added when given).
 
 - `reference`: pure PyTorch integer emulation (exact integer accumulators in float64), the test oracle.
 - `onednn`: CPU int8 conv/linear (`torch.ops.onednn.qconv_pointwise` / `qlinear_pointwise`, weights prepacked
   once). The kernels take per-tensor uint8 activations with our own scale and zero point per call, so one
   prepacked weight serves every step slot and every activation option of <= 8 bits. They ignore a weight zero
-  point, so they take q - z codes (<= 7 bits) and 8-bit weights get the exact zero-point correction.
+  point, so they take q - z codes (<= 7 bits, or 8 symmetric bits) and 8-bit asymmetric weights get the exact
+  zero-point correction.
 - `gpu`: CUDA int8 matmul for Linear (torchao's `int_matmul`: cuBLASLt `_int_mm`, compiled with torch.compile) from
   our own integer weights and per-call activation qparams; convs weight-only. torchao is imported only here.
 Calls at 16 or 32 bits run the layer's weight-only path on every backend (layer.py)."""
@@ -32,7 +34,8 @@ class Backend:
         """Whether `layer`'s <= 8-bit calls run on this backend's integer kernel (else weight-only)."""
         return self.integer
 
-    def part_call(self, layer, i: int, codes: torch.Tensor, x_scale: float, x_zero: int, bias):
+    def part_call(self, layer, i: int, xq: torch.Tensor, x_scale: float, x_zero: int, bias,
+                  out_dtype: torch.dtype = torch.float32):
         raise NotImplementedError
 
 
@@ -64,10 +67,15 @@ class ReferenceBackend(Backend):
             return F.conv2d(codes.double(), layer.kernels[i], **layer.conv_kwargs)
         return F.linear(codes.double(), layer.kernels[i])
 
-    def part_call(self, layer, i, codes, x_scale, x_zero, bias):
-        acc = self.accumulate(layer, i, codes)
+    def part_call(self, layer, i, xq, x_scale, x_zero, bias, out_dtype=torch.float32):
+        acc = self.accumulate(layer, i, xq.double() - x_zero)
         out = (acc * (x_scale * _channel_shape(layer, layer.part(i).scale.double()))).float()
-        return out if bias is None else out + _channel_shape(layer, bias)
+        return (out if bias is None else out + _channel_shape(layer, bias.float())).to(out_dtype)
+
+
+def fits_int8(part) -> bool:
+    """Whether a weight part's codes q - z are int8: up to 7 bits, or 8 symmetric bits (z = 128, stored as 0)."""
+    return part.bits <= 7 or not part.zero.any()
 
 
 def check_weight_zero_point(zero_point: torch.Tensor, where: str) -> None:
@@ -76,7 +84,8 @@ def check_weight_zero_point(zero_point: torch.Tensor, where: str) -> None:
     if len(bad):
         raise ValueError(f"{where}: weight zero point {int(zero_point.reshape(-1)[bad[0]])} in output channel "
                          f"{int(bad[0])} would be ignored by the oneDNN int8 kernel; give it q - zero_point codes "
-                         f"(weights of <= 7 bits) or use the zero-point correction (8-bit weights)")
+                         f"(weights of <= 7 bits, or 8 symmetric bits) or use the zero-point correction "
+                         f"(8-bit asymmetric weights)")
 
 
 def onednn_prepack(layer, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -97,7 +106,7 @@ class OneDNNBackend(Backend):
         layer.kernels = []
         for i in range(len(layer.parts)):
             part = layer.part(i)
-            if part.bits <= 7:  # q - z fits int8: the kernel's zero point is 0
+            if fits_int8(part):  # q - z is the kernel's int8 weight, its zero point 0
                 weight, correction = part.codes().to(torch.int8), None
             else:  # 8 bits: q - 128 with zero point z - 128, corrected exactly after the kernel
                 weight, correction = part.stored.reshape(part.shape), part.zero.float() * part.scale
@@ -106,19 +115,20 @@ class OneDNNBackend(Backend):
             zeros = torch.zeros(part.shape[0], dtype=torch.long)
             layer.kernels.append((onednn_prepack(layer, weight, part.scale, zeros), part.scale, zeros, correction))
 
-    def part_call(self, layer, i, codes, x_scale, x_zero, bias):
+    def part_call(self, layer, i, xq, x_scale, x_zero, bias, out_dtype=torch.float32):
         packed, w_scale, zeros, correction = layer.kernels[i]
-        fix = None if correction is None else _receptive_sum(layer, codes)
-        xq = codes.add_(x_zero).to(torch.uint8)
+        fix = None if correction is None else _receptive_sum(layer, xq.float() - x_zero)
         if layer.kind == "conv":
             kw = layer.conv_kwargs
             y = torch.ops.onednn.qconv_pointwise(xq, x_scale, x_zero, packed, w_scale, zeros, bias,
                                                  list(kw["stride"]), list(kw["padding"]), list(kw["dilation"]),
-                                                 kw["groups"], 1.0, 0, torch.float32, "none", [], "")
+                                                 kw["groups"], 1.0, 0, out_dtype, "none", [], "")
         else:
             y = torch.ops.onednn.qlinear_pointwise(xq, x_scale, x_zero, packed, w_scale, zeros, bias, 1.0, 0,
-                                                   torch.float32, "none", [], "")
-        if fix is not None:  # sum x (q_w' - z_w') = sum x q_w' - z_w' sum x, with q_w' = q_w - 128
+                                                   out_dtype, "none", [], "")
+        # sum x (q_w' - z_w') = sum x q_w' - z_w' sum x, with q_w' = q_w - 128 (a bf16 output is corrected after
+        # its rounding: an error of bf16's own size)
+        if fix is not None:
             if y.dim() == 4:  # the kernel's channels-last layout: a mixed-layout broadcast is several times slower
                 fix = fix.contiguous(memory_format=torch.channels_last)
             y = y.addcmul_(fix, _channel_shape(layer, correction * x_scale), value=-1)  # one pass, no temporary
@@ -164,14 +174,15 @@ class GPUBackend(Backend):
             return
         for i in range(len(layer.parts)):
             part = layer.part(i)
-            if part.bits <= 7:  # q - z fits int8: no weight zero point left
+            if fits_int8(part):  # q - z: no weight zero point left
                 w, w_zero = part.codes().to(torch.int8), None
             else:  # 8 bits: stored q - 128, zero point z - 128 (corrected in _int8_linear)
                 w, w_zero = part.stored.reshape(part.shape), part.zero.float()
             layer.kernels.append((w.t().contiguous(), part.scale.float(), w.sum(1, dtype=torch.int32).float(),
                                   w_zero))
 
-    def part_call(self, layer, i, codes, x_scale, x_zero, bias):
+    def part_call(self, layer, i, xq, x_scale, x_zero, bias, out_dtype=torch.float32):
+        codes = xq.float() - x_zero
         if self._fn is None:
             self._fn = torch.compile(_int8_linear, dynamic=True) if self.compile else _int8_linear
         if layer.kernels[i][0].device != codes.device:  # the UNet moved after prepare (attach(..).to(cuda))
@@ -179,7 +190,7 @@ class GPUBackend(Backend):
         w_t, w_scale, w_sum, w_zero = layer.kernels[i]
         as_tensor = lambda v, dtype: torch.tensor(v, dtype=dtype, device=codes.device)  # noqa: E731
         return self._fn(codes, as_tensor(x_zero, torch.float32), as_tensor(x_scale, torch.float32), w_t, w_scale,
-                        w_sum, w_zero, bias)
+                        w_sum, w_zero, None if bias is None else bias.float()).to(out_dtype)
 
 
 def gpu_missing() -> str | None:

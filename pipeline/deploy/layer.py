@@ -4,10 +4,13 @@ It is a QuantLayer (same policy, step slots, activation banks, `set_bit_policy`,
 processor's q/k/v routing), so a QLIP policy routes each (layer, step) call at run time:
 
 - activation option <= 8 bits and a backend with an integer kernel for this layer (`runs_integer`): the
-  input's codes from the bank's own `codes`, the kernel on integers (one call per weight part: a split shortcut
-  runs as two convs over its two halves);
+  input's uint8 codes (codes.py: in fp32 the bank's own `codes`), the kernel on integers (one call per weight
+  part: a split shortcut runs as two convs over its two halves);
 - 16 or 32 bits (or the float-only path): weight-only, the fake-quantized input times the dequantized weight,
-  cached once, which is the fake-quant layer's own arithmetic; with fine_grids="drop", the float input as is."""
+  cached once, which is the fake-quant layer's own arithmetic; with fine_grids="drop", the float input as is.
+
+Both paths compute in the runtime's dtype (`runtime_dtype`, load_unet(dtype=)): fp32 by default; in the bf16
+runtime the int8 kernels write bf16 and the weight-only path multiplies bf16 inputs by bf16 weights."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.deploy.codes import uint8_codes
 from pipeline.deploy.pack import Part
 from pipeline.quant.attention import FINE_BITS
 from pipeline.quant.layers import QuantLayer, fp32_math
@@ -50,7 +54,8 @@ class RealQuantLayer(QuantLayer):
         self.backend = None
         self.drop_fine_grids = False  # load_unet(fine_grids="drop")
         self.kernels: list = []  # the backend's prepared weights, one per part
-        self._dequantized: torch.Tensor | None = None
+        self.runtime_dtype = torch.float32  # load_unet(dtype=): what the float path and the kernels' outputs use
+        self._float_weight: torch.Tensor | None = None
 
     def part(self, i: int) -> Part:
         start, stop, bits, shape = self.parts[i]
@@ -61,19 +66,21 @@ class RealQuantLayer(QuantLayer):
         """codes * scale, per part, concatenated along the input channels: torch.equal to the fake-quant weight."""
         if self.weight is not None:
             return self.weight
-        if self._dequantized is None:
-            self._dequantized = torch.cat([self.part(i).dequantized() for i in range(len(self.parts))], dim=1)
-        return self._dequantized
+        return torch.cat([self.part(i).dequantized() for i in range(len(self.parts))], dim=1)
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.dequantized_weight()
+        """The weight the float path multiplies: dequantized once (on the device the UNet runs on), in the
+        runtime's dtype."""
+        if self._float_weight is None:
+            self._float_weight = self.dequantized_weight().to(self.runtime_dtype)
+        return self._float_weight
 
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise ValueError("a deployed layer has no full-precision weight (BOS-aware K/V needs it); "
                          "export a state calibrated without --bos-aware")
 
     def float_call(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight()
+        w = self.quantized_weight()
         if self.kind == "conv":
             return F.conv2d(x, w, self.bias, **self.conv_kwargs)
         return F.linear(x, w, self.bias)
@@ -98,8 +105,8 @@ class RealQuantLayer(QuantLayer):
             bank = self.act if i == 0 else self.act_skip
             xs = x if len(self.parts) == 1 else x[:, start:stop]
             scale, lo, _ = bank._inference_params()[k][slot]
-            codes = bank.codes(xs, k, slot)  # q - z, floats: the fake quantizer's own rounding
-            y = self.backend.part_call(self, i, codes, scale, int(-lo), self.bias if i == 0 else None)
+            xq = uint8_codes(bank, xs, k, slot)
+            y = self.backend.part_call(self, i, xq, scale, int(-lo), self.bias if i == 0 else None, x.dtype)
             out = y if out is None else out.add_(y)
         return out
 

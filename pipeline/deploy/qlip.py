@@ -50,15 +50,16 @@ def qlip_payload(q2b_path: str | Path, unet: nn.Module, model: str) -> tuple[dic
 
 
 def load_qlip(folder: str | Path, pipe, backend: str = "onednn", model: str | None = None,
-              clip: str | None = None) -> QLIPPipeline:
+              clip: str | None = None, dtype: str = "fp32") -> QLIPPipeline:
     """A QLIPPipeline over `pipe` with the deployed UNet of `folder` (attached in place) and the artifact's own
-    Q2B and T2Q. `model` / `clip`: where T2Q's frozen text tower loads from (default: what it was trained on)."""
+    Q2B and T2Q. `model` / `clip`: where T2Q's frozen text tower loads from (default: what it was trained on).
+    `dtype` "bf16": the bf16 runtime (load_unet), where a table's 16- and 32-bit calls run as bf16 GEMMs."""
     meta = read_deploy_meta(folder)
     record = meta.get("qlip")
     if record is None:
         raise ValueError(f"{Path(folder) / DEPLOY.meta} holds no Q2B tables (exported without --q2b); export it "
                          f"again with --q2b runs/x/q2b for text-aware generation, or use attach() for a fixed policy")
-    attach(pipe, folder, backend)
+    attach(pipe, folder, backend, dtype=dtype)
     tensors = dict(pipe.unet.deploy_qlip)
     where = Path(folder) / DEPLOY.tensors
     q2b = q2b_from_state(record["q2b"], take_prefixed(tensors, "q2b."), where)

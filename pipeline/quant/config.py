@@ -41,6 +41,8 @@ class QuantConfig:
     split_shortcut: separate quantizers for the two halves of the decoder's
         skip-concatenated input (Q-Diffusion).
     bos_aware: keep the BOS token's K/V in full precision (MixDQ).
+    weight_symmetric: weight grids centred on 0 (q - zero_point signed): 8-bit weights then deploy on int8
+        kernels without the zero-point correction (docs/deploy.md#w8).
     """
 
     w_bits: int = 8
@@ -55,6 +57,7 @@ class QuantConfig:
     bos_aware: bool = False
     weight_init: str = "minmax"  # minmax | lp
     weight_rounding: str = "nearest"  # nearest | adaround
+    weight_symmetric: bool = False
     act_init: str = "minmax"  # minmax | lp
     lp_norm: float = 2.4
     lp_candidates: int = 80
@@ -102,6 +105,8 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         if not self.mixed_weights:  # one weight option: the JSON (and every progress signature) stays as before
             del d["w_bit_options"]
+        if not self.weight_symmetric:  # likewise for the default, asymmetric weights
+            del d["weight_symmetric"]
         return d
 
     @classmethod

@@ -111,6 +111,8 @@ class ActQuantBank(nn.Module):
         (tensor-bounded clamps and per-call indexing dominate small layers)."""
         if x.is_meta:  # a shape trace of a published architecture (its quantizers are on meta too)
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):  # a half-precision runtime: the grid in fp32, then back
+            return self.codes(x.float(), k, slot, True).mul_(self._inference_params()[k][slot][0]).to(x.dtype)
         return self.codes(x, k, slot, inplace).mul_(self._inference_params()[k][slot][0])
 
     def codes(self, x: torch.Tensor, k: int, slot: int, inplace: bool = False) -> torch.Tensor:
@@ -210,12 +212,14 @@ class QuantLayer(nn.Module):
         self.ctx = ctx
         self.split = split
         self.w_quant = WeightQuantizer(config.w_bits, module.weight, config.weight_init, config.lp_norm,
-                                       config.lp_candidates, init=init, rounding=config.weight_rounding, split=split)
+                                       config.lp_candidates, init=init, rounding=config.weight_rounding, split=split,
+                                       symmetric=config.weight_symmetric)
         # The other weight options (MixDQ): their own ranges and rounding; `w_quant` stays the default
         # option under its old name, so states saved before per-layer weight bits load unchanged.
         self.w_options = nn.ModuleDict({
             str(b): WeightQuantizer(b, module.weight, config.weight_init, config.lp_norm, config.lp_candidates,
-                                    init=init, rounding=config.weight_rounding, split=split)
+                                    init=init, rounding=config.weight_rounding, split=split,
+                                    symmetric=config.weight_symmetric)
             for b in config.w_bit_options if b != config.w_bits}) if config.mixed_weights else None
         self.w_bits = config.w_bits  # the weight option in force (policy.set_weight_bits)
         self.act = ActQuantBank(config.a_bit_options, config.bank_steps, config.act_samples)

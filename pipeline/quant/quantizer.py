@@ -42,9 +42,17 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return q.clamp_(-zero_point, 2**n_bits - 1 - zero_point)
 
 
-def scale_zero_point(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int):
+def scale_zero_point(x_min: torch.Tensor, x_max: torch.Tensor, n_bits: int, symmetric: bool = False):
     """Scale and integer zero point of the range [x_min, x_max], widened to contain 0
-    so that 0 is exactly representable (zero padding, ReLU/SiLU zeros)."""
+    so that 0 is exactly representable (zero padding, ReLU/SiLU zeros).
+
+    symmetric: the grid centred on 0, max(|x_min|, |x_max|) at code 2^(b-1) - 1 and the zero point at 2^(b-1), so
+    that q - zero_point spans the signed range [-2^(b-1), 2^(b-1) - 1]: 8-bit weights then run on int8 kernels
+    that take no weight zero point (pipeline/deploy) without a correction."""
+    if symmetric:
+        half = 2 ** (n_bits - 1)
+        scale = torch.clamp(torch.maximum(-x_min, x_max) / (half - 1), min=1e-8)
+        return scale, torch.full_like(scale, half)
     x_min = torch.clamp(x_min, max=0.0)
     x_max = torch.clamp(x_max, min=0.0)
     scale = torch.clamp((x_max - x_min) / (2**n_bits - 1), min=1e-8)  # a zero range still gives a valid scale
@@ -63,7 +71,7 @@ def minmax_range(x: torch.Tensor, ch_axis: int | None = None):
 
 
 def lp_search_range(x: torch.Tensor, n_bits: int, ch_axis: int | None = None, p: float = 2.4,
-                    n_candidates: int = 80, shrink: float = 0.01):
+                    n_candidates: int = 80, shrink: float = 0.01, symmetric: bool = False):
     """Q-Diffusion's range search: shrink the min-max range by 1% steps and keep,
     per channel (or per tensor), the candidate with the smallest L_p error."""
     x_min, x_max = minmax_range(x, ch_axis)
@@ -73,7 +81,7 @@ def lp_search_range(x: torch.Tensor, n_bits: int, ch_axis: int | None = None, p:
     best_err = best_min = best_max = None
     for i in range(n_candidates):
         c_min, c_max = x_min * (1 - shrink * i), x_max * (1 - shrink * i)
-        scale, zp = scale_zero_point(c_min, c_max, n_bits)
+        scale, zp = scale_zero_point(c_min, c_max, n_bits, symmetric)
         err = (fake_quantize(x, scale.reshape(shape), zp.reshape(shape), n_bits) - x).abs().pow(p)
         err = _reduce(err, ch_axis, lambda t, dim: t.mean(dim))
         if best_err is None:
@@ -87,16 +95,16 @@ def lp_search_range(x: torch.Tensor, n_bits: int, ch_axis: int | None = None, p:
 
 
 def init_range(x: torch.Tensor, n_bits: int, method: str, ch_axis: int | None = None, p: float = 2.4,
-               n_candidates: int = 80):
+               n_candidates: int = 80, symmetric: bool = False):
     if method == "minmax":
         return minmax_range(x, ch_axis)
-    if method == "lp":
-        return lp_search_range(x, n_bits, ch_axis, p=p, n_candidates=n_candidates)
+    if method == "lp":  # the search scores candidates on the grid they will get
+        return lp_search_range(x, n_bits, ch_axis, p=p, n_candidates=n_candidates, symmetric=symmetric)
     raise ValueError(f"range init {method!r} is not supported: use 'minmax' or 'lp'")
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel asymmetric weight quantizer.
+    """Per-output-channel weight quantizer: asymmetric, or with `symmetric` centred on 0 (scale_zero_point).
 
     Rounding is to nearest, or learned (AdaRound): `rounding="adaround"` adds
     a `round_up` mask buffer (hard decisions, what a state stores), and
@@ -109,9 +117,11 @@ class WeightQuantizer(nn.Module):
     (AdaRound's one mask) covers both halves."""
 
     def __init__(self, n_bits: int, weight: torch.Tensor | None = None, method: str = "minmax", p: float = 2.4,
-                 n_candidates: int = 80, init: bool = True, rounding: str = "nearest", split: int = 0):
+                 n_candidates: int = 80, init: bool = True, rounding: str = "nearest", split: int = 0,
+                 symmetric: bool = False):
         super().__init__()
         self.n_bits = check_bits(n_bits, "w_bits")
+        self.symmetric = symmetric
         if rounding not in ("nearest", "adaround"):
             raise ValueError(f"weight rounding {rounding!r} is not supported: use 'nearest' or 'adaround'")
         self.method, self.p, self.n_candidates, self.rounding = method, p, n_candidates, rounding
@@ -135,8 +145,9 @@ class WeightQuantizer(nn.Module):
     def init_from(self, weight: torch.Tensor) -> None:
         halves = (("", weight[:, : self.split]), ("_skip", weight[:, self.split:])) if self.split else (("", weight),)
         for suffix, w in halves:
-            lo, hi = init_range(w, self.n_bits, self.method, ch_axis=0, p=self.p, n_candidates=self.n_candidates)
-            scale, zp = scale_zero_point(lo, hi, self.n_bits)
+            lo, hi = init_range(w, self.n_bits, self.method, ch_axis=0, p=self.p, n_candidates=self.n_candidates,
+                                symmetric=self.symmetric)
+            scale, zp = scale_zero_point(lo, hi, self.n_bits, self.symmetric)
             setattr(self, "scale" + suffix, scale.reshape(self.scale.shape))
             setattr(self, "zero_point" + suffix, zp.reshape(self.zero_point.shape))
         if self.rounding == "adaround":
@@ -203,4 +214,4 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"w_bits={self.n_bits}, init={self.method}, rounding={self.rounding}" + (
-            f", split={self.split}" if self.split else "")
+            f", split={self.split}" if self.split else "") + (", symmetric" if self.symmetric else "")

@@ -52,6 +52,9 @@ class CalibrateConfig(StageConfig):
     """activation range init: minmax | lp"""
     weight_init: str = "minmax"
     """weight range init: minmax | lp"""
+    weight_symmetric: bool = False
+    """weight grids centred on 0: W8 then deploys on int8 kernels without the zero-point correction (faster;
+    docs/deploy.md#w8)"""
     prompts: str = "world"
     """prompt source: world[:train|val|test|unseen] | builtin | coco:FILE.json|NAME | cc:FILE.tsv |
     parti:FILE.tsv | sd-prompts[:FILE] | FILE.txt|.jsonl|.json|.tsv|.csv|.parquet, split by the SHA-1 of each
@@ -99,7 +102,8 @@ def calibrate(cfg: CalibrateConfig, trainer: dict | None = None) -> Path:
                                 time_aware=cfg.time_aware or cfg.progressive, bos_aware=cfg.bos_aware,
                                 softmax_bits=cfg.softmax_bits, act_init=cfg.act_init, weight_init=cfg.weight_init,
                                 relax_tau=relax_tau, relax_bits=cfg.relax_bits, relax_end=cfg.relax_end,
-                                w_bit_options=parse_bits(cfg.w_bit_options, "--w-bit-options"))
+                                w_bit_options=parse_bits(cfg.w_bit_options, "--w-bit-options"),
+                                weight_symmetric=cfg.weight_symmetric)
 
     # a bad flag fails before the model loads; without --steps the relaxing checks (they need the
     # steps, which the model gives) wait for it
