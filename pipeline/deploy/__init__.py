@@ -1,6 +1,7 @@
 """Real low-bit inference: export a calibrated state as integers (`export_unet`), load it without the FP
-weights (`load_unet`, `attach`), run it on a backend (`set_backend`: reference | onednn); exported with Q2B's
-tables, generate with text-aware bits (`load_qlip`). docs/deploy.md."""
+weights (`load_unet`, `attach`; fp32, or `dtype="bf16"` for the bf16 runtime), run it on a backend
+(`set_backend`: reference | onednn | gpu); exported with Q2B's tables, generate with text-aware bits (`load_qlip`).
+docs/deploy.md."""
 from pipeline.deploy.artifact import DEPLOY, attach, export_unet, load_unet, read_deploy_meta, to_real
 from pipeline.deploy.backends import BACKENDS, check_backend, check_weight_zero_point, make_backend, set_backend
 from pipeline.deploy.layer import RealQuantLayer
