@@ -22,7 +22,7 @@ from pipeline.deploy import (
     to_real,
     unpack_nibbles,
 )
-from pipeline.deploy.backends import GPUBackend, gpu_missing, onednn_missing, onednn_prepack
+from pipeline.deploy.backends import GPUBackend, gpu_missing, onednn_bf16_missing, onednn_missing, onednn_prepack
 from pipeline.deploy.codes import uint8_codes
 from pipeline.deploy.layer import RealQuantLayer
 from pipeline.deploy.qlip import load_qlip
@@ -48,6 +48,7 @@ from pipeline.sampling import generate
 
 needs_onednn = pytest.mark.skipif(onednn_missing() is not None, reason=f"{onednn_missing()}")
 needs_gpu = pytest.mark.skipif(gpu_missing() is not None, reason=f"--backend gpu: {gpu_missing()}")
+needs_bf16 = pytest.mark.skipif(onednn_bf16_missing() is not None, reason=f"bf16 runtime: {onednn_bf16_missing()}")
 STEPS = 2
 
 
@@ -390,7 +391,7 @@ def test_symmetric_w8_runs_without_the_zero_point_correction(fp_unet, tmp_path):
 
 
 # -- the bf16 runtime -------------------------------------------------------------
-@needs_onednn
+@needs_bf16
 def test_bf16_runtime_layers(exported):
     """load_unet(dtype="bf16"): the quantizers stay as exported (fp32 grids, the integer weights); a <= 8-bit call
     runs the int8 kernel on codes taken from the bf16 input cast up (not re-rounded in bf16) and writes bf16; a
@@ -430,7 +431,6 @@ def test_bf16_runtime_layers(exported):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-@needs_onednn
 def test_bf16_runtime_input_codes(exported):
     """The bf16 runtime's quantize pass (codes.py) gives exactly the fp32 path's codes of the same values (the bf16
     input cast up): the fake quantizer's rounding, not a bf16 one; in any layout (contiguous, channels-last, a split
@@ -447,7 +447,7 @@ def test_bf16_runtime_input_codes(exported):
         assert q32.unique().numel() > 50  # values across the grid, not a clamped block
 
 
-@needs_onednn
+@needs_bf16
 def test_bf16_runtime_samples_near_the_fake_quant_model(calibrated, exported):
     """Sampling end to end in the bf16 runtime: every <= 8-bit call on the int8 kernel, and images whose PSNR to
     the FP model's is within 4 dB of the fake-quant model's (measured: 2.5-3.0 dB lower, from bf16's 8
@@ -469,6 +469,18 @@ def test_bf16_runtime_samples_near_the_fake_quant_model(calibrated, exported):
         load_unet(exported, "onednn", fine_grids="keep", dtype="bf16")
     with pytest.raises(ValueError, match="dtype='fp16'"):
         load_unet(exported, "onednn", dtype="fp16")
+
+
+def test_bf16_runtime_is_refused_where_the_int8_kernels_cannot_write_bf16(exported, monkeypatch):
+    """On a CPU where oneDNN's int8 kernels do not write bf16 (onednn_bf16_missing probes it once), the bf16
+    runtime is refused before anything loads, naming the reason and the fix; fp32 still loads."""
+    import pipeline.deploy.artifact as artifact
+
+    monkeypatch.setattr(artifact, "onednn_bf16_missing", lambda: "no bf16 on this CPU (probe)")
+    with pytest.raises(ValueError, match=r"no bf16 on this CPU \(probe\); use dtype='fp32'"):
+        load_unet(exported, "onednn", dtype="bf16")
+    load_unet(exported, "reference", dtype="bf16")  # the reference backend needs no kernel
+    load_unet(exported, "reference")
 
 
 # -- text-aware generation from the artifact -----------------------------------

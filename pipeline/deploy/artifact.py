@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.artifacts import ArtifactFormat, load_artifact_tensors, read_artifact_meta, save_artifact
 from pipeline.calibration.ptqd import apply_ptqd
-from pipeline.deploy.backends import check_backend, set_backend
+from pipeline.deploy.backends import check_backend, onednn_bf16_missing, set_backend
 from pipeline.deploy.layer import RealQuantLayer
 from pipeline.deploy.pack import PACKED_BITS, empty_part, pack_layer
 from pipeline.quant.attention import QuantAttnProcessor
@@ -145,6 +145,8 @@ def load_unet(folder: str | Path, backend: str = "onednn", device="cpu", fine_gr
     if dtype != "fp32" and fine_grids == "keep":
         raise ValueError(f"dtype={dtype!r} cannot keep the 16-bit activation grids (a bf16 value has 8 significant "
                          f"bits): load with fine_grids='drop', or dtype='fp32' for the fake-quant arithmetic")
+    if dtype == "bf16" and backend == "onednn" and onednn_bf16_missing():
+        raise ValueError(f"dtype='bf16' with --backend onednn: {onednn_bf16_missing()}; use dtype='fp32'")
     folder = Path(folder)
     meta = read_deploy_meta(folder)
     config = QuantConfig.from_dict(meta["quant_config"])

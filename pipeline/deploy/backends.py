@@ -14,6 +14,8 @@ added when given).
 Calls at 16 or 32 bits run the layer's weight-only path on every backend (layer.py)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -213,6 +215,24 @@ def onednn_missing() -> str | None:
             getattr(torch.ops.onednn, op)
         except (AttributeError, RuntimeError):
             return f"torch.ops.onednn.{op} is missing in torch {torch.__version__}"
+    return None
+
+
+@functools.cache
+def onednn_bf16_missing() -> str | None:
+    """Why the oneDNN int8 kernels cannot write bf16 here (the bf16 runtime), or None: probed once on a tiny
+    Linear, since oneDNN decides per CPU (bf16 output needs AVX-512 or newer)."""
+    if onednn_missing():
+        return onednn_missing()
+    try:
+        w = torch.ops.onednn.qlinear_prepack(torch.ones(2, 4, dtype=torch.int8), None)
+        y = torch.ops.onednn.qlinear_pointwise(torch.ones(1, 4, dtype=torch.uint8), 1.0, 0, w, torch.ones(2),
+                                               torch.zeros(2, dtype=torch.long), None, 1.0, 0, torch.bfloat16,
+                                               "none", [], "")
+    except RuntimeError as e:
+        return f"oneDNN's int8 kernels do not write bf16 on this CPU ({str(e).splitlines()[0]})"
+    if y.dtype != torch.bfloat16 or y.float().tolist() != [[4.0, 4.0]]:
+        return f"oneDNN's int8 kernel wrote {y.dtype} {y.float().tolist()} for a bf16 probe (expected 4.0, 4.0)"
     return None
 
 
