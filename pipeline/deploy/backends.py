@@ -222,8 +222,8 @@ def onednn_missing() -> str | None:
 def onednn_bf16_missing() -> str | None:
     """Why the oneDNN int8 kernels cannot write bf16 here (the bf16 runtime), or None: probed once on a tiny
     Linear, since oneDNN decides per CPU (bf16 output needs AVX-512 or newer)."""
-    if onednn_missing():
-        return onednn_missing()
+    if missing := onednn_missing():
+        return missing
     try:
         w = torch.ops.onednn.qlinear_prepack(torch.ones(2, 4, dtype=torch.int8), None)
         y = torch.ops.onednn.qlinear_pointwise(torch.ones(1, 4, dtype=torch.uint8), 1.0, 0, w, torch.ones(2),

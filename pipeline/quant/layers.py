@@ -111,15 +111,18 @@ class ActQuantBank(nn.Module):
         (tensor-bounded clamps and per-call indexing dominate small layers)."""
         if x.is_meta:  # a shape trace of a published architecture (its quantizers are on meta too)
             return x
-        if x.dtype in (torch.bfloat16, torch.float16):  # a half-precision runtime: the grid in fp32, then back
-            return self.codes(x.float(), k, slot, True).mul_(self._inference_params()[k][slot][0]).to(x.dtype)
-        return self.codes(x, k, slot, inplace).mul_(self._inference_params()[k][slot][0])
+        return self.codes(x, k, slot, inplace).mul_(self._inference_params()[k][slot][0]).to(x.dtype)
 
     def codes(self, x: torch.Tensor, k: int, slot: int, inplace: bool = False) -> torch.Tensor:
         """The integer codes q - zero_point (floats) that the inference path multiplies by the scale of
-        quantizer (k, slot): what the real-kernel runtime feeds its int8 kernels (pipeline/deploy)."""
+        quantizer (k, slot): what the real-kernel runtime feeds its int8 kernels (pipeline/deploy). A bf16 or
+        fp16 input (the deployed bf16 runtime) gets fp32 codes of its values: the grid is not re-rounded to half
+        precision."""
         s, lo, hi = self._inference_params()[k][slot]
-        q = x.div_(s) if inplace else torch.div(x, s)
+        if x.dtype in (torch.bfloat16, torch.float16):  # x / fp32(s) in fp32: the division does the cast
+            q = torch.div(x, torch.tensor([s], dtype=torch.float32, device=x.device))
+        else:
+            q = x.div_(s) if inplace else torch.div(x, s)
         return q.round_().clamp_(lo, hi)
 
     def _inference_params(self):
