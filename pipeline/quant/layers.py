@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.quant import kernels
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.quantizer import WeightQuantizer, fake_quantize, init_range, scale_zero_point
 
@@ -111,7 +112,11 @@ class ActQuantBank(nn.Module):
         (tensor-bounded clamps and per-call indexing dominate small layers)."""
         if x.is_meta:  # a shape trace of a published architecture (its quantizers are on meta too)
             return x
-        return self.codes(x, k, slot, inplace).mul_(self._inference_params()[k][slot][0]).to(x.dtype)
+        scale, lo, hi = self._inference_params()[k][slot]
+        fused = kernels.fake_quantize(x, scale, lo, hi, inplace)  # one pass, the same values (kernels.py)
+        if fused is not None:
+            return fused
+        return self.codes(x, k, slot, inplace).mul_(scale).to(x.dtype)
 
     def codes(self, x: torch.Tensor, k: int, slot: int, inplace: bool = False) -> torch.Tensor:
         """The integer codes q - zero_point (floats) that the inference path multiplies by the scale of
