@@ -6,7 +6,9 @@ peak memory, batch 2 (CFG), --threads threads, per model and row:
   QLIP comparison), real QLIP (a per-(layer, step) table over 8/16 bits, with its share of MACs at <= 8 bits);
   each real row again as `..._drop16`: loaded with fine_grids="drop" (16-bit grids left out: SDPA attention,
   float inputs on the weight-only path), faster, but no longer the fake-quant arithmetic (docs/deploy.md), and as
-  `..._bf16`: the bf16 runtime (load_unet(dtype="bf16"): int8 kernels writing bf16, everything else in bf16)
+  `..._bf16`: the bf16 runtime (load_unet(dtype="bf16"): int8 kernels writing bf16, everything else in bf16).
+Every quantize pass runs as the fused kernel (pipeline/quant/kernels.py; `machine.fused_quantize`); the head to
+head `real_w8sa8_bf16_eager_quantize_vs_bf16` times the same model with the eager passes.
 
 Models: the embedded world (also the end-to-end `generate` time per image, FP against real W8A8), and the
 BK-SDM-Tiny and SD v1.4 UNet architectures with seeded random weights (published configs in pipeline/models.py).
@@ -20,6 +22,7 @@ Writes benchmarks/results/deploy.json (`machine_shared`: say whether other jobs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.artifacts import write_json_atomic  # noqa: E402
 from pipeline.deploy import export_unet, load_unet  # noqa: E402
 from pipeline.models import REFERENCE_UNET_CONFIGS, load_pipeline, unet_example_inputs  # noqa: E402
-from pipeline.quant import QuantConfig, act_banks, observing, quant_layers, quantize_unet, set_bit_policy  # noqa: E402
+from pipeline.quant import QuantConfig, act_banks, kernels, observing, quant_layers, quantize_unet, set_bit_policy  # noqa: E402
 from pipeline.sampling import generate  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "deploy.json"
@@ -145,6 +148,20 @@ def head_to_head(base: tuple, row: tuple, args, kwargs, repeats: int) -> dict:
     return {"base_median_s": b, "row_median_s": r, "speedup": b / r}
 
 
+@contextlib.contextmanager
+def eager_quantize():
+    """The quantize passes in eager PyTorch instead of the fused kernel (pipeline/quant/kernels.py)."""
+    before = os.environ.get("QLIP_FUSED_KERNELS")
+    os.environ["QLIP_FUSED_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["QLIP_FUSED_KERNELS"]
+        else:
+            os.environ["QLIP_FUSED_KERNELS"] = before
+
+
 VARIANTS = {"keep": ("", "keep", "fp32"), "drop16": ("_drop16", "drop", "fp32"), "bf16": ("_bf16", "drop", "bf16")}
 
 
@@ -200,6 +217,10 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
     result["head_to_head"] = {
         f"{row}_vs_{base}": head_to_head(rows[base], rows[row], args, kwargs, repeats)
         for row in HEAD_TO_HEAD if row in rows for base in ("fp32", "bf16")}
+    if "real_w8sa8_bf16" in rows and kernels.unavailable() is None:  # what the fused quantize pass buys
+        with eager_quantize():
+            result["head_to_head"]["real_w8sa8_bf16_eager_quantize_vs_bf16"] = head_to_head(
+                rows["bf16"], rows["real_w8sa8_bf16"], args, kwargs, repeats)
     if pipe is not None:  # end to end: text encoder, 20 steps, VAE
         prompts = ["a red circle", "a blue star"]
         per_image = {}
@@ -235,7 +256,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                            "threads": a.threads, "cores": os.cpu_count(), "machine_shared": a.machine_shared,
-                           "load_average": os.getloadavg()},
+                           "load_average": os.getloadavg(), "fused_quantize": kernels.unavailable() or "on"},
                "repeats": a.repeats, "batch": 2, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.models.split(","):

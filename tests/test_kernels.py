@@ -69,8 +69,13 @@ def test_layouts_and_in_place(dtype):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(2, 64, 9, 7, generator=g) * 3).to(dtype)
     s, lo, hi = 0.0371, -131.0, 124.0
-    # any dense layout, laid out as the input (a permuted 3-D view too); a strided slice is left to the eager pass
-    assert kernels.fake_quantize(x[:, :, 0], s, lo, hi) is None and kernels.uint8_codes(x[:, ::2], s, lo, hi) is None
+    # any dense layout, laid out as the input (a permuted 3-D view too); a strided view's fake quant is left to the
+    # eager pass, its codes come from its dense copy (a channel slice of a split layer's channels-last input)
+    assert kernels.fake_quantize(x[:, :, 0], s, lo, hi) is None
+    for t in (x[:, 8:40], x.to(memory_format=torch.channels_last)[:, 8:40], x[:, :, ::2]):
+        assert torch.equal(kernels.uint8_codes(t, s, lo, hi), eager_codes(t, s, lo, hi))
+    assert kernels.uint8_codes(x.to(memory_format=torch.channels_last)[:, 8:40], s, lo, hi).is_contiguous(
+        memory_format=torch.channels_last)
     for t in (x, x.to(memory_format=torch.channels_last), x.reshape(2, 64, 63).transpose(1, 2)):
         out = kernels.fake_quantize(t, s, lo, hi)
         assert out.stride() == t.stride() and same_bits(out, eager_fake(t, s, lo, hi))

@@ -1,17 +1,19 @@
 """The inference quantize pass as one fused CPU loop (C++, compiled on first use), bit-exact with the eager one.
 
 The eager pass over an activation, x / s, round half to even, clamp, then * s (fake quant) or + z and a uint8 cast
-(the int8 kernels' input), is four or five passes over memory in fp32. In the deployed bf16 runtime it cost more
-than the int8 kernels saved over bf16 GEMMs (docs/deploy.md). Here it is one pass: read x (fp32 or bf16), write
-the result in x's dtype or as uint8. Same arithmetic, element by element: x cast up exactly, an IEEE fp32 division
-by fp32(s), rint (half to even), clamp to [lo, hi], then * fp32(s) rounded to x's dtype (bf16: to nearest even),
-or + z. `tests/test_kernels.py` checks it against the eager pass on every bf16 value and on fp32 ties.
+(the int8 kernels' input), is four or five passes over memory in fp32. In the deployed bf16 runtime it gave back
+about half of what the int8 kernels save over bf16 GEMMs (docs/deploy.md). Here it is one pass: read x (fp32 or
+bf16), write the result in x's dtype or as uint8. Same arithmetic, element by element: x cast up exactly, an IEEE
+fp32 division by fp32(s), rint (half to even), clamp to [lo, hi], then * fp32(s) rounded to x's dtype (bf16: to
+nearest even), or + z. `tests/test_kernels.py` checks it against the eager pass on every bf16 value and on fp32
+ties.
 
-It is an accelerator, not a dependency: anything it does not cover (other dtypes or devices, strided views,
-autograd) returns None and the caller runs the eager pass; so does a machine where it cannot be built (no C++
-compiler or ninja: one warning names why). QLIP_FUSED_KERNELS=0 turns it off (A/B timing). The build is cached
-by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): about 30 s once per machine. One binary
-serves every x86 CPU: GCC's target_clones picks the AVX-512, AVX2 or baseline loop at load time."""
+It is an accelerator, not a dependency. What it does not cover (other dtypes or devices, autograd, a strided
+view to fake-quantize) returns None and the caller runs the eager pass (uint8 codes of a strided view come from
+its dense copy); so does a machine where it cannot be built (no C++ compiler or ninja: one warning says why).
+QLIP_FUSED_KERNELS=0 turns it off (read per call: A/B timing). torch caches the build (TORCH_EXTENSIONS_DIR,
+default ~/.cache/torch_extensions): about 30 s once per machine. One binary serves every x86 CPU: GCC's
+target_clones picks the AVX-512, AVX2 or baseline loop at load time."""
 from __future__ import annotations
 
 import functools
@@ -135,9 +137,17 @@ def _covered(x: torch.Tensor) -> bool:  # the cheap checks first: no build is at
 
 
 def uint8_codes(x: torch.Tensor, scale: float, lo: float, hi: float) -> torch.Tensor | None:
-    """clamp(round(x / scale), lo, hi) - lo as uint8, laid out as `x`; None where the eager pass must run."""
+    """clamp(round(x / scale), lo, hi) - lo as uint8, laid out as `x` (a strided view: as its dense copy); None
+    where the eager pass must run."""
     m = _module() if _covered(x) else None
-    return None if m is None else m.uint8_codes(x, scale, lo, hi)
+    if m is None:
+        return None
+    codes = m.uint8_codes(x, scale, lo, hi)
+    if codes is None:  # a strided view (a channel slice of a split layer's input): one copy beats the eager pass
+        channels_last = x.dim() == 4 and x.stride(1) == 1
+        codes = m.uint8_codes(x.contiguous(memory_format=torch.channels_last if channels_last else
+                                           torch.contiguous_format), scale, lo, hi)
+    return codes
 
 
 def fake_quantize(x: torch.Tensor, scale: float, lo: float, hi: float, inplace: bool = False) -> torch.Tensor | None:
