@@ -1,14 +1,16 @@
 """Real low-bit inference against FP and fake-quant (issue 20): whole-UNet latency (median of --repeats calls) and
 peak memory, batch 2 (CFG), --threads threads, per model and row:
 
-  fp32, bf16 (FP weights), fake W8A8 (pipeline/quant), real W8A8, real W8sA8 (symmetric 8-bit weights: no
-  zero-point correction, docs/deploy.md#w8), real W4A8, real W4A16 (weight-only, the
-  QLIP comparison), real QLIP (a per-(layer, step) table over 8/16 bits, with its share of MACs at <= 8 bits);
+  fp32, bf16 (FP weights; also `bf16_channels_last`, channels-last weights, the faster bf16 layout here), fake
+  W8A8 (pipeline/quant), real W8A8, real W8sA8 (symmetric 8-bit weights: no zero-point correction,
+  docs/deploy.md#w8), real W4A8, real W4A16 (weight-only, the QLIP comparison), real QLIP (a per-(layer, step)
+  table over 8/16 bits, with its share of MACs at <= 8 bits);
   each real row again as `..._drop16`: loaded with fine_grids="drop" (16-bit grids left out: SDPA attention,
   float inputs on the weight-only path), faster, but no longer the fake-quant arithmetic (docs/deploy.md), and as
   `..._bf16`: the bf16 runtime (load_unet(dtype="bf16"): int8 kernels writing bf16, everything else in bf16).
 Every quantize pass runs as the fused kernel (pipeline/quant/kernels.py; `machine.fused_quantize`); the head to
-head `real_w8sa8_bf16_eager_quantize_vs_bf16` times the same model with the eager passes.
+head `real_w8sa8_bf16_eager_quantize_vs_bf16` times the same model with the eager passes. `head_to_head` also
+times the QLIP table against W4A16 (one model, its policy switched) in each runtime.
 
 Models: the embedded world (also the end-to-end `generate` time per image, FP against real W8A8), and the
 BK-SDM-Tiny and SD v1.4 UNet architectures with seeded random weights (published configs in pipeline/models.py).
@@ -138,6 +140,9 @@ def time_rows(rows: dict, args, kwargs, repeats: int) -> dict:
 
 # the W8A8 rows whose speed-ups the deploy issue sets bars for, also timed against each baseline alone
 HEAD_TO_HEAD = ("real_w8a8", "real_w8a8_drop16", "real_w8sa8_drop16", "real_w8sa8_bf16")
+# bf16 with channels-last weights (`unet.to(memory_format=torch.channels_last)`): oneDNN's bf16 convs run 10-25%
+# faster on this CPU than in the default layout, so it is the stronger bf16 baseline
+BASELINES = ("fp32", "bf16", "bf16_channels_last")
 
 
 def head_to_head(base: tuple, row: tuple, args, kwargs, repeats: int) -> dict:
@@ -191,7 +196,9 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
     del source
     same = lambda a: a  # noqa: E731
     bf16 = lambda a: tuple(t.bfloat16() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)  # noqa: E731
-    rows = {"fp32": (fp, same), "bf16": (copy.deepcopy(fp).bfloat16(), bf16), "fake_w8a8": (fake8, same)}
+    rows = {"fp32": (fp, same), "bf16": (copy.deepcopy(fp).bfloat16(), bf16),
+            "bf16_channels_last": (copy.deepcopy(fp).bfloat16().to(memory_format=torch.channels_last), bf16),
+            "fake_w8a8": (fake8, same)}
     for suffix, grids, dtype in (VARIANTS[v] for v in variants):  # how each real model is loaded
         # W4A16 and the QLIP table share one model (its dequantized-weight cache is the size of the fp32 UNet);
         # each row sets its policy before its call, outside the timed region
@@ -214,9 +221,14 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
     for row in list(r):
         r[row]["speedup_vs_fp32"] = r["fp32"]["median_s"] / r[row]["median_s"]
         r[row]["speedup_vs_bf16"] = r["bf16"]["median_s"] / r[row]["median_s"]
+        r[row]["speedup_vs_bf16_channels_last"] = r["bf16_channels_last"]["median_s"] / r[row]["median_s"]
     result["head_to_head"] = {
         f"{row}_vs_{base}": head_to_head(rows[base], rows[row], args, kwargs, repeats)
-        for row in HEAD_TO_HEAD if row in rows for base in ("fp32", "bf16")}
+        for row in HEAD_TO_HEAD if row in rows for base in BASELINES}
+    for suffix in ("", "_drop16", "_bf16"):  # the QLIP table against W4A16 (the same model) in each runtime
+        if f"real_qlip_w4{suffix}" in rows:
+            result["head_to_head"][f"real_qlip_w4{suffix}_vs_real_w4a16{suffix}"] = head_to_head(
+                rows[f"real_w4a16{suffix}"], rows[f"real_qlip_w4{suffix}"], args, kwargs, repeats)
     if "real_w8sa8_bf16" in rows and kernels.unavailable() is None:  # what the fused quantize pass buys
         with eager_quantize():
             result["head_to_head"]["real_w8sa8_bf16_eager_quantize_vs_bf16"] = head_to_head(
@@ -270,7 +282,7 @@ def main(argv=None):
             if bk:
                 results["bk_sdm_tiny_real_w8a8"] = {  # head to head (the table's own ratios are in "rows")
                     row: {f"speedup_vs_{base}": bk["head_to_head"][f"{row}_vs_{base}"]["speedup"]
-                          for base in ("fp32", "bf16")}
+                          for base in BASELINES}
                     for row in HEAD_TO_HEAD if f"{row}_vs_fp32" in bk["head_to_head"]}
             write_json_atomic(Path(a.out), results)  # after every model: a later model's crash keeps these
     print(f"-> {a.out}")
