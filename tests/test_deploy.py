@@ -421,8 +421,12 @@ def test_bf16_runtime_layers(exported):
             y32 = r32(x.float())  # the same codes: the fp32 runtime on the bf16 input's exact values
             torch.testing.assert_close(y16.float(), y32, rtol=2**-7, atol=2**-7 * float(y32.abs().max()))
             set_bit_policy(real16, 16)
-            assert torch.equal(r16(x.clone()), F.conv2d(x, r16.dequantized_weight().bfloat16(), r16.bias,
-                                                        **r16.conv_kwargs))
+            y = r16(x.clone())
+            assert torch.equal(y, F.conv2d(x, r16.dequantized_weight().bfloat16(), r16.bias, **r16.conv_kwargs))
+            # channels-last, as the int8 kernels write: a mixed policy keeps one layout (layer.py, float_call)
+            assert y.is_contiguous(memory_format=torch.channels_last) and y16.is_contiguous(
+                memory_format=torch.channels_last)
+            assert r16.quantized_weight().is_contiguous(memory_format=torch.channels_last)
             set_bit_policy(real16, 8)
         checked += 1
     assert checked >= 3
