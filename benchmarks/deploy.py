@@ -24,7 +24,6 @@ Writes benchmarks/results/deploy.json (`machine_shared`: say whether other jobs 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import math
 import os
@@ -35,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -153,20 +153,6 @@ def head_to_head(base: tuple, row: tuple, args, kwargs, repeats: int) -> dict:
     return {"base_median_s": b, "row_median_s": r, "speedup": b / r}
 
 
-@contextlib.contextmanager
-def eager_quantize():
-    """The quantize passes in eager PyTorch instead of the fused kernel (pipeline/quant/kernels.py)."""
-    before = os.environ.get("QLIP_FUSED_KERNELS")
-    os.environ["QLIP_FUSED_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["QLIP_FUSED_KERNELS"]
-        else:
-            os.environ["QLIP_FUSED_KERNELS"] = before
-
-
 VARIANTS = {"keep": ("", "keep", "fp32"), "drop16": ("_drop16", "drop", "fp32"), "bf16": ("_bf16", "drop", "bf16")}
 
 
@@ -230,7 +216,7 @@ def measure(model: str, resolution: int | None, repeats: int, share8: float, tmp
             result["head_to_head"][f"real_qlip_w4{suffix}_vs_real_w4a16{suffix}"] = head_to_head(
                 rows[f"real_w4a16{suffix}"], rows[f"real_qlip_w4{suffix}"], args, kwargs, repeats)
     if "real_w8sa8_bf16" in rows and kernels.unavailable() is None:  # what the fused quantize pass buys
-        with eager_quantize():
+        with mock.patch.dict(os.environ, {"QLIP_FUSED_KERNELS": "0"}):  # the eager passes (kernels.py)
             result["head_to_head"]["real_w8sa8_bf16_eager_quantize_vs_bf16"] = head_to_head(
                 rows["bf16"], rows["real_w8sa8_bf16"], args, kwargs, repeats)
     if pipe is not None:  # end to end: text encoder, 20 steps, VAE

@@ -87,7 +87,7 @@ class RealQuantLayer(QuantLayer):
         w = self.quantized_weight()
         if self.kind == "conv":
             # On CPU the float convs run channels-last, as the int8 kernels do: a policy that mixes the two then
-            # never hands a conv a layout that differs from its weight's, which oneDNN runs 20-60% slower, and
+            # never hands a conv a layout that differs from its weight's, which oneDNN runs 20-80% slower, and
             # never adds tensors of two layouts (several times slower than one)
             if self._channels_last(x):
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -102,10 +102,13 @@ torch::Tensor fake_quantize(torch::Tensor x, double s, double lo, double hi, boo
 """
 
 
+def _turned_off() -> bool:  # read per call, so a benchmark can time both in one process
+    return os.environ.get("QLIP_FUSED_KERNELS", "1") == "0"
+
+
 def _module():
-    """The compiled extension, or None: turned off (read per call, so a benchmark can time both), or it cannot be
-    built here."""
-    return None if os.environ.get("QLIP_FUSED_KERNELS", "1") == "0" else _built()
+    """The compiled extension, or None: turned off, or it cannot be built here."""
+    return None if _turned_off() else _built()
 
 
 @functools.cache
@@ -126,7 +129,7 @@ def _built():
 
 def unavailable() -> str | None:
     """Why the fused kernel is not in use here, or None."""
-    if os.environ.get("QLIP_FUSED_KERNELS", "1") == "0":
+    if _turned_off():
         return "turned off (QLIP_FUSED_KERNELS=0)"
     return None if _built() is not None else "it could not be built (see the warning)"
 
