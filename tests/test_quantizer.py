@@ -188,3 +188,40 @@ def test_split_weight_halves_get_their_own_ranges(rounding):
         assert alpha.shape == w.shape
         split.finish_learning_rounding()
         assert torch.equal(split(w)[:, 5:], WeightQuantizer(4, skip, rounding=rounding)(skip))
+
+
+
+def test_cached_weights_follow_new_decisions_even_at_a_reused_address():
+    """A frozen layer caches its fake-quantized weight until the weight or its quantizer changes. New AdaRound
+    decisions are a new tensor, which the allocator may place where freed ones were (in CI it did: fit_rounding's
+    end was handed the start's cached weight). Here the new tensor is made over the very same memory, with the
+    same version, so only the tensor itself tells them apart."""
+    from torch import nn
+
+    from pipeline.quant import QuantConfig
+    from pipeline.quant.layers import QuantContext, QuantLayer
+
+    torch.manual_seed(0)
+    layer = QuantLayer(nn.Linear(16, 8), QuantConfig(w_bits=4, a_bits=32, weight_rounding="adaround"), QuantContext())
+    wq = layer.w_quant
+    memory = np.zeros(wq.round_up.shape, dtype=bool)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        memory[...] = rng.random(memory.shape) < 0.5
+        wq.round_up = torch.from_numpy(memory)  # the same address and version 0 each time
+        with torch.no_grad():
+            assert torch.equal(layer.quantized_weight(), wq(layer.weight))
+    with torch.no_grad():  # an in-place change and a swapped weight are seen too
+        wq.round_up.logical_not_()
+        assert torch.equal(layer.quantized_weight(), wq(layer.weight))
+        layer.weight.data = layer.weight.data * 2
+        assert torch.equal(layer.quantized_weight(), wq(layer.weight))
+
+
+def test_cached_activation_grids_follow_new_scales_even_at_a_reused_address():
+    bank = ActQuantBank([4], n_slots=1)
+    memory = np.zeros(tuple(bank.scale.shape), dtype=np.float32)
+    for scale in [0.5, 0.25, 2.0]:
+        memory[...] = scale
+        bank.scale = torch.nn.Parameter(torch.from_numpy(memory))  # the same address and version 0 each time
+        assert bank._inference_params()[0][0][0] == scale

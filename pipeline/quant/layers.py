@@ -20,9 +20,26 @@ from pipeline.quant.config import QuantConfig
 from pipeline.quant.quantizer import WeightQuantizer, fake_quantize, init_range, scale_zero_point
 
 
-def _version_of(t: torch.Tensor) -> tuple:
-    """Identity + in-place version of a tensor (inference tensors have no version counter)."""
-    return (t.data_ptr(), -1 if t.is_inference() else t._version)
+def _version_of(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors have no version counter
+
+
+class Stamp:
+    """What a cached value was computed from: the tensors themselves, their storages' addresses and in-place
+    versions. It holds the tensors and their storages, so that no new tensor can take over their ids or
+    addresses while the cache lives: a key of addresses and versions alone matched a new tensor that the
+    allocator put where a freed one was (an AdaRound end, new `round_up` at an old address, was handed the
+    start's cached weight)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+        self.pins = tuple(t.detach() for t in tensors)  # keeps each storage alive across `.data =` swaps
+        self.versions = tuple(_version_of(t) for t in tensors)
+
+    def matches(self, *tensors: torch.Tensor) -> bool:
+        return len(tensors) == len(self.tensors) and all(
+            a is b and a.data_ptr() == p.data_ptr() and _version_of(a) == v
+            for a, b, p, v in zip(tensors, self.tensors, self.pins, self.versions))
 
 
 def fp32_math(forward):
@@ -85,7 +102,7 @@ class ActQuantBank(nn.Module):
         self.register_buffer("calibrated", torch.zeros(k, n_slots, dtype=torch.bool))
         self.observing = False
         self._obs: dict[int, dict] = {}
-        self._frozen: tuple | None = None  # (version key, python-float quantizers) for inference
+        self._frozen: tuple[Stamp, list] | None = None  # (stamp, python-float quantizers) for inference
 
     def forward(self, x: torch.Tensor, k: int, slot: int, inplace: bool = False) -> torch.Tensor:
         """Fake-quantize `x` with quantizer (bit option k, step slot); `inplace`
@@ -131,11 +148,10 @@ class ActQuantBank(nn.Module):
         return q.round_().clamp_(lo, hi)
 
     def _inference_params(self):
-        key = (_version_of(self.scale), _version_of(self.zero_point))
-        if self._frozen is None or self._frozen[0] != key:
+        if self._frozen is None or not self._frozen[0].matches(self.scale, self.zero_point):
             scale, zp = self.scale.detach().double().tolist(), self.zero_point.tolist()
             params = [[(s, -z, 2**b - 1 - z) for s, z in zip(scale[k], zp[k])] for k, b in enumerate(self.bit_options)]
-            self._frozen = (key, params)
+            self._frozen = (Stamp(self.scale, self.zero_point), params)
         return self._frozen[1]
 
     @torch.no_grad()
@@ -279,10 +295,10 @@ class QuantLayer(nn.Module):
         if torch.is_grad_enabled() and (self.weight.requires_grad or any(p.requires_grad for p in wq.parameters())):
             return wq(self.weight)
         # Frozen weights: fake-quantize once, reuse until weight, option or quantizer change.
-        key = (_version_of(self.weight), self.w_bits, wq.version_key())
-        if self._wq_cache is None or self._wq_cache[0] != key:
+        sources = (self.weight, *wq.state_tensors())  # the option in force is wq's identity
+        if self._wq_cache is None or not self._wq_cache[0].matches(*sources):
             with torch.no_grad():
-                self._wq_cache = (key, wq(self.weight))
+                self._wq_cache = (Stamp(*sources), wq(self.weight))
         return self._wq_cache[1]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:

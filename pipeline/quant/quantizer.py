@@ -180,10 +180,9 @@ class WeightQuantizer(nn.Module):
         self.round_up = self.alpha >= 0  # h(alpha) >= 0.5
         self.alpha = None
 
-    def version_key(self) -> tuple:
-        """Changes whenever a tensor of this quantizer is replaced or modified in place."""
-        tensors = list(self._buffers.values()) + list(self._parameters.values())
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors if t is not None)
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the forward reads besides the weight (a frozen layer's cache is stamped with them)."""
+        return tuple(t for t in [*self._buffers.values(), *self._parameters.values()] if t is not None)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.n_bits == 32:
