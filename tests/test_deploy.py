@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.deploy import (
@@ -572,6 +573,61 @@ def test_text_aware_artifact_matches_qlip_pipeline(q2b_run):
     # rounding flips (docs/deploy.md, whole-UNet agreement) set the spread: measured 43-54 dB here, the exact
     # reference backend 45-54 dB, static A8 on these prompts 41-73 dB; 16-bit calls run at 8 bits: 39-42 dB
     assert psnr.min() >= 40 and np.median(psnr) >= 45, psnr
+
+    # the generate stage on the same artifact: the same tables per batch and the same images as load_qlip's
+    (q2b_run / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    stage = main(["generate", "--deployed", str(out), "--prompts", str(q2b_run / "prompts.txt"), "--n", "4",
+                  "--batch-size", "2", "--steps", str(STEPS), "--guidance", "5", "--run-dir", str(q2b_run / "gen")])
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["prompts"] == prompts
+    again = load_qlip(out, load_pipeline("embedded"), backend="onednn")(prompts, manifest["seeds"], batch_size=2,
+                                                                       progress=False)
+    tables = load_file(str(stage / "bits.safetensors"))["policies"]
+    assert torch.equal(tables, torch.stack([x["policy"] for x in again.batches]))
+    assert np.array_equal(_stage_images(stage), again.images)
+
+
+
+def _stage_images(out) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(f)) for f in sorted((out / "images").glob("*.png"))])
+
+
+@needs_onednn
+def test_generate_stage_on_a_deployed_artifact(calibrated, exported, tmp_path):
+    """`generate --deployed`: the CLI's images are the Python API's (attach + sample), pixel for pixel, for the
+    same prompts and seeds; the bf16 runtime too; the manifest names the runtime and its time per image."""
+    out = main(["generate", "--deployed", str(exported), "--run-dir", str(tmp_path / "a"), "--n", "2",
+                "--steps", str(STEPS), "--batch-size", "2"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runtime"]["backend"] == "onednn" and manifest["runtime"]["seconds_per_image"] > 0
+    prompts, seeds, guidance = manifest["prompts"], manifest["seeds"], manifest["sampling"]["guidance"]
+    pipe = load_pipeline("embedded")
+    want = generate(attach(pipe, exported, "onednn"), prompts, seeds, steps=STEPS, guidance=guidance, progress=False)
+    assert np.array_equal(_stage_images(out), want)
+    if onednn_bf16_missing() is None:
+        out = main(["generate", "--deployed", str(exported), "--run-dir", str(tmp_path / "b"), "--n", "2",
+                    "--steps", str(STEPS), "--batch-size", "2", "--runtime", "bf16"])
+        want = generate(attach(pipe, exported, "onednn", dtype="bf16"), prompts, seeds, steps=STEPS,
+                        guidance=guidance, progress=False)
+        assert np.array_equal(_stage_images(out), want)
+
+
+def test_generate_stage_refuses_bad_deployed_flags(exported, calibrated, tmp_path):
+    base = ["generate", "--deployed", str(exported), "--run-dir", str(tmp_path / "r"), "--steps", str(STEPS)]
+    save_quantized(copy.deepcopy(calibrated), tmp_path / "quant")
+    with pytest.raises(ValueError, match="holds its own quantized UNet .* leave out --quant-state"):
+        main(base + ["--quant-state", str(tmp_path / "quant")])
+    with pytest.raises(ValueError, match="--runtime 'fp16': choose one of fp32, bf16"):
+        main(base + ["--runtime", "fp16"])
+    with pytest.raises(ValueError, match="--trainer.precision 'bf16-mixed' with --deployed: .* --runtime bf16"):
+        main(base + ["--trainer.precision", "bf16-mixed"])
+    with pytest.raises(ValueError, match="--backend 'int4' is not known"):
+        main(base + ["--backend", "int4"])
+    with pytest.raises(FileNotFoundError, match="--deployed .*nowhere: no such folder; .*run the export stage"):
+        main(["generate", "--deployed", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()  # every refusal before anything was written
 
 
 def test_text_aware_export_refusals(q2b_run, exported, tmp_path):

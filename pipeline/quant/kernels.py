@@ -115,7 +115,13 @@ def _module():
 def _built():
     """Build (or load the cached build of) the extension once per process; None, warned once, where it fails."""
     try:
-        from torch.utils.cpp_extension import load_inline
+        torch_log = logging.getLogger("torch.utils.cpp_extension")
+        level = torch_log.level
+        torch_log.setLevel(logging.ERROR)  # its import warns of CUDA_HOME on a CPU-only torch
+        try:
+            from torch.utils.cpp_extension import load_inline
+        finally:
+            torch_log.setLevel(level)
         log.info("loading the fused quantize kernel (built once per machine, about 30 s)")
         # -fno-trapping-math lets GCC vectorize rint; it changes no result (no code here reads FP exceptions)
         return load_inline("qlip_fused_quantize", cpp_sources=[_SOURCE], functions=["uint8_codes", "fake_quantize"],
