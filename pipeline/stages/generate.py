@@ -17,7 +17,8 @@ from data.prompts import draw_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, write_manifest
 from pipeline.deploy import attach, check_backend, load_qlip, read_deploy_meta
 from pipeline.deploy.artifact import RUNTIME_DTYPES
-from pipeline.engine import StageConfig, check_flags, fp_autocast, stage_device
+from pipeline.deploy.backends import onednn_bf16_missing
+from pipeline.engine import StageConfig, check_flags, fp_autocast, fp_pass_dtype, stage_device
 from pipeline.errors import UserError
 from pipeline.models import load_pipeline, load_quantized_pipeline, sampling_defaults
 from pipeline.plots import save_grid, save_images
@@ -74,7 +75,10 @@ def check_deployed(cfg: GenerateConfig, trainer: dict | None, device) -> dict | 
                         f"--q2b): leave out --quant-state, --q2b and --t2q")
     if cfg.runtime not in RUNTIME_DTYPES:
         raise UserError(f"--runtime {cfg.runtime!r}: choose one of {', '.join(RUNTIME_DTYPES)}")
-    if (trainer or {}).get("precision") not in (None, "32", "32-true", 32):
+    check_backend(cfg.backend)
+    if cfg.runtime == "bf16" and cfg.backend == "onednn" and onednn_bf16_missing():
+        raise UserError(f"--runtime bf16 with --backend onednn: {onednn_bf16_missing()}; use --runtime fp32")
+    if fp_pass_dtype(trainer) is not None:
         raise UserError(f"--trainer.precision {trainer['precision']!r} with --deployed: the deployed runtime sets its "
                         f"own precision; use --runtime bf16")
     if cfg.backend == "onednn" and device.type != "cpu":
@@ -82,9 +86,7 @@ def check_deployed(cfg: GenerateConfig, trainer: dict | None, device) -> dict | 
                         f"or --backend gpu")
     if cfg.backend == "gpu" and device.type != "cuda":
         raise UserError(f"--backend gpu runs on CUDA, not {device.type}: pass --trainer.accelerator gpu")
-    meta = read_deploy_meta(cfg.deployed, "--deployed")
-    check_backend(cfg.backend)
-    return meta
+    return read_deploy_meta(cfg.deployed, "--deployed")
 
 
 def generate(cfg: GenerateConfig, trainer: dict | None = None) -> Path:
