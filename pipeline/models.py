@@ -287,9 +287,10 @@ def check_model(model: str, allow_download: bool = False) -> None:
     raise ModelNotFoundError(f"unknown model {model!r}: pass {names}")
 
 
-def check_pipeline_dir(path: Path, allow_pickle: bool = False) -> None:
+def check_pipeline_dir(path: Path, allow_pickle: bool = False, unet_weights: bool = True) -> None:
     """Refuse a pipeline folder with a missing or unreadable part, naming the file, and
-    one whose weights are pickle-only unless `allow_pickle`."""
+    one whose weights are pickle-only unless `allow_pickle`. `unet_weights=False`: the UNet
+    needs only its config (a deployed artifact replaces it)."""
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder: {index} is missing")
@@ -308,6 +309,8 @@ def check_pipeline_dir(path: Path, allow_pickle: bool = False) -> None:
         cfg = sub / "config.json"
         if not cfg.is_file():
             raise ModelNotFoundError(f"{cfg} is missing (component {name!r} of {index})")
+        if name == "unet" and not unet_weights:
+            continue
         weights = list(sub.glob("*.safetensors")) + list(sub.glob("*.bin"))
         if not weights:
             raise ModelNotFoundError(f"no weights in {sub}: expected a *.safetensors file for {name!r}")
@@ -456,7 +459,7 @@ def sampling_defaults(pipe, steps: int | None = None, guidance: float | None = N
 
 
 def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_download: bool = False, seed: int = 0,
-                  scheduler: str | None = None, allow_pickle: bool = False):
+                  scheduler: str | None = None, allow_pickle: bool = False, unet_weights: bool = True):
     """Load a text-to-image pipeline from a name, a local folder or a hub id.
 
     `model` is "embedded" (the shipped tiny world), "tiny-random" / "tiny-random-sdxl"
@@ -477,17 +480,28 @@ def load_pipeline(model: str | None = None, *, dtype=torch.float32, allow_downlo
     path = Path(model).expanduser()
     safe = {} if allow_pickle else {"use_safetensors": True}  # opted in: safetensors where present, else .bin
     if path.exists():
-        check_pipeline_dir(path, allow_pickle)
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None, **safe)
+        check_pipeline_dir(path, allow_pickle, unet_weights)
+        unet = {} if unet_weights else {"unet": config_unet(str(path))}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
+                                                           **unet, **safe)
     else:  # a hub id (check_model)
         try:
+            unet = {} if unet_weights else {"unet": config_unet(model, local_files_only=not allow_download)}
             pipe = diffusers.DiffusionPipeline.from_pretrained(
-                model, torch_dtype=dtype, local_files_only=not allow_download, safety_checker=None, **safe
+                model, torch_dtype=dtype, local_files_only=not allow_download, safety_checker=None, **unet, **safe
             )
         except Exception as e:
             raise not_cached(model, type(e).__name__) from e
     pipe.set_progress_bar_config(disable=True)
     return set_scheduler(pipe, scheduler)
+
+
+def config_unet(model: str, **hub) -> diffusers.UNet2DConditionModel:
+    """A pipeline folder's (or cached hub id's) UNet built from its config on the meta device: no memory, no
+    weights read."""
+    config = diffusers.UNet2DConditionModel.load_config(model, subfolder="unet", **hub)
+    with torch.device("meta"):
+        return diffusers.UNet2DConditionModel.from_config(config)
 
 
 def load_quantized_pipeline(model: str, quant_state: str | None, **load):

@@ -29,7 +29,7 @@ from pipeline.deploy.layer import RealQuantLayer
 from pipeline.deploy.qlip import load_qlip
 from pipeline.deploy.timing import psnr_per_image
 from pipeline.fit import main
-from pipeline.models import load_pipeline, tiny_pipeline
+from pipeline.models import EMBEDDED_DIR, load_pipeline, tiny_pipeline
 from pipeline.qlip.pipeline import QLIPPipeline
 from pipeline.qlip.q2b import Q2BModule, relative_link, save_q2b
 from pipeline.qlip.t2q import T2QModule, load_text_tower, save_t2q
@@ -606,6 +606,16 @@ def test_generate_stage_on_a_deployed_artifact(calibrated, exported, tmp_path):
     pipe = load_pipeline("embedded")
     want = generate(attach(pipe, exported, "onednn"), prompts, seeds, steps=STEPS, guidance=guidance, progress=False)
     assert np.array_equal(_stage_images(out), want)
+    # no FP UNet weights are read: a model folder without them gives the same images
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED_DIR, folder)
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    out = main(["generate", "--deployed", str(exported), "--model", str(folder), "--run-dir", str(tmp_path / "c"),
+                "--n", "2", "--steps", str(STEPS), "--batch-size", "2"])
+    assert np.array_equal(_stage_images(out), want)
+    with pytest.raises(ValueError, match="no weights in .*unet"):  # which every other stage needs
+        main(["generate", "--model", str(folder), "--run-dir", str(tmp_path / "d"), "--n", "2"])
     if onednn_bf16_missing() is None:
         out = main(["generate", "--deployed", str(exported), "--run-dir", str(tmp_path / "b"), "--n", "2",
                     "--steps", str(STEPS), "--batch-size", "2", "--runtime", "bf16"])

@@ -192,7 +192,7 @@ def attach(pipe, folder: str | Path, backend: str = "onednn", fine_grids: str | 
         detail = ", ".join(f"{k}: artifact {want.get(k)!r} vs model {have.get(k)!r}" for k in diff[:4])
         raise ValueError(f"deployable artifact {folder} belongs to another UNet architecture ({detail}); "
                          f"export it from this model's quantized state")
-    device = pipe.unet.device
+    device = pipe.unet.device if pipe.unet.device.type != "meta" else "cpu"  # meta: load_pipeline(unet_weights=False)
     pipe.unet = load_unet(folder, backend, device="cpu", fine_grids=fine_grids, dtype=dtype).to(device)
     if "ptqd_k" in pipe.unet.deploy_extra:
         apply_ptqd(pipe.unet, pipe.unet.deploy_extra, pipe)

@@ -104,11 +104,11 @@ def generate(cfg: GenerateConfig, trainer: dict | None = None) -> Path:
     prompts = draw.prompts
     qlip = None
     if deployed and deployed.get("qlip"):  # the artifact's own Q2B tables and T2Q head
-        qlip = load_qlip(cfg.deployed, load_pipeline(cfg.model, **cfg.load_options()), cfg.backend, model=cfg.model,
-                         dtype=cfg.runtime)
+        qlip = load_qlip(cfg.deployed, load_pipeline(cfg.model, **cfg.load_options(), unet_weights=False), cfg.backend,
+                         model=cfg.model, dtype=cfg.runtime)
         pipe = qlip.to(device).pipe
     elif deployed:
-        pipe = attach(load_pipeline(cfg.model, **cfg.load_options()), cfg.deployed, cfg.backend,
+        pipe = attach(load_pipeline(cfg.model, **cfg.load_options(), unet_weights=False), cfg.deployed, cfg.backend,
                       dtype=cfg.runtime).to(device)
     elif cfg.q2b:
         qlip = QLIPPipeline.from_pretrained(cfg.q2b, model=cfg.model, quant_state=cfg.quant_state, t2q=cfg.t2q,
