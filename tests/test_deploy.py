@@ -624,7 +624,7 @@ def test_generate_stage_on_a_deployed_artifact(calibrated, exported, tmp_path):
         assert np.array_equal(_stage_images(out), want)
 
 
-def test_generate_stage_refuses_bad_deployed_flags(exported, calibrated, tmp_path):
+def test_generate_stage_refuses_bad_deployed_flags(exported, calibrated, tmp_path, monkeypatch):
     base = ["generate", "--deployed", str(exported), "--run-dir", str(tmp_path / "r"), "--steps", str(STEPS)]
     save_quantized(copy.deepcopy(calibrated), tmp_path / "quant")
     with pytest.raises(ValueError, match="holds its own quantized UNet .* leave out --quant-state"):
@@ -635,6 +635,13 @@ def test_generate_stage_refuses_bad_deployed_flags(exported, calibrated, tmp_pat
         main(base + ["--trainer.precision", "bf16-mixed"])
     with pytest.raises(ValueError, match="--backend 'int4' is not known"):
         main(base + ["--backend", "int4"])
+    import pipeline.deploy.artifact as artifact
+
+    with monkeypatch.context() as m:  # a CPU whose int8 kernels cannot write bf16 (the probe of load_unet)
+        m.setattr(artifact, "onednn_bf16_missing", lambda: "no bf16 on this CPU (probe)")
+        with pytest.raises(ValueError, match=r"--runtime 'bf16' with --backend onednn: no bf16 on this CPU \(probe\); "
+                                             r"use --runtime 'fp32'"):
+            main(base + ["--runtime", "bf16"])
     with pytest.raises(FileNotFoundError, match="--deployed .*nowhere: no such folder; .*run the export stage"):
         main(["generate", "--deployed", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()  # every refusal before anything was written

@@ -122,6 +122,15 @@ def _to_runtime_dtype(unet: nn.Module, dtype: torch.dtype) -> None:
     unet.runtime_dtype = dtype
 
 
+def check_runtime(backend: str, dtype: str, flag: str = "dtype=") -> None:
+    """Refuse a runtime dtype that is not one, or that this machine's int8 kernels cannot write; `flag`: how the
+    caller names the option (the generate stage: "--runtime ")."""
+    if dtype not in RUNTIME_DTYPES:
+        raise ValueError(f"{flag}{dtype!r}: choose one of {', '.join(RUNTIME_DTYPES)}")
+    if dtype == "bf16" and backend == "onednn" and onednn_bf16_missing():
+        raise ValueError(f"{flag}'bf16' with --backend onednn: {onednn_bf16_missing()}; use {flag}'fp32'")
+
+
 def load_unet(folder: str | Path, backend: str = "onednn", device="cpu", fine_grids: str | None = None,
               dtype: str = "fp32") -> DeployedUNet:
     """The deployed UNet of an export folder, without the FP weights:
@@ -137,16 +146,13 @@ def load_unet(folder: str | Path, backend: str = "onednn", device="cpu", fine_gr
     write bf16) and runs everything else in bf16: norms, attention, and each 16- or 32-bit call as a bf16 GEMM on
     the raw input. It has no 16-bit grids, so its fine_grids is "drop" ("keep" is refused). It takes and returns
     fp32 (DeployedUNet), so pipelines run it unchanged."""
-    if dtype not in RUNTIME_DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(RUNTIME_DTYPES)}")
+    check_runtime(backend, dtype)
     fine_grids = fine_grids or ("keep" if dtype == "fp32" else "drop")
     if fine_grids not in FINE_GRIDS:
         raise ValueError(f"fine_grids={fine_grids!r}: choose one of {FINE_GRIDS}")
     if dtype != "fp32" and fine_grids == "keep":
         raise ValueError(f"dtype={dtype!r} cannot keep the 16-bit activation grids (a bf16 value has 8 significant "
                          f"bits): load with fine_grids='drop', or dtype='fp32' for the fake-quant arithmetic")
-    if dtype == "bf16" and backend == "onednn" and onednn_bf16_missing():
-        raise ValueError(f"dtype='bf16' with --backend onednn: {onednn_bf16_missing()}; use dtype='fp32'")
     folder = Path(folder)
     meta = read_deploy_meta(folder)
     config = QuantConfig.from_dict(meta["quant_config"])

@@ -16,8 +16,7 @@ from pathlib import Path
 from data.prompts import draw_prompts
 from pipeline.artifacts import ARTIFACTS, prepare_artifact, read_artifact_meta, write_manifest
 from pipeline.deploy import attach, check_backend, load_qlip, read_deploy_meta
-from pipeline.deploy.artifact import RUNTIME_DTYPES
-from pipeline.deploy.backends import onednn_bf16_missing
+from pipeline.deploy.artifact import check_runtime
 from pipeline.engine import StageConfig, check_flags, fp_autocast, fp_pass_dtype, stage_device
 from pipeline.errors import UserError
 from pipeline.models import load_pipeline, load_quantized_pipeline, sampling_defaults
@@ -73,11 +72,8 @@ def check_deployed(cfg: GenerateConfig, trainer: dict | None, device) -> dict | 
     if cfg.quant_state or cfg.q2b or cfg.t2q:
         raise UserError(f"--deployed {cfg.deployed} holds its own quantized UNet (and Q2B tables, where exported with "
                         f"--q2b): leave out --quant-state, --q2b and --t2q")
-    if cfg.runtime not in RUNTIME_DTYPES:
-        raise UserError(f"--runtime {cfg.runtime!r}: choose one of {', '.join(RUNTIME_DTYPES)}")
     check_backend(cfg.backend)
-    if cfg.runtime == "bf16" and cfg.backend == "onednn" and onednn_bf16_missing():
-        raise UserError(f"--runtime bf16 with --backend onednn: {onednn_bf16_missing()}; use --runtime fp32")
+    check_runtime(cfg.backend, cfg.runtime, flag="--runtime ")
     if fp_pass_dtype(trainer) is not None:
         raise UserError(f"--trainer.precision {trainer['precision']!r} with --deployed: the deployed runtime sets its "
                         f"own precision; use --runtime bf16")
